@@ -1,0 +1,1 @@
+"""One module per paper; methods register here (built-ins) or through the ``studio.methods`` entry point."""
