@@ -192,6 +192,7 @@ def rasterize_gaussians(
         coeffs = colors[..., :K, :]
         dirs = means[None] - camera_centers(viewmats)[:, None]  # [C,N,3]
         feats = torch.clamp_min(eval_sh(sh_degree, dirs, coeffs if coeffs.dim() == 4 else coeffs[None]) + 0.5, 0.0)
+        feats = feats.expand(C, N, D)
     else:
         feats = colors if colors.dim() == 3 else colors[None].expand(C, N, D)
 
