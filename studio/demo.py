@@ -11,7 +11,7 @@ import torch
 from .errors import UserError
 from .io import atomic_write_text, read_ply, write_mp4, write_ply, write_png_grid, write_splat
 from .render import resolve_backend
-from .render._common import SH_C0
+from .students.gaussians import rgb_to_sh
 from .render.turntable import render_turntable
 
 
@@ -38,7 +38,7 @@ def gaussians_to_ply_fields(g: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         "scales_log": torch.log(g["scales"].clamp_min(1e-12)),
         "quats": g["quats"],
         "opacity_logits": torch.logit(g["opacities"].clamp(1e-6, 1 - 1e-6)),
-        "sh": ((g["colors"] - 0.5) / SH_C0)[:, None, :],
+        "sh": rgb_to_sh(g["colors"])[:, None, :],
     }
 
 
