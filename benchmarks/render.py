@@ -1,0 +1,128 @@
+"""Rasterizer speed: ``native`` (our C++/OpenMP kernel) vs the ``torch`` twin, same inputs, same run.
+
+Prints one JSON object. Each case runs in its own subprocess so its peak memory (max RSS above the
+process's baseline after setup) is its own. Scene: the ShapeWorld snowman as N surfel Gaussians,
+one camera at radius 3.2, 35 deg FoV, RGB, backgrounds on; loss = sum of the image and alphas so
+every gradient path runs. Timings are medians over repeats after one warm-up.
+
+The torch twin is the dense reference (``studio.render._torch_impl``): every pixel against every
+Gaussian, pixels chunked to ~2M pixel-Gaussian pairs, each chunk under ``torch.utils.checkpoint``.
+
+    python benchmarks/render.py            # full grid N in {1k,10k,50k} x {64,128,256}^2
+    python benchmarks/render.py --quick    # only the headline case (10k Gaussians, 128^2)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_case(backend: str, n: int, size: int, repeats: int) -> dict:
+    import torch
+
+    from studio.cameras import ring_cameras
+    from studio.render import rasterize_gaussians, resolve_backend
+    from studio.world.objects import get_object
+
+    torch.manual_seed(0)
+    g = get_object("snowman").gaussians(n, seed=0)
+    cams = ring_cameras(1, elevation_deg=15, radius=3.2, fovy_deg=35, width=size, height=size, start_azimuth_deg=30)
+    params = {k: v.clone().requires_grad_(True) for k, v in g.items()}
+    V = cams.viewmats.clone().requires_grad_(True)
+    bg = torch.ones(1, 3, requires_grad=True)
+    used = resolve_backend(backend, torch.device("cpu"))
+
+    def fwd():
+        with torch.no_grad():
+            return rasterize_gaussians(**params, viewmats=V, Ks=cams.Ks, width=size, height=size, backgrounds=bg,
+                                       backend=backend)
+
+    def fwd_bwd():
+        img, alpha, _ = rasterize_gaussians(**params, viewmats=V, Ks=cams.Ks, width=size, height=size, backgrounds=bg,
+                                            backend=backend)
+        (img.sum() + alpha.sum()).backward()
+
+    def timed(fn):
+        fn()  # warm-up (and extension load)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1000.0
+
+    base = _rss_mb()
+    f_ms = timed(fwd)
+    fb_ms = timed(fwd_bwd)
+    return {"backend": used, "n": n, "size": size, "fwd_ms": round(f_ms, 3), "fwd_bwd_ms": round(fb_ms, 3),
+            "peak_rss_above_baseline_mb": round(_rss_mb() - base, 1), "repeats": repeats}
+
+
+def _subprocess_case(backend: str, n: int, size: int, repeats: int, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--case", backend, str(n), str(size), str(repeats)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"backend": backend, "n": n, "size": size, "error": f"timed out after {timeout:.0f}s"}
+    if r.returncode != 0:
+        return {"backend": backend, "n": n, "size": size, "error": r.stderr.strip().splitlines()[-1:] or "failed"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only the headline case (10k Gaussians, 128^2)")
+    ap.add_argument("--case", nargs=4, metavar=("BACKEND", "N", "SIZE", "REPEATS"), help=argparse.SUPPRESS)
+    ap.add_argument("--torch-timeout", type=float, default=900.0, help="seconds before a torch case is abandoned")
+    args = ap.parse_args()
+    if args.case:
+        b, n, s, r = args.case
+        print(json.dumps(run_case(b, int(n), int(s), int(r))))
+        return
+
+    grid = [(10_000, 128)] if args.quick else [(n, s) for n in (1_000, 10_000, 50_000) for s in (64, 128, 256)]
+    cases = []
+    for n, s in grid:
+        nat = _subprocess_case("native", n, s, repeats=5, timeout=600)
+        ref = _subprocess_case("torch", n, s, repeats=1 if n * s * s > 2e8 else 2, timeout=args.torch_timeout)
+        row = {"n": n, "size": s, "native": nat, "torch": ref}
+        if "error" not in nat and "error" not in ref:
+            row["speedup_fwd"] = round(ref["fwd_ms"] / nat["fwd_ms"], 1)
+            row["speedup_fwd_bwd"] = round(ref["fwd_bwd_ms"] / nat["fwd_bwd_ms"], 1)
+        cases.append(row)
+        print(f"# n={n} size={s}: native {nat.get('fwd_bwd_ms')} ms, torch {ref.get('fwd_bwd_ms')} ms",
+              file=sys.stderr)
+    head = next(c for c in cases if c["n"] == 10_000 and c["size"] == 128)
+    out = {
+        "benchmark": "render",
+        "headline": {
+            "native_vs_torch_fwd_bwd_speedup_10k_128": head.get("speedup_fwd_bwd"),
+            "native_fwd_bwd_ms_10k_128": head["native"].get("fwd_bwd_ms"),
+            "torch_fwd_bwd_ms_10k_128": head["torch"].get("fwd_bwd_ms"),
+            "native_vs_torch_fwd_speedup_10k_128": head.get("speedup_fwd"),
+            "goal_100x_met": (head.get("speedup_fwd_bwd") or 0) >= 100,
+        },
+        "cases": cases,
+        "settings": {
+            "scene": "ShapeWorld snowman surfels, 1 camera, radius 3.2, fovy 35, RGB + backgrounds",
+            "torch_twin": "dense, pixel chunks of ~2M pixel-Gaussian pairs under torch.utils.checkpoint",
+            "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
+        },
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
