@@ -1,0 +1,453 @@
+"""Stable-Diffusion-family teachers (SD 1.x / 2.x, epsilon or v-prediction) from diffusers weights.
+
+``DiffusersTeacher.from_pretrained("stabilityai/stable-diffusion-2-1-base")`` or a local folder in the
+``StableDiffusionPipeline.save_pretrained`` layout (``model_index.json`` with ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``). Only those five components are loaded (no safety
+checker). On CUDA the default is fp16 with attention slicing, on CPU fp32.
+
+Latents are ``(vae_latent - shift_factor) * scaling_factor`` (0.18215 for SD 1.x/2.x); images in [0, 1].
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .base import ImageTeacher
+from .schedule import NoiseSchedule
+
+_NOT_FOUND = ("teacher {name!r} not found: give a local folder with model_index.json or a Hugging Face id; "
+              "downloads need network")
+
+
+def _looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a filesystem path rather than a hub id ``owner/name``."""
+    p = Path(name).expanduser()
+    return (p.exists() or name.startswith((".", "~", "/", "\\")) or os.path.isabs(name)
+            or (os.sep != "/" and os.sep in name) or name.count("/") > 1)
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def _offline_env(enabled: bool) -> Iterator[None]:
+    """Set HF_HUB_OFFLINE=1 while loading local files (restored afterwards)."""
+    if not enabled:
+        yield
+        return
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
+
+
+def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__.split("+")[0]) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class DiffusersTeacher(ImageTeacher):
+    """A frozen SD 1.x/2.x teacher: CLIP text encoder + UNet2DConditionModel + AutoencoderKL.
+
+    Build it with :meth:`from_pretrained`; the constructor takes already-loaded components.
+    ``camera`` (in :meth:`predict`) is passed as ``class_labels`` to UNets that have a class embedding
+    (camera-conditioned LoRA teachers, threestudio-VSD style; ``None`` -> zeros) and ignored otherwise.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, *, name: str = "diffusers",
+                 attention_slicing: bool | str | int = False) -> None:
+        super().__init__()
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.schedule = schedule
+        self.name = name
+        self.latent_channels = int(vae.config.latent_channels)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.native_resolution = int(unet.config.sample_size) * self.vae_scale_factor
+        self.is_latent = True
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self._lora_scales: dict[str, float] = {}
+        self._text_lora: set[str] = set()
+        self._truncation_warned = False
+        if unet.config.in_channels != self.latent_channels:
+            raise UserError(f"teacher {name!r}: its UNet takes {unet.config.in_channels} input channels but the VAE "
+                            f"gives {self.latent_channels} (inpainting / depth models are not plain text-to-image "
+                            "teachers); give an SD 1.x/2.x text-to-image model")
+        if attention_slicing:
+            self.set_attention_slicing(attention_slicing)
+        self.freeze()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, id_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, lora: Any = None, lora_scale: float = 1.0,
+                        attention_slicing: bool | str | int | None = None, local_files_only: bool | None = None,
+                        revision: str | None = None, variant: str | None = None) -> "DiffusersTeacher":
+        """Load an SD 1.x/2.x-family model from a local folder or a Hugging Face id.
+
+        Args:
+            id_or_path: folder with ``model_index.json`` (``StableDiffusionPipeline`` layout) or hub id.
+            device: default CUDA when available, else CPU.
+            dtype: default float16 on CUDA, float32 elsewhere (strings like "fp16" accepted).
+            lora: a LoRA (path / state dict) or a list of them, loaded with :meth:`load_lora`.
+            lora_scale: scale of the LoRA(s) given in ``lora``.
+            attention_slicing: default on for CUDA, off otherwise (True, "auto", "max" or a slice size).
+            local_files_only: local folders never touch the network. For hub ids: ``None`` (default)
+                tries the local HF cache first and downloads only if that fails and HF_HUB_OFFLINE is
+                not set; ``True`` uses the cache only; ``False`` lets diffusers check the hub.
+
+        Raises:
+            UserError: the folder / id does not exist or does not hold a loadable SD-family model.
+        """
+        name = os.fspath(id_or_path)
+        dev = torch.device(device) if device is not None else default_device()
+        dt = _parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
+        if attention_slicing is None:
+            attention_slicing = dev.type == "cuda"
+        local = _looks_local(name)
+        if local:
+            path = Path(name).expanduser()
+            if not path.is_dir():
+                raise UserError(_NOT_FOUND.format(name=name) + f" (no folder at {path})")
+            if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+                raise UserError(_NOT_FOUND.format(name=name) + f" ({path} has no model_index.json)")
+            attempts = [True]
+            src = str(path)
+        else:
+            src = name
+            if local_files_only is None:
+                attempts = [True] if _env_offline() else [True, False]
+            else:
+                attempts = [bool(local_files_only)]
+        last: BaseException | None = None
+        for lfo in attempts:
+            try:
+                with _offline_env(local):
+                    comps = _load_components(src, dt, lfo, revision, variant)
+                break
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+                last = e
+        else:
+            if local:
+                raise UserError(f"teacher {name!r} could not be loaded from {src}: {_short(last)}; give a folder "
+                                "saved with StableDiffusionPipeline.save_pretrained (unet, vae, text_encoder, "
+                                "tokenizer, scheduler)") from None
+            raise UserError(_NOT_FOUND.format(name=name) + f" ({_short(last)})") from None
+        teacher = cls(*comps, name=name, attention_slicing=False)
+        teacher.to(dev)
+        if attention_slicing:
+            teacher.set_attention_slicing(attention_slicing)
+        if lora is not None:
+            loras = list(lora) if isinstance(lora, (list, tuple)) else [lora]
+            for i, item in enumerate(loras):
+                teacher.load_lora(item, adapter_name=f"lora{i}" if len(loras) > 1 else "default", scale=lora_scale)
+        return teacher
+
+    def set_attention_slicing(self, slice_size: bool | str | int = "auto") -> None:
+        """Sliced attention in the UNet (less memory, a little slower); ``False`` turns it off."""
+        if slice_size is False or slice_size is None:
+            self.unet.set_default_attn_processor()
+            return
+        self.unet.set_attention_slice("auto" if slice_size is True else slice_size)
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora(self, path_or_state: str | os.PathLike | Mapping[str, Tensor], adapter_name: str = "default",
+                  scale: float = 1.0) -> str:
+        """Load a LoRA into the UNet (and the text encoder when it holds text-encoder weights).
+
+        Accepts: a diffusers LoRA folder / ``.safetensors`` file (``save_lora_weights`` format, keys
+        ``unet.…`` / ``text_encoder.…``; kohya/A1111 keys are converted by diffusers), a peft adapter
+        folder (``adapter_config.json`` + ``adapter_model.safetensors``), or a state dict. Only
+        safetensors files are read (no pickles). The LoRA is frozen like the rest of the teacher.
+        Returns the adapter name.
+        """
+        try:
+            self._load_lora(path_or_state, adapter_name)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            what = "state dict" if isinstance(path_or_state, Mapping) else repr(os.fspath(path_or_state))
+            raise UserError(f"LoRA {what} could not be loaded into teacher {self.name!r}: {_short(e)}; give a "
+                            "diffusers LoRA (.safetensors or a folder from save_lora_weights) or a peft adapter "
+                            "folder trained for this base model") from None
+        self._lora_scales[adapter_name] = float(scale)
+        self._apply_lora_scales()
+        self.freeze()
+        if adapter_name in self._text_lora:
+            self.clear_prompt_cache()
+        return adapter_name
+
+    def _load_lora(self, src, adapter_name: str) -> None:
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        if adapter_name in self._lora_scales:
+            raise UserError(f"teacher {self.name!r} already has a LoRA named {adapter_name!r}; pick another adapter_name")
+        if isinstance(src, Mapping):
+            state = dict(src)
+        else:
+            p = Path(os.fspath(src)).expanduser()
+            if not p.exists():
+                raise UserError(f"LoRA {os.fspath(src)!r} not found: give a .safetensors file or a folder with one")
+            if p.is_dir() and (p / "adapter_config.json").is_file():
+                self._load_peft_folder(p, adapter_name)
+                return
+            if p.is_file():
+                if p.suffix != ".safetensors":
+                    raise UserError(f"LoRA {str(p)!r}: only .safetensors files are read (no pickled .bin/.pt)")
+                from safetensors.torch import load_file
+                state = load_file(str(p))
+            else:
+                with _offline_env(True):
+                    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(str(p), local_files_only=True,
+                                                                              use_safetensors=True)
+        if any(k.startswith(("lora_unet_", "lora_te_")) for k in state):
+            state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(state)
+        else:
+            alphas = None
+        if not state or not all("lora" in k for k in state):
+            raise UserError("not a LoRA state dict (every key must contain 'lora')")
+        has_unet = any(k.startswith("unet.") for k in state)
+        has_te = any(k.startswith("text_encoder.") for k in state)
+        if has_unet or has_te:
+            if has_unet:
+                StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, self.unet, adapter_name=adapter_name)
+            if has_te:
+                StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(state, alphas, self.text_encoder,
+                                                                           adapter_name=adapter_name)
+                self._text_lora.add(adapter_name)
+        elif any(k.startswith("text_model.") for k in state):
+            StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+                {f"text_encoder.{k}": v for k, v in state.items()}, alphas, self.text_encoder, adapter_name=adapter_name)
+            self._text_lora.add(adapter_name)
+        else:  # bare UNet keys (e.g. peft.get_peft_model_state_dict(unet))
+            self.unet.load_lora_adapter(state, prefix=None, network_alphas=alphas, adapter_name=adapter_name)
+
+    def _load_peft_folder(self, folder: Path, adapter_name: str) -> None:
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"LoRA folder {str(folder)!r} has adapter_config.json but no adapter_model.safetensors")
+        config = LoraConfig.from_pretrained(str(folder))
+        state = {}
+        for k, v in load_file(str(weights)).items():
+            for pre in ("base_model.model.", "unet.", "text_encoder."):
+                if k.startswith(pre):
+                    k = k[len(pre):]
+                    break
+            state[k] = v
+        target = self.text_encoder if all(k.startswith("text_model.") for k in state) else self.unet
+        if target is self.text_encoder:
+            from peft import inject_adapter_in_model
+            inject_adapter_in_model(config, target, adapter_name=adapter_name)
+            self._text_lora.add(adapter_name)
+        else:
+            target.add_adapter(config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(target, state, adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise UserError(f"LoRA folder {str(folder)!r} does not fit this model ({len(unexpected)} unexpected keys, "
+                            f"e.g. {unexpected[0]!r})")
+        target.to(self.device, self.dtype)
+
+    def _apply_lora_scales(self) -> None:
+        unet_names = [n for n in self._lora_scales if n in _peft_adapter_names(self.unet)]
+        if unet_names:
+            self.unet.set_adapters(unet_names, [self._lora_scales[n] for n in unet_names])
+        te_names = [n for n in self._lora_scales if n in self._text_lora]
+        if te_names:
+            from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+            set_adapters_for_text_encoder(te_names, self.text_encoder, [self._lora_scales[n] for n in te_names])
+
+    @property
+    def lora_adapters(self) -> dict[str, float]:
+        """Loaded LoRA adapters and their scales."""
+        return dict(self._lora_scales)
+
+    def set_lora_scale(self, scale: float, adapter_name: str | None = None) -> None:
+        """Set the scale of one adapter (default: all)."""
+        names = [adapter_name] if adapter_name is not None else list(self._lora_scales)
+        for n in names:
+            if n not in self._lora_scales:
+                raise ValueError(f"no LoRA named {n!r}; loaded: {sorted(self._lora_scales)}")
+            self._lora_scales[n] = float(scale)
+        self._apply_lora_scales()
+        if any(n in self._text_lora for n in names):
+            self.clear_prompt_cache()
+
+    def unload_lora(self, adapter_name: str | None = None) -> None:
+        """Remove one LoRA adapter (default: all)."""
+        names = [adapter_name] if adapter_name is not None else list(self._lora_scales)
+        for n in names:
+            if n not in self._lora_scales:
+                raise ValueError(f"no LoRA named {n!r}; loaded: {sorted(self._lora_scales)}")
+            if n in _peft_adapter_names(self.unet):
+                self.unet.delete_adapters(n)
+            if n in self._text_lora:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+                for m in self.text_encoder.modules():
+                    if isinstance(m, BaseTunerLayer):
+                        m.delete_adapter(n)
+                self._text_lora.discard(n)
+                self.clear_prompt_cache()
+            del self._lora_scales[n]
+        self._apply_lora_scales()
+
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """Context in which the UNet runs without its LoRA adapters (e.g. pretrained vs LoRA branches)."""
+        if not _peft_adapter_names(self.unet):
+            yield
+            return
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    # ------------------------------------------------------------------ protocol
+    def _embed_texts(self, texts: list[str]) -> Tensor:
+        tok = self.tokenizer
+        max_len = int(tok.model_max_length)
+        if not self._truncation_warned:
+            lengths = [len(ids) for ids in tok(texts, truncation=False)["input_ids"]]
+            if max(lengths) > max_len:
+                self._truncation_warned = True
+                warnings.warn(f"teacher {self.name!r}: prompts longer than {max_len} tokens are truncated",
+                              stacklevel=3)
+        ids = tok(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
+        dev = self.text_encoder.device
+        return self.text_encoder(ids.to(dev))[0]
+
+    def _class_labels(self, camera: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        emb = getattr(self.unet, "class_embedding", None)
+        if emb is None:
+            return None
+        if camera is None:
+            in_dim = getattr(getattr(emb, "linear_1", None), "in_features", None)
+            if in_dim is None:
+                raise ValueError(f"teacher {self.name!r} is class/camera-conditioned: pass camera=")
+            return torch.zeros(batch, in_dim, device=device, dtype=self.unet.dtype)
+        cam = camera.reshape(camera.shape[0], -1) if camera.is_floating_point() else camera
+        return cam.to(device=device, dtype=self.unet.dtype if cam.is_floating_point() else None)
+
+    def _forward(self, x_t: Tensor, t: Tensor, embeds: Tensor, camera: Tensor | None = None,
+                 extra: dict[str, Tensor] | None = None) -> Tensor:
+        dt = self.unet.dtype
+        out = self.unet(x_t.to(dt), t.to(x_t.device), encoder_hidden_states=embeds.to(x_t.device, dt),
+                        class_labels=self._class_labels(camera, x_t.shape[0], x_t.device), return_dict=False)[0]
+        return out.to(x_t.dtype)
+
+    def _check_images(self, images: Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.vae_scale_factor or w % self.vae_scale_factor:
+            raise ValueError(f"image size {h}x{w} must be divisible by the VAE factor {self.vae_scale_factor}")
+
+    def encode(self, images: Tensor, *, size: int | tuple[int, int] | None = None, sample: bool = False,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Images ``[B,3,H,W]`` in [0, 1] -> scaled latents ``[B,4,H/f,W/f]`` (differentiable w.r.t. images).
+
+        ``size``: resize (bilinear) to this size first, e.g. ``teacher.native_resolution``.
+        ``sample``: draw from the VAE posterior instead of taking its mean (the posterior std of SD's VAE
+        is tiny, so the mean is the deterministic default).
+        """
+        if size is not None:
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            if tuple(images.shape[-2:]) != hw:
+                images = torch.nn.functional.interpolate(images, size=hw, mode="bilinear", align_corners=False)
+        self._check_images(images)
+        x = (images * 2 - 1).to(device=self.vae.device, dtype=self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return ((z - self.shift_factor) * self.scaling_factor).to(images.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images ``[B,3,H,W]`` in [0, 1] (clamped)."""
+        if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be [B,{self.latent_channels},h,w], got {tuple(latents.shape)}")
+        z = (latents / self.scaling_factor + self.shift_factor).to(device=self.vae.device, dtype=self.vae.dtype)
+        img = self.vae.decode(z, return_dict=False)[0]
+        return ((img.to(latents.dtype) + 1) / 2).clamp(0, 1)
+
+
+def _peft_adapter_names(model) -> set[str]:
+    cfg = getattr(model, "peft_config", None)
+    return set(cfg) if isinstance(cfg, dict) else set()
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in table:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[key]
+
+
+def _read_model_index(src: str, local_files_only: bool, revision: str | None) -> dict | None:
+    p = Path(src)
+    if p.is_dir():
+        f = p / "model_index.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+    from huggingface_hub import hf_hub_download
+    f = hf_hub_download(src, "model_index.json", revision=revision, local_files_only=local_files_only)
+    return json.loads(Path(f).read_text())
+
+
+def _load_components(src: str, dtype: torch.dtype, local_files_only: bool, revision: str | None,
+                     variant: str | None):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    index = _read_model_index(src, local_files_only, revision)
+    if index is not None:
+        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index]
+        if missing or "text_encoder_2" in index or "transformer" in index:
+            raise UserError(f"teacher {src!r} is a {index.get('_class_name', 'pipeline')}, not an SD 1.x/2.x "
+                            "text-to-image layout (needs unet, vae, text_encoder, tokenizer, scheduler; no "
+                            "text_encoder_2)")
+    common = dict(local_files_only=local_files_only, revision=revision)
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, variant=variant, **common)
+    if getattr(unet.config, "addition_embed_type", None):
+        raise UserError(f"teacher {src!r}: its UNet needs added conditioning ({unet.config.addition_embed_type}); "
+                        "only SD 1.x/2.x-style text-to-image UNets are supported")
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant, **common)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=variant,
+                                                 **_transformers_dtype_kw(dtype), **common)
+    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **common)
+    sched_config = DDPMScheduler.load_config(src, subfolder="scheduler", **common)
+    schedule = NoiseSchedule.from_diffusers(sched_config)
+    return unet, vae, text_encoder, tokenizer, schedule

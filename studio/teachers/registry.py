@@ -1,0 +1,123 @@
+"""Teacher registry: names -> factories, else a local folder / Hugging Face id.
+
+``load_teacher("shapeworld-exact")`` calls a registered factory; ``load_teacher("/path/to/sd")`` or
+``load_teacher("stabilityai/stable-diffusion-2-1-base")`` loads a diffusers SD-family model through
+:meth:`studio.teachers.diffusers_sd.DiffusersTeacher.from_pretrained`. Third-party packages register
+teachers through the ``studio.teachers`` entry-point group (each entry point names a factory).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import UserError
+
+ENTRY_POINT_GROUP = "studio.teachers"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+
+
+_REGISTRY: dict[str, TeacherSpec] = {}
+_entry_points_loaded = False
+
+
+def register_teacher(name: str, factory: Callable[..., Any], description: str = "", *,
+                     overwrite: bool = False) -> None:
+    """Register ``factory(**kw) -> ImageTeacher`` under ``name`` (case-insensitive)."""
+    key = name.strip().lower()
+    if not key:
+        raise ValueError("teacher name must be non-empty")
+    if key in _REGISTRY and not overwrite and _REGISTRY[key].factory is not factory:
+        raise ValueError(f"a teacher named {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[key] = TeacherSpec(key, factory, description)
+
+
+def unregister_teacher(name: str) -> None:
+    _REGISTRY.pop(name.strip().lower(), None)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    try:
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # noqa: BLE001 - a broken environment must not break teacher loading
+        return
+    for ep in eps:
+        if ep.name.strip().lower() in _REGISTRY:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"teacher entry point {ep.name!r} could not be loaded: {e}", stacklevel=2)
+            continue
+        if isinstance(obj, TeacherSpec):
+            register_teacher(ep.name, obj.factory, obj.description)
+        elif callable(obj):
+            register_teacher(ep.name, obj, (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else "")
+        else:
+            warnings.warn(f"teacher entry point {ep.name!r} is not callable; ignored", stacklevel=2)
+
+
+def list_teachers() -> dict[str, str]:
+    """Registered teacher names -> descriptions (sorted)."""
+    _load_entry_points()
+    return {k: _REGISTRY[k].description for k in sorted(_REGISTRY)}
+
+
+def _is_path_or_hub_id(name: str) -> bool:
+    return (os.path.exists(os.path.expanduser(name)) or "/" in name or os.sep in name
+            or name.startswith((".", "~")))
+
+
+def load_teacher(name_or_path: str | os.PathLike, **kw: Any):
+    """A teacher by registered name, local folder, or Hugging Face id (``owner/name``).
+
+    Keyword arguments go to the factory (for folders / hub ids: ``DiffusersTeacher.from_pretrained``:
+    device, dtype, lora, attention_slicing, local_files_only, ...).
+
+    Raises:
+        UserError: unknown name (the message lists the registered ones), or a path / id that cannot be loaded.
+    """
+    name = os.fspath(name_or_path).strip()
+    if not name:
+        raise UserError("no teacher given: pass a registered name (see list_teachers()), a local folder or a "
+                        "Hugging Face id")
+    _load_entry_points()
+    key = name.lower()
+    if key in _REGISTRY and not os.path.isdir(os.path.expanduser(name)):
+        return _REGISTRY[key].factory(**kw)
+    if _is_path_or_hub_id(name):
+        from .diffusers_sd import DiffusersTeacher
+        return DiffusersTeacher.from_pretrained(name, **kw)
+    known = ", ".join(sorted(_REGISTRY)) or "(none registered)"
+    raise UserError(f"unknown teacher {name!r}: registered teachers are {known}; or give a local folder with "
+                    "model_index.json or a Hugging Face id such as stabilityai/stable-diffusion-2-1-base")
+
+
+def _hub_factory(repo_id: str) -> Callable[..., Any]:
+    def factory(**kw: Any):
+        from .diffusers_sd import DiffusersTeacher
+        return DiffusersTeacher.from_pretrained(repo_id, **kw)
+    factory.__doc__ = f"DiffusersTeacher.from_pretrained({repo_id!r})"
+    return factory
+
+
+# Short names for the SD-family teachers the papers use (weights come from the Hugging Face hub).
+register_teacher("sd21-base", _hub_factory("stabilityai/stable-diffusion-2-1-base"),
+                 "Stable Diffusion 2.1-base, 512 px, epsilon (stabilityai/stable-diffusion-2-1-base)")
+register_teacher("sd21", _hub_factory("stabilityai/stable-diffusion-2-1"),
+                 "Stable Diffusion 2.1, 768 px, v-prediction (stabilityai/stable-diffusion-2-1)")
+register_teacher("sd15", _hub_factory("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                 "Stable Diffusion 1.5, 512 px, epsilon (stable-diffusion-v1-5/stable-diffusion-v1-5)")

@@ -1,0 +1,155 @@
+"""Architecture-true tiny models with random weights, built offline and saved with ``save_pretrained``.
+
+Tests load them back by path through the user-facing loaders (``load_teacher(str(path))``), so the
+real diffusers / transformers code path runs without downloading anything.
+
+* :func:`make_tiny_clip_tokenizer` -- a byte-level BPE CLIP tokenizer from a vocab.json / merges.txt
+  written here (all 256 byte symbols, their end-of-word forms and merges for a small word list).
+* :func:`make_tiny_sd` -- a ``StableDiffusionPipeline`` layout (UNet2DConditionModel, AutoencoderKL,
+  CLIPTextModel, CLIPTokenizer, DDPMScheduler) of a few hundred kB.
+* :func:`make_tiny_lora` -- a peft LoRA on that UNet with non-zero weights, saved in diffusers format.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+#: words that get whole-word BPE merges in the tiny vocabulary (others fall back to byte symbols)
+TINY_WORDS = (
+    "a an the of and with on in red green blue yellow white black purple orange cube ball sphere cone "
+    "torus cylinder box chair car dog cat house tree front side back left right overhead view views "
+    "photo high quality blurry low unrealistic bouncing rolling spinning"
+).split()
+
+_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes 0..255 (in byte order)."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def write_tiny_clip_vocab(folder: str | Path, words=TINY_WORDS) -> tuple[Path, Path]:
+    """Write ``vocab.json`` and ``merges.txt`` for a tiny CLIP BPE tokenizer; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    syms = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for s in syms:
+        vocab[s] = len(vocab)
+    for s in syms:
+        vocab[s + "</w>"] = len(vocab)
+    merges: list[str] = []
+    seen = set()
+    for w in dict.fromkeys(words):
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            merged = parts[0] + parts[1]
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(f"{pair[0]} {pair[1]}")
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    for s in _SPECIALS:
+        vocab[s] = len(vocab)
+    vf, mf = folder / "vocab.json", folder / "merges.txt"
+    vf.write_text(json.dumps(vocab, ensure_ascii=False))
+    mf.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vf, mf
+
+
+def make_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    write_tiny_clip_vocab(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer",
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }))
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def tiny_sd_components(prediction_type: str = "epsilon", sample_size: int = 32, seed: int = 0,
+                       tokenizer_dir: str | Path | None = None, text_max_length: int = 77):
+    """The five components of a tiny SD pipeline (random weights, seeded)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(4, 8), norm_num_groups=32, use_linear_projection=True,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, norm_num_groups=32,
+        sample_size=sample_size * 2,
+    )
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(tempfile.mkdtemp(prefix="tiny_clip_tok_"))
+    tokenizer = make_tiny_clip_tokenizer(tok_dir, model_max_length=text_max_length)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=text_max_length, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
+                              steps_offset=1)
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                scheduler=scheduler)
+
+
+def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", sample_size: int = 32, seed: int = 0) -> Path:
+    """Save a tiny random ``StableDiffusionPipeline`` to ``path`` (UNet latents ``sample_size``², VAE factor 2,
+    so the native image size is ``2 * sample_size``). Returns ``path``."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    comps = tiny_sd_components(prediction_type, sample_size, seed, tokenizer_dir=path.parent / f".{path.name}_tok")
+    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    return path
+
+
+def make_tiny_lora(unet, path: str | Path, rank: int = 4, seed: int = 0, std: float = 0.5) -> Path:
+    """Add a random (non-zero) peft LoRA to a *copy* of ``unet``'s attention projections and save it in
+    diffusers' LoRA format (``pytorch_lora_weights.safetensors`` with ``unet.`` keys) under ``path``."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = copy.deepcopy(unet).to(torch.float32)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    state = get_peft_model_state_dict(model)
+    path = Path(path)
+    StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=state, safe_serialization=True)
+    return path
