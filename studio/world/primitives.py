@@ -32,6 +32,33 @@ class Surface:
     def transformed(self, offset=(0.0, 0.0, 0.0), scale: float = 1.0) -> "Surface":
         return Surface(self.points * scale + torch.tensor(offset), self.normals, self.colors)
 
+    def rotated(self, axis: str, degrees: float) -> "Surface":
+        """Rotate points and normals about the world ``axis`` ("x", "y" or "z") through the origin
+        (right-handed: ``rotated("x", 90)`` takes +y to +z)."""
+        R = rotation_matrix(axis, degrees)
+        return Surface(self.points @ R.T, self.normals @ R.T, self.colors)
+
+    def recolored(self, mask: Tensor, color) -> "Surface":
+        """Copy with ``colors[mask] = color``."""
+        col = self.colors.clone()
+        col[mask] = torch.as_tensor(color, dtype=col.dtype)
+        return Surface(self.points, self.normals, col)
+
+
+def rotation_matrix(axis: str, degrees: float) -> Tensor:
+    """3x3 right-handed rotation about a world axis."""
+    t = math.radians(degrees)
+    c, s = math.cos(t), math.sin(t)
+    if axis == "x":
+        m = [[1, 0, 0], [0, c, -s], [0, s, c]]
+    elif axis == "y":
+        m = [[c, 0, s], [0, 1, 0], [-s, 0, c]]
+    elif axis == "z":
+        m = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
+    else:
+        raise ValueError(f"axis must be 'x', 'y' or 'z', got {axis!r}")
+    return torch.tensor(m, dtype=torch.float32)
+
 
 def _rgb(color, n: int) -> Tensor:
     return torch.as_tensor(color, dtype=torch.float32).reshape(1, 3).expand(n, 3).clone()
@@ -125,6 +152,57 @@ def torus(n: int, major: float, minor: float, color, g: torch.Generator) -> Surf
     return Surface(p, nn, _rgb(color, n))
 
 
+def disk(n: int, radius: float, color, g: torch.Generator) -> Surface:
+    """Flat disc in the xz-plane at y=0 with normal +y (rotate / offset it into place)."""
+    r = radius * torch.sqrt(torch.rand(n, generator=g))
+    th = torch.rand(n, generator=g) * 2 * math.pi
+    p = torch.stack([r * torch.sin(th), torch.zeros_like(r), r * torch.cos(th)], -1)
+    return Surface(p, torch.tensor([0.0, 1.0, 0.0]).expand(n, 3).clone(), _rgb(color, n))
+
+
+def hemisphere(n: int, radius: float, color, g: torch.Generator, base_color=None) -> Surface:
+    """Closed upper half ball: the dome (y >= 0) plus its base disc at y=0 (normal -y).
+
+    ``base_color`` colours the disc (default: ``color``)."""
+    dome_area, base_area = 2 * math.pi * radius**2, math.pi * radius**2
+    k_dome = int(round(n * dome_area / (dome_area + base_area)))
+    d = torch.randn(k_dome, 3, generator=g)
+    d = d / d.norm(dim=-1, keepdim=True)
+    d[:, 1] = d[:, 1].abs()
+    dome = Surface(d * radius, d, _rgb(color, k_dome))
+    base = disk(n - k_dome, radius, color if base_color is None else base_color, g)
+    base = Surface(base.points, -base.normals, base.colors)
+    return Surface.cat([dome, base])
+
+
+def triangles(n: int, tris, color, g: torch.Generator, tri_colors=None) -> Surface:
+    """Area-uniform sample of a triangle soup ``tris [T,3,3]``; each triangle's normal is
+    ``(v1 - v0) x (v2 - v0)`` normalised (list vertices counter-clockwise seen from outside).
+    ``tri_colors [T,3]`` optionally colours each triangle."""
+    tris = torch.as_tensor(tris, dtype=torch.float32)
+    e1, e2 = tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0]
+    cr = torch.linalg.cross(e1, e2, dim=-1)
+    area = cr.norm(dim=-1)
+    which = torch.multinomial(area / area.sum(), n, replacement=True, generator=g)
+    u, v = torch.rand(n, 1, generator=g), torch.rand(n, 1, generator=g)
+    flip = (u + v) > 1
+    u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
+    p = tris[which, 0] + u * e1[which] + v * e2[which]
+    nrm = (cr / area[:, None])[which]
+    col = _rgb(color, n) if tri_colors is None else torch.as_tensor(tri_colors, dtype=torch.float32)[which]
+    return Surface(p, nrm, col)
+
+
+def pyramid(n: int, half: float, height: float, color, g: torch.Generator) -> Surface:
+    """Square pyramid: base ``[-half, half]^2`` at y=0 (normal -y), apex at ``(0, height, 0)``."""
+    a, h = half, height
+    apex = [0.0, h, 0.0]
+    c = [[-a, 0, a], [a, 0, a], [a, 0, -a], [-a, 0, -a]]  # base corners, counter-clockwise seen from +y
+    sides = [[c[i], c[(i + 1) % 4], apex] for i in range(4)]
+    base = [[c[0], c[2], c[1]], [c[0], c[3], c[2]]]
+    return triangles(n, sides + base, color, g)
+
+
 def surfels_to_gaussians(surface: Surface, *, thickness: float = 0.15, opacity: float = 0.95,
                          spacing: float | None = None) -> dict[str, Tensor]:
     """Flat Gaussians on a sampled surface: tangent scale ~ point spacing, normal scale = thickness x.
@@ -175,3 +253,32 @@ def rotmat_to_quat(R: Tensor) -> Tensor:
     q = torch.gather(cands, -2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
     q = q / q.norm(dim=-1, keepdim=True)
     return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
+
+
+def gaussian_normals(quats: Tensor, scales: Tensor | None = None) -> Tensor:
+    """Unit normals ``[N,3]`` of flat Gaussians: the local z axis of ``quats`` (the axis
+    ``surfels_to_gaussians`` aligns with the outward normal) or, given ``scales``, the axis of the
+    smallest scale (sign then follows the rotation, not necessarily outward)."""
+    q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    w, x, y, z = q.unbind(-1)
+    # Columns of the rotation matrix of a w-x-y-z quaternion.
+    cols = torch.stack([
+        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y + w * z), 2 * (x * z - w * y)], -1),
+        torch.stack([2 * (x * y - w * z), 1 - 2 * (x * x + z * z), 2 * (y * z + w * x)], -1),
+        torch.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], dim=1)  # [N, 3 (column), 3]
+    idx = torch.full(q.shape[:-1], 2, dtype=torch.long, device=q.device) if scales is None else scales.argmin(-1)
+    n = torch.gather(cols, 1, idx[:, None, None].expand(-1, 1, 3))[:, 0]
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def mirror_gaussians_z(gaussians: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Reflect a Gaussian set across the plane z=0 (front <-> back): ``z -> -z`` for the means and
+    ``R -> M R M`` (``M = diag(1,1,-1)``) for the rotations, i.e. quaternion ``(w,x,y,z) -> (w,-x,-y,z)``.
+    Other entries are copied."""
+    out = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in gaussians.items()}
+    out["means"] = gaussians["means"] * torch.tensor([1.0, 1.0, -1.0], dtype=gaussians["means"].dtype,
+                                                     device=gaussians["means"].device)
+    out["quats"] = gaussians["quats"] * torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=gaussians["quats"].dtype,
+                                                     device=gaussians["quats"].device)
+    return out
