@@ -93,8 +93,9 @@ class _RasterizeToPixels(torch.autograd.Function):
         means2d, conics, colors, opacities, bg, offsets, flat, t_final, last = ctx.saved_tensors
         width, height, tile_size = ctx.dims
         dt = means2d.dtype
-        g_render = torch.zeros_like(t_final[..., None].expand(*t_final.shape, colors.shape[-1])) if g_render is None \
-            else g_render.to(dt).contiguous()
+        if g_render is None:
+            g_render = t_final.new_zeros(*t_final.shape, colors.shape[-1])
+        g_render = g_render.to(dt).contiguous()
         g_alphas = torch.zeros_like(t_final) if g_alphas is None else g_alphas.to(dt).contiguous()
         gm, gq, gc, go, gb = _load().rasterize_backward(
             means2d, conics, colors, opacities, bg, offsets, flat, t_final, last, g_render, g_alphas,

@@ -1,0 +1,690 @@
+// Native CPU tile rasterizer for projected 2D Gaussians: forward blend and analytic backward.
+//
+// Blend rules are those documented in studio/render/_common.py (pixel centres at +0.5, sigma/alpha
+// formula, ALPHA_MIN / ALPHA_MAX, T_EPS early termination); the dense torch twin in
+// studio/render/_torch_impl.py is the reference this file is tested against.
+//
+// Pipeline (all cameras in one call each):
+//   bin_gaussians      per camera: visible Gaussians (radii > 0), stable sort by depth, append each
+//                      one to the lists of the tiles its radii box touches -> isect_offsets [C,th,tw],
+//                      flatten_ids [M] (entries c*N+n, depth-ordered inside every tile).
+//   rasterize_forward  OpenMP over (camera, tile): front-to-back blend with early termination;
+//                      stores per-pixel final transmittance and the number of list entries consumed.
+//   rasterize_backward OpenMP over (camera, tile): back-to-front walk recovering
+//                      T_i = T_{i+1} / (1 - alpha_i); gradients land in a per-intersection buffer
+//                      (each tile owns a disjoint slice, so no races), which is then reduced per
+//                      Gaussian with every thread owning a disjoint range of Gaussians
+//                      (deterministic regardless of the thread count).
+// Inside a tile both passes run Gaussian-major: per-pixel state lives in a tile-sized buffer and
+// each list entry visits only the pixels of the bounding box of its ellipse sigma <= ln(255 o)
+// (+ margins), which is what makes the CPU version fast; each pixel still sees its Gaussians in
+// depth order, so the result is the per-pixel loop of _common, reordered.
+// Light includes (ATen + the pybind11 tensor casters) instead of <torch/extension.h>: the
+// extension needs no C++ frontend, and this roughly halves the first-use compile time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr double kAlphaMin = 1.0 / 255.0;
+constexpr double kAlphaMax = 0.999;
+constexpr double kTEps = 1e-4;
+// Cheap pre-test: alpha = o exp(-sigma) < 1/255 whenever sigma > ln(255 o); the margin keeps the
+// pre-test strictly conservative so the exact alpha test below makes every real decision.
+constexpr double kRejectMargin = 1e-3;
+
+inline int n_threads() { return std::max(1, at::get_num_threads()); }
+
+// ---------------------------------------------------------------------------------------------
+// Binning
+// ---------------------------------------------------------------------------------------------
+
+struct Rect {
+  int32_t x0, x1, y0, y1;  // inclusive tile range
+};
+
+// Tiles touched by pixels whose centre lies in [mx - rx, mx + rx] x [my - ry, my + ry].
+template <typename scalar_t>
+inline bool tile_rect(scalar_t mx_, scalar_t my_, int32_t rx_, int32_t ry_, int W, int H, int ts, Rect& r) {
+  const double mx = static_cast<double>(mx_), my = static_cast<double>(my_);
+  if (!std::isfinite(mx) || !std::isfinite(my)) return false;
+  const double rx = rx_, ry = ry_;
+  // pixel j covers centre j + 0.5: |j + 0.5 - mx| <= rx  <=>  j in [mx - rx - 0.5, mx + rx - 0.5]
+  double jx0 = std::ceil(mx - rx - 0.5), jx1 = std::floor(mx + rx - 0.5);
+  double jy0 = std::ceil(my - ry - 0.5), jy1 = std::floor(my + ry - 0.5);
+  jx0 = std::max(jx0, 0.0);
+  jy0 = std::max(jy0, 0.0);
+  jx1 = std::min(jx1, static_cast<double>(W - 1));
+  jy1 = std::min(jy1, static_cast<double>(H - 1));
+  if (jx0 > jx1 || jy0 > jy1) return false;
+  r.x0 = static_cast<int32_t>(jx0) / ts;
+  r.x1 = static_cast<int32_t>(jx1) / ts;
+  r.y0 = static_cast<int32_t>(jy0) / ts;
+  r.y1 = static_cast<int32_t>(jy1) / ts;
+  return true;
+}
+
+template <typename scalar_t>
+void bin_impl(const scalar_t* means, const int32_t* radii, const scalar_t* depths, int64_t C, int64_t N, int W,
+              int H, int ts, int tw, int th, std::vector<int32_t>& flat, int32_t* offsets, int32_t* tiles_per_gauss) {
+  const int64_t T = static_cast<int64_t>(tw) * th;
+  std::vector<std::vector<int32_t>> order(C);
+  std::vector<std::vector<Rect>> rects(C);
+  std::vector<int64_t> counts(C * T + 1, 0);
+
+  // Phase 1 (per camera): visible set, stable depth sort, per-tile counts.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads()) if (C > 1)
+  for (int64_t c = 0; c < C; ++c) {
+    std::vector<int32_t> vis;
+    vis.reserve(N);
+    for (int64_t n = 0; n < N; ++n) {
+      const int32_t* rr = radii + (c * N + n) * 2;
+      if (rr[0] > 0 && rr[1] > 0) vis.push_back(static_cast<int32_t>(n));
+    }
+    const scalar_t* dep = depths + c * N;
+    // Ascending depth, NaN last; std::stable_sort keeps ascending index among ties.
+    std::stable_sort(vis.begin(), vis.end(), [dep](int32_t a, int32_t b) {
+      const scalar_t da = dep[a], db = dep[b];
+      const bool na = std::isnan(da), nb = std::isnan(db);
+      if (na || nb) return !na && nb;
+      return da < db;
+    });
+    std::vector<int32_t>& ord = order[c];
+    std::vector<Rect>& rc = rects[c];
+    ord.reserve(vis.size());
+    rc.reserve(vis.size());
+    int64_t* cnt = counts.data() + c * T;
+    for (int32_t n : vis) {
+      const int64_t g = c * N + n;
+      Rect r;
+      if (!tile_rect(means[g * 2], means[g * 2 + 1], radii[g * 2], radii[g * 2 + 1], W, H, ts, r)) continue;
+      ord.push_back(n);
+      rc.push_back(r);
+      tiles_per_gauss[g] = (r.x1 - r.x0 + 1) * (r.y1 - r.y0 + 1);
+      for (int32_t ty = r.y0; ty <= r.y1; ++ty)
+        for (int32_t tx = r.x0; tx <= r.x1; ++tx) ++cnt[ty * tw + tx];
+    }
+  }
+
+  // Phase 2: exclusive prefix sum over all (camera, tile) lists.
+  int64_t total = 0;
+  for (int64_t t = 0; t < C * T; ++t) {
+    const int64_t n = counts[t];
+    counts[t] = total;
+    total += n;
+  }
+  TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(),
+              "native rasterizer: too many tile intersections (", total, ") for int32 offsets");
+  for (int64_t t = 0; t < C * T; ++t) offsets[t] = static_cast<int32_t>(counts[t]);
+  flat.assign(static_cast<size_t>(total), 0);
+
+  // Phase 3 (per camera): fill the lists in depth order.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads()) if (C > 1)
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t* cur = counts.data() + c * T;
+    const std::vector<int32_t>& ord = order[c];
+    const std::vector<Rect>& rc = rects[c];
+    for (size_t i = 0; i < ord.size(); ++i) {
+      const int32_t id = static_cast<int32_t>(c * N + ord[i]);
+      const Rect& r = rc[i];
+      for (int32_t ty = r.y0; ty <= r.y1; ++ty)
+        for (int32_t tx = r.x0; tx <= r.x1; ++tx) flat[cur[ty * tw + tx]++] = id;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blend: shared parameters and per-tile gather
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct Params {
+  const scalar_t* means;   // [C,N,2]
+  const scalar_t* conics;  // [C,N,3]
+  const scalar_t* colors;  // [C,N,D]
+  const scalar_t* opac;    // [C,N]
+  const scalar_t* bg;      // [C,D] or nullptr
+  const int32_t* offsets;  // [C*th*tw]
+  const int32_t* flat;     // [n_isect]
+  int64_t C, N, D, n_isect;
+  int W, H, ts, tw, th;
+};
+
+constexpr int kBox = 4;  // x0, x1, y0, y1: inclusive pixel box inside the tile
+
+// Structure-of-arrays copy of one tile's list: mx, my, a, b, c, o, reject threshold, colours
+// [len,D], and each Gaussian's pixel box clipped to the tile (empty box: x0 > x1).
+template <typename scalar_t>
+struct TileCache {
+  std::vector<scalar_t> buf, col;
+  std::vector<int32_t> box;
+  const scalar_t *mx, *my, *ca, *cb, *cc, *op, *thr;
+
+  void gather(const Params<scalar_t>& p, int64_t s, int64_t len, int64_t D, int tx0, int tx1, int ty0, int ty1) {
+    buf.resize(static_cast<size_t>(7 * len));
+    col.resize(static_cast<size_t>(len * D));
+    box.resize(static_cast<size_t>(kBox * len));
+    scalar_t* b = buf.data();
+    scalar_t *x = b, *y = b + len, *a = b + 2 * len, *bb = b + 3 * len, *c = b + 4 * len, *o = b + 5 * len,
+             *th = b + 6 * len;
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t g = p.flat[s + k];
+      x[k] = p.means[g * 2];
+      y[k] = p.means[g * 2 + 1];
+      a[k] = p.conics[g * 3];
+      bb[k] = p.conics[g * 3 + 1];
+      c[k] = p.conics[g * 3 + 2];
+      const scalar_t ok = p.opac[g];
+      o[k] = ok;
+      // ln(255 o) + margin; o <= 0 rejects everything; NaN opacity -> NaN threshold (never
+      // pre-rejected: the exact test decides).
+      const double thr_d = ok > scalar_t(0) ? std::log(static_cast<double>(ok) / kAlphaMin) + kRejectMargin
+                           : (ok <= scalar_t(0) ? -std::numeric_limits<double>::infinity()
+                                                : static_cast<double>(ok));
+      th[k] = static_cast<scalar_t>(thr_d);
+      const scalar_t* src = p.colors + g * D;
+      std::copy(src, src + D, col.data() + k * D);
+      // Pixel box of the ellipse sigma <= thr: half-extents sqrt(2 thr Sigma_xx), sqrt(2 thr Sigma_yy)
+      // with Sigma = conic^-1, widened by one pixel; anything degenerate falls back to the tile.
+      int32_t* bx = box.data() + kBox * k;
+      bx[0] = tx0; bx[1] = tx1; bx[2] = ty0; bx[3] = ty1;
+      if (thr_d < 0) {  // nothing can pass the alpha test
+        bx[0] = 1; bx[1] = 0;
+        continue;
+      }
+      const double ad = a[k], bd = bb[k], cd = c[k], det = ad * cd - bd * bd;
+      if (det > 0 && ad > 0 && std::isfinite(thr_d)) {
+        const double ex = std::sqrt(2.0 * thr_d * cd / det) + 1.0, ey = std::sqrt(2.0 * thr_d * ad / det) + 1.0;
+        const double mxd = x[k], myd = y[k];
+        if (std::isfinite(ex) && std::isfinite(ey) && std::isfinite(mxd) && std::isfinite(myd)) {
+          const double jx0 = std::max(std::ceil(mxd - ex - 0.5), static_cast<double>(tx0));
+          const double jx1 = std::min(std::floor(mxd + ex - 0.5), static_cast<double>(tx1));
+          const double jy0 = std::max(std::ceil(myd - ey - 0.5), static_cast<double>(ty0));
+          const double jy1 = std::min(std::floor(myd + ey - 0.5), static_cast<double>(ty1));
+          if (jx0 > jx1 || jy0 > jy1) {
+            bx[0] = 1; bx[1] = 0;
+          } else {
+            bx[0] = static_cast<int32_t>(jx0); bx[1] = static_cast<int32_t>(jx1);
+            bx[2] = static_cast<int32_t>(jy0); bx[3] = static_cast<int32_t>(jy1);
+          }
+        }
+      }
+    }
+    mx = x; my = y; ca = a; cb = bb; cc = c; op = o; thr = th;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+//
+// Gaussian-major within a tile: per-pixel state (T, accumulated colour, done flag) lives in a
+// tile-sized buffer and each list entry, in depth order, updates only the pixels of its box. Every
+// pixel still sees its Gaussians front to back, so this is the per-pixel loop of _common reordered.
+
+template <typename scalar_t, int DC>
+void forward_impl(const Params<scalar_t>& p, scalar_t* render, scalar_t* alphas, scalar_t* tfinal, int32_t* last_out) {
+  const int64_t D = DC > 0 ? DC : p.D;
+  const int64_t T = static_cast<int64_t>(p.tw) * p.th;
+  const int64_t ntiles = p.C * T;
+  const scalar_t amin = static_cast<scalar_t>(kAlphaMin), amax = static_cast<scalar_t>(kAlphaMax),
+                 teps = static_cast<scalar_t>(kTEps);
+#pragma omp parallel num_threads(n_threads())
+  {
+    TileCache<scalar_t> tc;
+    const size_t tpix = static_cast<size_t>(p.ts) * p.ts;
+    // Transmittance is carried in double and rounded to scalar_t where used, which reproduces
+    // torch.cumprod on CPU (double accumulator, each prefix rounded) bit for bit.
+    std::vector<double> Tr_v(tpix);
+    std::vector<scalar_t> acc_v(tpix * D);
+    std::vector<int32_t> last_v(tpix);
+    std::vector<uint8_t> done_v(tpix);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t cam = t / T, tt = t % T;
+      const int tyi = static_cast<int>(tt / p.tw), txi = static_cast<int>(tt % p.tw);
+      const int x0 = txi * p.ts, x1 = std::min(p.W, x0 + p.ts);
+      const int y0 = tyi * p.ts, y1 = std::min(p.H, y0 + p.ts);
+      const int bw = x1 - x0;
+      const int npix = bw * (y1 - y0);
+      const int64_t s = p.offsets[t], e = (t + 1 < ntiles) ? p.offsets[t + 1] : p.n_isect;
+      const int64_t len = e - s;
+      tc.gather(p, s, len, D, x0, x1 - 1, y0, y1 - 1);
+      const scalar_t* colc = tc.col.data();
+      double* Tr = Tr_v.data();
+      scalar_t* acc = acc_v.data();
+      int32_t* lastp = last_v.data();
+      uint8_t* done = done_v.data();
+      std::fill(Tr, Tr + npix, 1.0);
+      std::fill(acc, acc + static_cast<int64_t>(npix) * D, scalar_t(0));
+      std::fill(lastp, lastp + npix, 0);
+      std::fill(done, done + npix, uint8_t(0));
+      int ndone = 0;
+      for (int64_t k = 0; k < len && ndone < npix; ++k) {
+        const int32_t* bx = tc.box.data() + kBox * k;
+        if (bx[0] > bx[1]) continue;
+        const scalar_t mxk = tc.mx[k], myk = tc.my[k], ak = tc.ca[k], bk = tc.cb[k], ck_ = tc.cc[k];
+        const scalar_t ok = tc.op[k], thk = tc.thr[k];
+        const scalar_t* ck = colc + k * D;
+        for (int py = bx[2]; py <= bx[3]; ++py) {
+          const scalar_t dy = (static_cast<scalar_t>(py) + scalar_t(0.5)) - myk;
+          const int row = (py - y0) * bw - x0;
+          for (int px = bx[0]; px <= bx[1]; ++px) {
+            const int i = row + px;
+            if (done[i]) continue;
+            const scalar_t dx = (static_cast<scalar_t>(px) + scalar_t(0.5)) - mxk;
+            const scalar_t sigma = scalar_t(0.5) * (ak * dx * dx + ck_ * dy * dy) + bk * dx * dy;
+            if (sigma < scalar_t(0) || sigma > thk) continue;
+            const scalar_t oG = ok * std::exp(-sigma);
+            const scalar_t alpha = oG > amax ? amax : oG;
+            if (!(alpha >= amin)) continue;
+            const double nextT = Tr[i] * static_cast<double>(scalar_t(1) - alpha);
+            if (static_cast<scalar_t>(nextT) <= teps) {  // early termination: not added, pixel stops
+              done[i] = 1;
+              ++ndone;
+              continue;
+            }
+            const scalar_t w = alpha * static_cast<scalar_t>(Tr[i]);
+            scalar_t* ai = acc + static_cast<int64_t>(i) * D;
+            for (int64_t d = 0; d < D; ++d) ai[d] += w * ck[d];
+            Tr[i] = nextT;
+            lastp[i] = static_cast<int32_t>(k + 1);
+          }
+        }
+      }
+      const scalar_t* bgc = p.bg ? p.bg + cam * D : nullptr;
+      for (int py = y0; py < y1; ++py) {
+        for (int px = x0; px < x1; ++px) {
+          const int i = (py - y0) * bw + (px - x0);
+          const int64_t pix = (cam * p.H + py) * p.W + px;
+          scalar_t* out = render + pix * D;
+          const scalar_t* ai = acc + static_cast<int64_t>(i) * D;
+          const scalar_t Tf = static_cast<scalar_t>(Tr[i]);
+          if (bgc) {
+            for (int64_t d = 0; d < D; ++d) out[d] = ai[d] + Tf * bgc[d];
+          } else {
+            for (int64_t d = 0; d < D; ++d) out[d] = ai[d];
+          }
+          alphas[pix] = scalar_t(1) - Tf;
+          tfinal[pix] = Tf;
+          last_out[pix] = lastp[i];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+//
+// Gaussian-major again, now back to front: each pixel keeps T_{k+1} (starting at T_final) and the
+// suffix sum v = sum_{j>k} (dL/dC . c_j) alpha_j T_j; entry k of a pixel's list is processed only if
+// k < last (the entries the forward pass consumed), recovering T_k = T_{k+1} / (1 - alpha_k).
+//
+//   dL/dalpha_k = (g . c_k) T_k - (v + T_final * (g . bg - dL/dalphas)) / (1 - alpha_k)
+//
+// The record of entry k (this tile's slice of the per-intersection buffer) is written exactly once.
+
+// Per-intersection gradient record: [d mean x, d mean y, d conic a, b, c, d opacity, d colour(D)].
+constexpr int kRec = 6;
+
+template <typename scalar_t, int DC>
+void backward_impl(const Params<scalar_t>& p, const scalar_t* g_render, const scalar_t* g_alpha, const scalar_t* tfinal,
+                   const int32_t* last_in, scalar_t* partial, scalar_t* bg_partial) {
+  using acc_t = double;  // running per-pixel quantities (T recovery, suffix sums) in double
+  const int64_t D = DC > 0 ? DC : p.D;
+  const int64_t S = kRec + D;
+  const int64_t T = static_cast<int64_t>(p.tw) * p.th;
+  const int64_t ntiles = p.C * T;
+  const scalar_t amin = static_cast<scalar_t>(kAlphaMin), amax = static_cast<scalar_t>(kAlphaMax);
+#pragma omp parallel num_threads(n_threads())
+  {
+    TileCache<scalar_t> tc;
+    const size_t tpix = static_cast<size_t>(p.ts) * p.ts;
+    std::vector<acc_t> Tr_v(tpix), v_v(tpix), tail_v(tpix), gacc(S);
+    std::vector<int32_t> last_v(tpix);
+    std::vector<scalar_t> g_v(tpix * D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t cam = t / T, tt = t % T;
+      const int tyi = static_cast<int>(tt / p.tw), txi = static_cast<int>(tt % p.tw);
+      const int x0 = txi * p.ts, x1 = std::min(p.W, x0 + p.ts);
+      const int y0 = tyi * p.ts, y1 = std::min(p.H, y0 + p.ts);
+      const int bw = x1 - x0;
+      const int64_t s = p.offsets[t], e = (t + 1 < ntiles) ? p.offsets[t + 1] : p.n_isect;
+      const int64_t len = e - s;
+      const scalar_t* bgc = p.bg ? p.bg + cam * D : nullptr;
+      scalar_t* bgp = bg_partial ? bg_partial + t * D : nullptr;
+      acc_t* Tr = Tr_v.data();
+      acc_t* vv = v_v.data();
+      acc_t* tail = tail_v.data();
+      int32_t* lastp = last_v.data();
+      scalar_t* gl = g_v.data();
+      int32_t maxlast = 0;
+      for (int py = y0; py < y1; ++py) {
+        for (int px = x0; px < x1; ++px) {
+          const int i = (py - y0) * bw + (px - x0);
+          const int64_t pix = (cam * p.H + py) * p.W + px;
+          const scalar_t* gC = g_render + pix * D;
+          std::copy(gC, gC + D, gl + static_cast<int64_t>(i) * D);
+          const acc_t Tn = tfinal[pix];
+          acc_t bgdot = 0;
+          if (bgc) {
+            for (int64_t d = 0; d < D; ++d) {
+              bgdot += static_cast<acc_t>(gC[d]) * bgc[d];
+              bgp[d] += static_cast<scalar_t>(Tn * gC[d]);
+            }
+          }
+          Tr[i] = Tn;
+          vv[i] = 0;
+          tail[i] = Tn * (bgdot - static_cast<acc_t>(g_alpha[pix]));  // T_final * dL/dT_final
+          lastp[i] = last_in[pix];
+          maxlast = std::max(maxlast, lastp[i]);
+        }
+      }
+      scalar_t* part = partial + s * S;
+      if (maxlast < len) std::fill(part + maxlast * S, part + len * S, scalar_t(0));
+      if (maxlast == 0) continue;
+      tc.gather(p, s, maxlast, D, x0, x1 - 1, y0, y1 - 1);
+      const scalar_t* colc = tc.col.data();
+      for (int64_t k = maxlast - 1; k >= 0; --k) {
+        scalar_t* rec = part + k * S;
+        const int32_t* bx = tc.box.data() + kBox * k;
+        if (bx[0] > bx[1]) {
+          std::fill(rec, rec + S, scalar_t(0));
+          continue;
+        }
+        std::fill(gacc.begin(), gacc.end(), acc_t(0));
+        acc_t* ga = gacc.data();
+        const scalar_t mxk = tc.mx[k], myk = tc.my[k], ak = tc.ca[k], bk = tc.cb[k], ck_ = tc.cc[k];
+        const scalar_t ok = tc.op[k], thk = tc.thr[k];
+        const acc_t ad = ak, bd = bk, cd = ck_;
+        const scalar_t* ck = colc + k * D;
+        for (int py = bx[2]; py <= bx[3]; ++py) {
+          const scalar_t dy = (static_cast<scalar_t>(py) + scalar_t(0.5)) - myk;
+          const int row = (py - y0) * bw - x0;
+          for (int px = bx[0]; px <= bx[1]; ++px) {
+            const int i = row + px;
+            if (k >= lastp[i]) continue;
+            const scalar_t dx = (static_cast<scalar_t>(px) + scalar_t(0.5)) - mxk;
+            const scalar_t sigma = scalar_t(0.5) * (ak * dx * dx + ck_ * dy * dy) + bk * dx * dy;
+            if (sigma < scalar_t(0) || sigma > thk) continue;
+            const scalar_t G = std::exp(-sigma);
+            const scalar_t oG = ok * G;
+            const scalar_t alpha = oG > amax ? amax : oG;
+            if (!(alpha >= amin)) continue;
+            const acc_t ra = acc_t(1) / (acc_t(1) - static_cast<acc_t>(alpha));
+            const acc_t Ti = Tr[i] * ra;
+            const acc_t w = static_cast<acc_t>(alpha) * Ti;
+            const scalar_t* gC = gl + static_cast<int64_t>(i) * D;
+            acc_t dot = 0;
+            for (int64_t d = 0; d < D; ++d) {
+              dot += static_cast<acc_t>(gC[d]) * ck[d];
+              ga[kRec + d] += w * gC[d];
+            }
+            const acc_t dLda = dot * Ti - (vv[i] + tail[i]) * ra;
+            vv[i] += dot * w;
+            Tr[i] = Ti;
+            if (oG <= amax) {  // the ALPHA_MAX clamp blocks the gradient where it is active
+              const acc_t dLds = -dLda * static_cast<acc_t>(oG);  // d alpha / d sigma = -o G
+              const acc_t ddx = dx, ddy = dy;
+              // sigma depends on the mean through d = pixel - mean
+              ga[0] -= dLds * (ad * ddx + bd * ddy);
+              ga[1] -= dLds * (cd * ddy + bd * ddx);
+              ga[2] += dLds * 0.5 * ddx * ddx;
+              ga[3] += dLds * ddx * ddy;
+              ga[4] += dLds * 0.5 * ddy * ddy;
+              ga[5] += dLda * static_cast<acc_t>(G);
+            }
+          }
+        }
+        for (int64_t j = 0; j < S; ++j) rec[j] = static_cast<scalar_t>(ga[j]);
+      }
+    }
+  }
+}
+
+// Sum the per-intersection records into per-Gaussian gradients; thread i owns Gaussians
+// [G*i/nt, G*(i+1)/nt), so every output element is written by one thread in isect order.
+template <typename scalar_t>
+void reduce_impl(const int32_t* flat, int64_t n_isect, const scalar_t* partial, int64_t D, int64_t G, scalar_t* gmeans,
+                 scalar_t* gconics, scalar_t* gopac, scalar_t* gcolors) {
+  const int64_t S = kRec + D;
+  const int nt = static_cast<int>(std::min<int64_t>(n_threads(), std::max<int64_t>(1, n_isect / 4096)));
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), cnt = omp_get_num_threads();
+#else
+    const int tid = 0, cnt = 1;
+#endif
+    const int64_t lo = G * tid / cnt, hi = G * (tid + 1) / cnt;
+    for (int64_t k = 0; k < n_isect; ++k) {
+      const int64_t g = flat[k];
+      if (g < lo || g >= hi) continue;
+      const scalar_t* rec = partial + k * S;
+      gmeans[g * 2] += rec[0];
+      gmeans[g * 2 + 1] += rec[1];
+      gconics[g * 3] += rec[2];
+      gconics[g * 3 + 1] += rec[3];
+      gconics[g * 3 + 2] += rec[4];
+      gopac[g] += rec[5];
+      scalar_t* gc = gcolors + g * D;
+      for (int64_t d = 0; d < D; ++d) gc[d] += rec[kRec + d];
+    }
+  }
+}
+
+// Compile-time channel counts for the common widths, a runtime loop otherwise.
+template <typename F>
+void dispatch_channels(int64_t D, F&& f) {
+  switch (D) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python-facing entry points
+// ---------------------------------------------------------------------------------------------
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "native rasterizer: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "native rasterizer: ", name, " must be contiguous");
+}
+
+void tile_dims(int64_t W, int64_t H, int64_t ts, int& tw, int& th) {
+  TORCH_CHECK(W > 0 && H > 0, "native rasterizer: width/height must be positive");
+  TORCH_CHECK(ts > 0, "native rasterizer: tile_size must be positive");
+  tw = static_cast<int>((W + ts - 1) / ts);
+  th = static_cast<int>((H + ts - 1) / ts);
+}
+
+std::vector<at::Tensor> bin_gaussians(at::Tensor means2d, at::Tensor radii, at::Tensor depths, int64_t width,
+                                         int64_t height, int64_t tile_size) {
+  check_cpu(means2d, "means2d");
+  check_cpu(radii, "radii");
+  check_cpu(depths, "depths");
+  TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, "means2d must be [C,N,2]");
+  const int64_t C = means2d.size(0), N = means2d.size(1);
+  TORCH_CHECK(radii.scalar_type() == at::kInt && radii.dim() == 3 && radii.size(0) == C && radii.size(1) == N &&
+                  radii.size(2) == 2,
+              "radii must be int32 [C,N,2]");
+  TORCH_CHECK(depths.scalar_type() == means2d.scalar_type() && depths.dim() == 2 && depths.size(0) == C &&
+                  depths.size(1) == N,
+              "depths must be [C,N] with the dtype of means2d");
+  TORCH_CHECK(C * N <= std::numeric_limits<int32_t>::max(), "native rasterizer: C*N must fit in int32");
+  int tw, th;
+  tile_dims(width, height, tile_size, tw, th);
+  auto i32 = at::TensorOptions().dtype(at::kInt);
+  at::Tensor offsets = at::empty({C, th, tw}, i32);
+  at::Tensor tiles_per_gauss = at::zeros({C, N}, i32);
+  std::vector<int32_t> flat;
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "bin_gaussians", [&] {
+    bin_impl<scalar_t>(means2d.data_ptr<scalar_t>(), radii.data_ptr<int32_t>(), depths.data_ptr<scalar_t>(), C, N,
+                       static_cast<int>(width), static_cast<int>(height), static_cast<int>(tile_size), tw, th, flat,
+                       offsets.data_ptr<int32_t>(), tiles_per_gauss.data_ptr<int32_t>());
+  });
+  at::Tensor flatten_ids = at::empty({static_cast<int64_t>(flat.size())}, i32);
+  std::copy(flat.begin(), flat.end(), flatten_ids.data_ptr<int32_t>());
+  return {offsets, flatten_ids, tiles_per_gauss};
+}
+
+template <typename scalar_t>
+Params<scalar_t> make_params(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors,
+                             const at::Tensor& opacities, const at::Tensor& backgrounds,
+                             const at::Tensor& isect_offsets, const at::Tensor& flatten_ids, int64_t W, int64_t H,
+                             int64_t ts) {
+  Params<scalar_t> p;
+  p.C = means2d.size(0);
+  p.N = means2d.size(1);
+  p.D = colors.size(2);
+  p.means = means2d.data_ptr<scalar_t>();
+  p.conics = conics.data_ptr<scalar_t>();
+  p.colors = colors.data_ptr<scalar_t>();
+  p.opac = opacities.data_ptr<scalar_t>();
+  p.bg = backgrounds.numel() > 0 ? backgrounds.data_ptr<scalar_t>() : nullptr;
+  p.offsets = isect_offsets.data_ptr<int32_t>();
+  p.flat = flatten_ids.data_ptr<int32_t>();
+  p.n_isect = flatten_ids.numel();
+  p.W = static_cast<int>(W);
+  p.H = static_cast<int>(H);
+  p.ts = static_cast<int>(ts);
+  tile_dims(W, H, ts, p.tw, p.th);
+  return p;
+}
+
+void check_blend_inputs(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors,
+                        const at::Tensor& opacities, const at::Tensor& backgrounds,
+                        const at::Tensor& isect_offsets, const at::Tensor& flatten_ids, int64_t W, int64_t H,
+                        int64_t ts) {
+  check_cpu(means2d, "means2d");
+  check_cpu(conics, "conics");
+  check_cpu(colors, "colors");
+  check_cpu(opacities, "opacities");
+  check_cpu(backgrounds, "backgrounds");
+  check_cpu(isect_offsets, "isect_offsets");
+  check_cpu(flatten_ids, "flatten_ids");
+  TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, "means2d must be [C,N,2]");
+  const int64_t C = means2d.size(0), N = means2d.size(1);
+  const auto st = means2d.scalar_type();
+  TORCH_CHECK(conics.sizes() == at::IntArrayRef({C, N, 3}) && conics.scalar_type() == st, "conics must be [C,N,3]");
+  TORCH_CHECK(colors.dim() == 3 && colors.size(0) == C && colors.size(1) == N && colors.size(2) >= 1 &&
+                  colors.scalar_type() == st,
+              "colors must be [C,N,D]");
+  TORCH_CHECK(opacities.sizes() == at::IntArrayRef({C, N}) && opacities.scalar_type() == st,
+              "opacities must be [C,N]");
+  TORCH_CHECK(backgrounds.numel() == 0 ||
+                  (backgrounds.sizes() == at::IntArrayRef({C, colors.size(2)}) && backgrounds.scalar_type() == st),
+              "backgrounds must be [C,D] or empty");
+  int tw, th;
+  tile_dims(W, H, ts, tw, th);
+  TORCH_CHECK(isect_offsets.scalar_type() == at::kInt && isect_offsets.numel() == C * tw * th,
+              "isect_offsets must be int32 [C,th,tw]");
+  TORCH_CHECK(flatten_ids.scalar_type() == at::kInt && flatten_ids.dim() == 1, "flatten_ids must be int32 [M]");
+}
+
+std::vector<at::Tensor> rasterize_forward(at::Tensor means2d, at::Tensor conics, at::Tensor colors,
+                                             at::Tensor opacities, at::Tensor backgrounds,
+                                             at::Tensor isect_offsets, at::Tensor flatten_ids, int64_t width,
+                                             int64_t height, int64_t tile_size) {
+  check_blend_inputs(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids, width, height,
+                     tile_size);
+  const int64_t C = means2d.size(0), D = colors.size(2);
+  auto fopt = means2d.options();
+  at::Tensor render = at::empty({C, height, width, D}, fopt);
+  at::Tensor alphas = at::empty({C, height, width, 1}, fopt);
+  at::Tensor tfinal = at::empty({C, height, width}, fopt);
+  at::Tensor last = at::empty({C, height, width}, fopt.dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_forward", [&] {
+    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, colors, opacities, backgrounds, isect_offsets,
+                                                     flatten_ids, width, height, tile_size);
+    dispatch_channels(D, [&](auto dc) {
+      forward_impl<scalar_t, decltype(dc)::value>(p, render.data_ptr<scalar_t>(), alphas.data_ptr<scalar_t>(),
+                                                  tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>());
+    });
+  });
+  return {render, alphas, tfinal, last};
+}
+
+std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics, at::Tensor colors,
+                                              at::Tensor opacities, at::Tensor backgrounds,
+                                              at::Tensor isect_offsets, at::Tensor flatten_ids,
+                                              at::Tensor tfinal, at::Tensor last, at::Tensor g_render,
+                                              at::Tensor g_alphas, int64_t width, int64_t height,
+                                              int64_t tile_size) {
+  check_blend_inputs(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids, width, height,
+                     tile_size);
+  check_cpu(tfinal, "T_final");
+  check_cpu(last, "last_ids");
+  check_cpu(g_render, "grad render");
+  check_cpu(g_alphas, "grad alphas");
+  const int64_t C = means2d.size(0), N = means2d.size(1), D = colors.size(2);
+  TORCH_CHECK(g_render.numel() == C * height * width * D && g_render.scalar_type() == means2d.scalar_type(),
+              "grad render must be [C,H,W,D]");
+  TORCH_CHECK(g_alphas.numel() == C * height * width && g_alphas.scalar_type() == means2d.scalar_type(),
+              "grad alphas must be [C,H,W,1]");
+  TORCH_CHECK(tfinal.numel() == C * height * width && last.numel() == C * height * width &&
+                  last.scalar_type() == at::kInt,
+              "T_final / last_ids do not match the image");
+  auto fopt = means2d.options();
+  at::Tensor gmeans = at::zeros({C, N, 2}, fopt);
+  at::Tensor gconics = at::zeros({C, N, 3}, fopt);
+  at::Tensor gcolors = at::zeros({C, N, D}, fopt);
+  at::Tensor gopac = at::zeros({C, N}, fopt);
+  const bool has_bg = backgrounds.numel() > 0;
+  at::Tensor gbg = has_bg ? at::zeros({C, D}, fopt) : at::empty({0}, fopt);
+  const int64_t n_isect = flatten_ids.numel();
+  const int64_t ntiles = isect_offsets.numel();
+  at::Tensor partial = at::empty({n_isect, kRec + D}, fopt);  // every record is written once
+  at::Tensor bg_partial = has_bg ? at::zeros({ntiles, D}, fopt) : at::empty({0}, fopt);
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_backward", [&] {
+    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, colors, opacities, backgrounds, isect_offsets,
+                                                     flatten_ids, width, height, tile_size);
+    dispatch_channels(D, [&](auto dc) {
+      backward_impl<scalar_t, decltype(dc)::value>(p, g_render.data_ptr<scalar_t>(), g_alphas.data_ptr<scalar_t>(),
+                                                   tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>(),
+                                                   partial.data_ptr<scalar_t>(),
+                                                   has_bg ? bg_partial.data_ptr<scalar_t>() : nullptr);
+    });
+    reduce_impl<scalar_t>(p.flat, n_isect, partial.data_ptr<scalar_t>(), D, C * N, gmeans.data_ptr<scalar_t>(),
+                          gconics.data_ptr<scalar_t>(), gopac.data_ptr<scalar_t>(), gcolors.data_ptr<scalar_t>());
+    if (has_bg) {
+      const scalar_t* bp = bg_partial.data_ptr<scalar_t>();
+      scalar_t* gb = gbg.data_ptr<scalar_t>();
+      const int64_t T = ntiles / C;
+      for (int64_t t = 0; t < ntiles; ++t)
+        for (int64_t d = 0; d < D; ++d) gb[(t / T) * D + d] += bp[t * D + d];
+    }
+  });
+  return {gmeans, gconics, gcolors, gopac, gbg};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "studio native CPU Gaussian tile rasterizer (OpenMP, analytic backward)";
+  m.def("bin_gaussians", &bin_gaussians, "Depth-sorted tile lists: (isect_offsets, flatten_ids, tiles_per_gauss)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rasterize_forward", &rasterize_forward, "Blend: (render, alphas, T_final, last_ids)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rasterize_backward", &rasterize_backward,
+        "Analytic backward: (d means2d, d conics, d colors, d opacities, d backgrounds)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
