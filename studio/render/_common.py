@@ -166,7 +166,7 @@ def project_gaussians(
 
     with torch.no_grad():
         # Opacity-aware extent: alpha = o exp(-sigma) < 1/255 outside the ellipse sigma = ln(255 o).
-        o = opacities.detach().clamp(max=1.0)
+        o = opacities.detach()
         visible = o >= ALPHA_MIN
         k = 2.0 * torch.log(torch.clamp(o / ALPHA_MIN, min=1.0))
         rx = torch.ceil(torch.sqrt(k * a.detach().clamp_min(0)) + 1.0)
