@@ -88,6 +88,26 @@ class Cameras:
         K[:, 1] *= height / self.height
         return Cameras(self.viewmats, K, width, height)
 
+    def to_vector(self) -> Tensor:
+        """``[C, 20]`` camera vector for camera-conditioned teachers: the flattened world-to-camera
+        matrix (16) and the normalised intrinsics ``fx/W, fy/H, cx/W, cy/H``."""
+        k = torch.stack([self.Ks[:, 0, 0] / self.width, self.Ks[:, 1, 1] / self.height,
+                         self.Ks[:, 0, 2] / self.width, self.Ks[:, 1, 2] / self.height], dim=-1)
+        return torch.cat([self.viewmats.reshape(-1, 16), k], dim=-1)
+
+    @staticmethod
+    def from_vector(vec: Tensor, width: int, height: int) -> "Cameras":
+        """Inverse of :meth:`to_vector` at any resolution (the field of view is kept)."""
+        if vec.dim() != 2 or vec.shape[1] != 20:
+            raise ValueError(f"camera vector must have shape [C, 20], got {tuple(vec.shape)}")
+        K = torch.zeros(vec.shape[0], 3, 3, dtype=vec.dtype, device=vec.device)
+        K[:, 0, 0] = vec[:, 16] * width
+        K[:, 1, 1] = vec[:, 17] * height
+        K[:, 0, 2] = vec[:, 18] * width
+        K[:, 1, 2] = vec[:, 19] * height
+        K[:, 2, 2] = 1
+        return Cameras(vec[:, :16].reshape(-1, 4, 4), K, width, height)
+
     def to_kornia(self):
         """``kornia.geometry.camera.PinholeCamera`` of this batch (same OpenCV frame)."""
         from kornia.geometry.camera import PinholeCamera

@@ -69,7 +69,7 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
 def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
     """``R S S^T R^T`` for w-x-y-z quaternions and activated scales: ``[N, 3, 3]``."""
     m = quat_to_rotmat(quats) * scales[..., None, :]
-    return m @ m.transpose(-1, -2)
+    return _small_matmul(m, m.transpose(-1, -2))
 
 
 def eval_sh(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
@@ -108,6 +108,12 @@ def eval_sh(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
     )
 
 
+def _small_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Broadcast product of tiny matrices ``[...,i,k] @ [...,k,j]`` with elementwise ops (much faster than
+    batched GEMM on the CPU for 2x3 / 3x3 blocks)."""
+    return (a[..., :, :, None] * b[..., None, :, :]).sum(-2)
+
+
 def camera_centers(viewmats: Tensor) -> Tensor:
     """World-space camera centres ``-R^T t`` of world-to-camera matrices ``[C, 4, 4]`` -> ``[C, 3]``."""
     R = viewmats[:, :3, :3]
@@ -136,8 +142,7 @@ def project_gaussians(
     """
     R = viewmats[:, None, :3, :3]  # [C,1,3,3]
     t = viewmats[:, None, :3, 3]  # [C,1,3]
-    means_c = (R @ means[None, :, :, None])[..., 0] + t  # [C,N,3]
-    cov_c = R @ covars[None] @ R.transpose(-1, -2)  # [C,N,3,3]
+    means_c = (R * means[None, :, None, :]).sum(-1) + t  # [C,N,3]
     x, y, z = means_c.unbind(-1)
     in_depth = (z > near_plane) & (z < far_plane)
     zs = torch.where(in_depth, z, torch.ones_like(z))
@@ -154,7 +159,9 @@ def project_gaussians(
     J = torch.stack(
         [fx / zs, zero, -fx * tx / (zs * zs), zero, fy / zs, -fy * ty / (zs * zs)], dim=-1
     ).reshape(z.shape + (2, 3))
-    cov2d = J @ cov_c @ J.transpose(-1, -2)
+    M = _small_matmul(J, R)  # [C,N,2,3] = J R
+    MS = _small_matmul(M, covars[None])  # [C,N,2,3]
+    cov2d = _small_matmul(MS, M.transpose(-1, -2))  # J R Sigma R^T J^T, [C,N,2,2]
     a = cov2d[..., 0, 0] + eps2d
     b = cov2d[..., 0, 1]
     c = cov2d[..., 1, 1] + eps2d

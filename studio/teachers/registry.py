@@ -121,3 +121,12 @@ register_teacher("sd21", _hub_factory("stabilityai/stable-diffusion-2-1"),
                  "Stable Diffusion 2.1, 768 px, v-prediction (stabilityai/stable-diffusion-2-1)")
 register_teacher("sd15", _hub_factory("stable-diffusion-v1-5/stable-diffusion-v1-5"),
                  "Stable Diffusion 1.5, 512 px, epsilon (stable-diffusion-v1-5/stable-diffusion-v1-5)")
+
+
+def _shapeworld_exact(**kw: Any):
+    from .shapeworld_exact import make_shapeworld_exact
+    return make_shapeworld_exact(**kw)
+
+
+register_teacher("shapeworld-exact", _shapeworld_exact,
+                 "ShapeWorld exact optimal denoiser of the reference renders (text + camera conditioned, no download)")
