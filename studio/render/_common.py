@@ -140,10 +140,14 @@ def project_gaussians(
     Returns ``means2d [C,N,2]``, ``conics [C,N,3]``, ``depths [C,N]``, ``radii [C,N,2]`` (int32, 0 =
     culled) and ``covars2d [C,N,3]``. Culled Gaussians carry finite placeholder values and zero radii.
     """
-    R = viewmats[:, None, :3, :3]  # [C,1,3,3]
-    t = viewmats[:, None, :3, 3]  # [C,1,3]
-    means_c = (R * means[None, :, None, :]).sum(-1) + t  # [C,N,3]
-    x, y, z = means_c.unbind(-1)
+    # Everything below is written per component on [C,N] tensors: tiny 3x3 products as batched GEMMs or
+    # reductions over a size-3 axis are an order of magnitude slower on the CPU.
+    r = [[viewmats[:, i, j, None] for j in range(3)] for i in range(3)]  # r[i][j]: [C,1]
+    tr = [viewmats[:, i, 3, None] for i in range(3)]
+    mx_, my_, mz_ = means[None, :, 0], means[None, :, 1], means[None, :, 2]  # [1,N]
+    x = r[0][0] * mx_ + r[0][1] * my_ + r[0][2] * mz_ + tr[0]
+    y = r[1][0] * mx_ + r[1][1] * my_ + r[1][2] * mz_ + tr[1]
+    z = r[2][0] * mx_ + r[2][1] * my_ + r[2][2] * mz_ + tr[2]
     in_depth = (z > near_plane) & (z < far_plane)
     zs = torch.where(in_depth, z, torch.ones_like(z))
 
@@ -155,16 +159,20 @@ def project_gaussians(
     lim_yp, lim_yn = (height - cy) / fy + 0.3 * tan_fovy, cy / fy + 0.3 * tan_fovy
     tx = zs * torch.minimum(lim_xp, torch.maximum(-lim_xn, x / zs))
     ty = zs * torch.minimum(lim_yp, torch.maximum(-lim_yn, y / zs))
-    zero = torch.zeros_like(zs)
-    J = torch.stack(
-        [fx / zs, zero, -fx * tx / (zs * zs), zero, fy / zs, -fy * ty / (zs * zs)], dim=-1
-    ).reshape(z.shape + (2, 3))
-    M = _small_matmul(J, R)  # [C,N,2,3] = J R
-    MS = _small_matmul(M, covars[None])  # [C,N,2,3]
-    cov2d = _small_matmul(MS, M.transpose(-1, -2))  # J R Sigma R^T J^T, [C,N,2,2]
-    a = cov2d[..., 0, 0] + eps2d
-    b = cov2d[..., 0, 1]
-    c = cov2d[..., 1, 1] + eps2d
+    j00, j02 = fx / zs, -fx * tx / (zs * zs)
+    j11, j12 = fy / zs, -fy * ty / (zs * zs)
+    # M = J R (2x3 per Gaussian and camera)
+    m0 = [j00 * r[0][k] + j02 * r[2][k] for k in range(3)]
+    m1 = [j11 * r[1][k] + j12 * r[2][k] for k in range(3)]
+    S = [[covars[None, :, i, j] for j in range(3)] for i in range(3)]  # [1,N]
+    ms0 = [m0[0] * S[0][k] + m0[1] * S[1][k] + m0[2] * S[2][k] for k in range(3)]
+    ms1 = [m1[0] * S[0][k] + m1[1] * S[1][k] + m1[2] * S[2][k] for k in range(3)]
+    cov_xx = ms0[0] * m0[0] + ms0[1] * m0[1] + ms0[2] * m0[2]
+    cov_xy = ms0[0] * m1[0] + ms0[1] * m1[1] + ms0[2] * m1[2]
+    cov_yy = ms1[0] * m1[0] + ms1[1] * m1[1] + ms1[2] * m1[2]
+    a = cov_xx + eps2d
+    b = cov_xy
+    c = cov_yy + eps2d
     det = a * c - b * b
     ok_det = det > 0
     dets = torch.where(ok_det, det, torch.ones_like(det))

@@ -117,8 +117,12 @@ class ShapeWorldExactTeacher(ImageTeacher):
         B = embeds.shape[0]
         if camera is not None and self.view_conditioned:
             cams = Cameras.from_vector(camera.detach().float().cpu(), self.native_resolution, self.native_resolution)
-            refs = torch.stack([self._render(g, cams) for g in self.gaussians], dim=1)  # [B, n, 3, H, W]
             mask = embeds[:, :n] > 0
+            size = self.native_resolution
+            refs = torch.zeros(B, n, 3, size, size)
+            for i in torch.nonzero(mask.any(0)).flatten().tolist():  # render only objects some sample needs
+                rows = torch.nonzero(mask[:, i]).flatten()
+                refs[rows, i] = self._render(self.gaussians[i], cams[rows])
             return refs, mask
         refs = self.ring_refs.reshape(1, -1, *self.ring_refs.shape[2:]).expand(B, -1, -1, -1, -1)  # [B, n*V, ...]
         V = self.ring_refs.shape[1]
