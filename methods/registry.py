@@ -15,7 +15,6 @@ from studio.errors import UserError
 _BUILTIN = {
     # name -> "module:Class"; imported lazily so `studio --help` stays fast.
     "sds": "methods.sds:SDSMethod",
-    "vsd": "methods.vsd:VSDMethod",
 }
 _REGISTRY: dict[str, type] = {}
 
@@ -40,7 +39,16 @@ def method_names(kind: str | None = None) -> list[str]:
     names = sorted(_discover())
     if kind is None:
         return names
-    return [n for n in names if getattr(get_method(n), "kind", None) == kind]
+    out = []
+    for n in names:
+        try:
+            if getattr(get_method(n), "kind", None) == kind:
+                out.append(n)
+        except Exception as e:  # a broken plugin is reported, not fatal
+            import warnings
+
+            warnings.warn(f"method {n!r} could not be loaded: {e}", RuntimeWarning, stacklevel=2)
+    return out
 
 
 def get_method(name: str) -> type:

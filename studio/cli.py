@@ -69,12 +69,79 @@ def build_ext(cuda: bool = False) -> None:
         raise SystemExit(1)
 
 
-COMMANDS = {"demo": demo, "render": render, "doctor": doctor, "build-ext": build_ext}
+def _method_config_cli(argv: list[str], prog: str, *, batch: bool):
+    """Parse ``--method/--out/--resume`` first, then the chosen method's config dataclass with tyro."""
+    import argparse
+    import dataclasses
+
+    from methods.registry import get_method, method_names
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="sds")
+    pre.add_argument("--out", default="outputs")
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--no-resume", dest="resume", action="store_false")
+    pre.set_defaults(resume=batch)
+    known, rest = pre.parse_known_args(argv)
+    cls = get_method(known.method)
+    if getattr(cls, "kind", None) != "3d":
+        raise UserError(f"method {known.method!r} is not a text-to-3D method; choose one of: "
+                        f"{', '.join(method_names('3d'))}")
+    desc = (f"{cls.description} ({cls.paper}). Also: --method {{{','.join(method_names('3d'))}}} "
+            f"--out DIR (default outputs) {'--no-resume' if batch else '--resume'}.")
+    import typing
+
+    hints = typing.get_type_hints(cls.Config)
+    fields = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls.Config) if f.name != "prompt"]
+    if batch:
+        Cfg = dataclasses.make_dataclass("BatchOptions", [("prompts", tyro.conf.Positional[Path])] + fields)
+        parsed = tyro.cli(Cfg, args=rest, prog=prog, description=desc)
+        values = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls.Config) if f.name != "prompt"}
+        return known, cls, parsed.prompts, cls.Config(prompt="", **values)
+    Cfg = dataclasses.make_dataclass("GenerateOptions", [("prompt", tyro.conf.Positional[str])] + fields)
+    parsed = tyro.cli(Cfg, args=rest, prog=prog, description=desc)
+    return known, cls, None, cls.Config(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls.Config)})
+
+
+def generate(argv: list[str]) -> None:
+    """Text to 3D Gaussians: studio generate PROMPT [--method sds|vsd] [--teacher shapeworld-exact|shapeworld-unet|ID|PATH] [--steps] [--resolution] [--seed] [--out]."""
+    from .text_to_3d import generate as run
+
+    known, cls, _, cfg = _method_config_cli(argv, "studio generate", batch=False)
+    metrics = run(cfg, known.method, known.out, resume=known.resume)
+    gt = metrics.get("ground_truth")
+    extra = f", PSNR {gt['psnr']:.2f} dB, IoU {gt['iou']:.3f}" if gt else ""
+    print(f"done in {metrics['train_seconds']:.0f}s{extra}: {Path(known.out)}/{_slug(cfg.prompt)}/")
+
+
+def batch(argv: list[str]) -> None:
+    """Many prompts from a text file (one per line), resumable; shard with `accelerate launch -m studio batch ...`."""
+    from .batch import read_prompts, run_batch
+
+    known, cls, prompts_file, cfg = _method_config_cli(argv, "studio batch", batch=True)
+    rows = run_batch(read_prompts(prompts_file), cfg, known.method, known.out, resume=known.resume)
+    if any(r["status"] != "done" for r in rows):
+        raise SystemExit(1)
+
+
+def _slug(prompt: str) -> str:
+    from .text_to_3d import slugify
+
+    return slugify(prompt)
+
+
+COMMANDS = {"generate": generate, "batch": batch, "demo": demo, "render": render, "doctor": doctor,
+            "build-ext": build_ext}
+#: subcommands that parse their own arguments (their options depend on --method)
+_RAW = {"generate": generate, "batch": batch}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
+        if args and args[0] in _RAW:
+            _RAW[args[0]](list(args[1:]))
+            return
         tyro.extras.subcommand_cli_from_dict(COMMANDS, args=args, prog="studio",
                                              description="Distillation studio: 3D/4D score distillation and fast video generators.")
     except (UserError, ValueError, FileNotFoundError) as e:

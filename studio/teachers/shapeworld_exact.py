@@ -68,14 +68,20 @@ class ShapeWorldExactTeacher(ImageTeacher):
         self.backend = backend
         self.objects = list(OBJECTS.values())
         self.gaussians = [o.gaussians(n_gaussians, seed=seed) for o in self.objects]
-        # Fixed ring references for the camera-free teacher: [n_obj, V, 3, H, W] in model space.
-        ring = orbit_cameras(torch.tensor(ring_elevations).repeat_interleave(ring_azimuths),
-                             (torch.arange(ring_azimuths) * 360.0 / ring_azimuths).repeat(len(ring_elevations)),
-                             3.2, 40.0, self.native_resolution, self.native_resolution)
-        self.ring_views = torch.tensor([VIEWS.index(v) for v in view_suffixes(
-            (torch.arange(ring_azimuths) * 360.0 / ring_azimuths).repeat(len(ring_elevations)),
-            torch.tensor(ring_elevations).repeat_interleave(ring_azimuths))])
-        self.ring_refs = torch.stack([self._render(g, ring) for g in self.gaussians])
+        self.ring_elevations = tuple(float(e) for e in ring_elevations)
+        self.ring_azimuths = int(ring_azimuths)
+        az = (torch.arange(ring_azimuths) * 360.0 / ring_azimuths).repeat(len(ring_elevations))
+        el = torch.tensor(self.ring_elevations).repeat_interleave(ring_azimuths)
+        self.ring_cameras = orbit_cameras(el, az, 3.2, 40.0, self.native_resolution, self.native_resolution)
+        self.ring_views = torch.tensor([VIEWS.index(v) for v in view_suffixes(az, el)])
+        self._ring_refs: Tensor | None = None
+
+    @property
+    def ring_refs(self) -> Tensor:
+        """Fixed ring references of the camera-free teacher ``[n_obj, V, 3, H, W]`` (rendered on first use)."""
+        if self._ring_refs is None:
+            self._ring_refs = torch.stack([self._render(g, self.ring_cameras) for g in self.gaussians])
+        return self._ring_refs
 
     # ------------------------------------------------------------------ protocol
     def _embed_texts(self, texts: list[str]) -> Tensor:
