@@ -69,10 +69,13 @@ def run_case(backend: str, n: int, size: int, repeats: int) -> dict:
             "peak_rss_above_baseline_mb": round(_rss_mb() - base, 1), "repeats": repeats}
 
 
-def _subprocess_case(backend: str, n: int, size: int, repeats: int, timeout: float) -> dict:
+def _subprocess_case(backend: str, n: int, size: int, repeats: int, timeout: float, threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--case", backend, str(n), str(size), str(repeats)]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"backend": backend, "n": n, "size": size, "error": f"timed out after {timeout:.0f}s"}
     if r.returncode != 0:
@@ -85,6 +88,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the headline case (10k Gaussians, 128^2)")
     ap.add_argument("--case", nargs=4, metavar=("BACKEND", "N", "SIZE", "REPEATS"), help=argparse.SUPPRESS)
     ap.add_argument("--torch-timeout", type=float, default=900.0, help="seconds before a torch case is abandoned")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for both backends (default: all cores; use 1 on a shared, busy machine)")
     args = ap.parse_args()
     if args.case:
         b, n, s, r = args.case
@@ -93,9 +98,11 @@ def main() -> None:
 
     grid = [(10_000, 128)] if args.quick else [(n, s) for n in (1_000, 10_000, 50_000) for s in (64, 128, 256)]
     cases = []
+    load_before = os.getloadavg()
     for n, s in grid:
-        nat = _subprocess_case("native", n, s, repeats=5, timeout=600)
-        ref = _subprocess_case("torch", n, s, repeats=1 if n * s * s > 2e8 else 2, timeout=args.torch_timeout)
+        nat = _subprocess_case("native", n, s, repeats=5, timeout=600, threads=args.threads)
+        ref = _subprocess_case("torch", n, s, repeats=1 if n * s * s > 2e8 else 2, timeout=args.torch_timeout,
+                               threads=args.threads)
         row = {"n": n, "size": s, "native": nat, "torch": ref}
         if "error" not in nat and "error" not in ref:
             row["speedup_fwd"] = round(ref["fwd_ms"] / nat["fwd_ms"], 1)
@@ -117,7 +124,8 @@ def main() -> None:
         "settings": {
             "scene": "ShapeWorld snowman surfels, 1 camera, radius 3.2, fovy 35, RGB + backgrounds",
             "torch_twin": "dense, pixel chunks of ~2M pixel-Gaussian pairs under torch.utils.checkpoint",
-            "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
+            "threads": args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
         },
     }

@@ -67,6 +67,7 @@ def test_generate_writes_all_artefacts_and_resumes(tmp_path):
     d = tmp_path / "a-red-cube"
     for f in ("model.ply", "model.splat", "turntable.mp4", "preview.png", "config.yaml", "metrics.json"):
         assert (d / f).stat().st_size > 0, f
+    assert sorted((d / "previews").glob("sds_*.png")), "previews are written during training"
     gt = json.loads((d / "metrics.json").read_text())["ground_truth"]
     assert 0 <= gt["iou"] <= 1 and gt["psnr"] > 5 and m["steps"] == 12
     from studio.io import read_ply, read_video

@@ -172,7 +172,7 @@ class Trainer:
                 rec["eta_s"] = (stage.steps - step) / max(rec["it_s"], 1e-9)
                 self.history.append(rec)
                 if cfg.preview_every and (step % cfg.preview_every == 0 or step == stage.steps):
-                    rec["preview"] = True
+                    rec["preview"] = self._write_preview(stage, step)
                 if cfg.progress and (step % cfg.log_every == 0 or step == stage.steps):
                     self._log(f"[{stage.name}] {step}/{stage.steps} {rec['it_s']:.2f} it/s loss {rec['loss']:.4g} "
                               f"eta {rec['eta_s']:.0f}s")
@@ -187,6 +187,17 @@ class Trainer:
             raise
         # End of stage: the next stage starts at step 0.
         self._save(stages, si + 1, 0)
+
+    def _write_preview(self, stage, step: int) -> str | None:
+        """Render the stage's preview into ``previews/<stage>_<step>.png``; returns the path (or None)."""
+        img = stage.preview() if hasattr(stage, "preview") else None
+        if img is None:
+            return None
+        from ..io import write_png
+
+        path = Path(self.cfg.out_dir) / "previews" / f"{stage.name}_{step:06d}.png"
+        write_png(path, img.detach().cpu())
+        return str(path)
 
     @staticmethod
     def _log(msg: str) -> None:
