@@ -54,7 +54,8 @@ def run_case(backend: str, n: int, size: int, repeats: int) -> dict:
         (img.sum() + alpha.sum()).backward()
 
     def timed(fn):
-        fn()  # warm-up (and extension load)
+        if backend != "torch":
+            fn()  # warm-up (extension load, allocator); the dense twin's minutes-long runs need none
         ts = []
         for _ in range(repeats):
             t = time.perf_counter()
