@@ -15,6 +15,7 @@ from studio.errors import UserError
 _BUILTIN = {
     # name -> "module:Class"; imported lazily so `studio --help` stays fast.
     "sds": "methods.sds:SDSMethod",
+    "vsd": "methods.vsd:VSDMethod",
 }
 _REGISTRY: dict[str, type] = {}
 
