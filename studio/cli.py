@@ -69,6 +69,22 @@ def build_ext(cuda: bool = False) -> None:
         raise SystemExit(1)
 
 
+def app(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    out: Path = Path("outputs/app"),
+    models_dir: Path = Path("models"),
+    concurrency: int = 1,
+    max_steps: int = 20000,
+    open_browser: bool = False,
+) -> None:
+    """The Gradio app on http://HOST:PORT (127.0.0.1 only by default); teacher paths must lie in --models-dir."""
+    from .app import serve
+
+    serve(host=host, port=port, out=out, models_dir=models_dir, concurrency=concurrency, max_steps=max_steps,
+          open_browser=open_browser)
+
+
 def _method_config_cli(argv: list[str], prog: str, *, batch: bool):
     """Parse ``--method/--out/--resume`` first, then the chosen method's config dataclass with tyro."""
     import argparse
@@ -131,7 +147,7 @@ def _slug(prompt: str) -> str:
 
 
 COMMANDS = {"generate": generate, "batch": batch, "demo": demo, "render": render, "doctor": doctor,
-            "build-ext": build_ext}
+            "build-ext": build_ext, "app": app}
 #: subcommands that parse their own arguments (their options depend on --method)
 _RAW = {"generate": generate, "batch": batch}
 

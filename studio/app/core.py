@@ -1,0 +1,616 @@
+"""The app's logic without any UI: settings, runners per method kind, jobs in worker threads with a
+shared concurrency limit and clean cancel, teacher resolution (models folder only), upload checks,
+the gallery of past runs and result formatting. ``studio/app/ui.py`` wires it to Gradio widgets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import queue
+import re
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..errors import UserError
+
+#: kind -> tab title; a kind gets its tab as soon as one registered method has that kind
+KIND_TITLES = {"3d": "Text to 3D", "4d": "Text to 4D", "video": "Video", "image": "Image"}
+#: files a run folder may hold that the app offers for download (in this order), besides other top-level files
+ARTEFACT_ORDER = ("model.ply", "model.splat", "model.glb", "model.obj", "turntable.mp4", "preview.png",
+                  "config.yaml", "metrics.json", "history.json", "error.txt")
+VIEWER_ORDER = ("model.glb", "model.ply", "model.splat", "model.obj", "model.gltf", "model.stl")
+MAX_UPLOAD_BYTES = 1_000_000
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class AppSettings:
+    out: Path = Path("outputs/app")
+    models_dir: Path = Path("models")
+    concurrency: int = 1
+    max_steps: int = 20000
+    max_batch_prompts: int = 200
+
+    def __post_init__(self):
+        self.out = Path(self.out).expanduser().resolve()
+        self.models_dir = Path(self.models_dir).expanduser().resolve()
+        if self.concurrency < 1:
+            raise UserError(f"--concurrency must be >= 1, got {self.concurrency}")
+
+
+# -- methods -----------------------------------------------------------------------------------------
+def methods_by_kind() -> dict[str, list[type]]:
+    """Registered methods grouped by ``kind`` (sorted by name); kinds in KIND_TITLES order, then others."""
+    from methods.registry import get_method, method_names
+
+    groups: dict[str, list[type]] = {}
+    for name in method_names():
+        try:
+            cls = get_method(name)
+        except Exception as e:  # a broken plugin is reported, not fatal
+            print(f"warning: method {name!r} could not be loaded: {e}", file=sys.stderr)
+            continue
+        groups.setdefault(getattr(cls, "kind", "3d"), []).append(cls)
+    order = list(KIND_TITLES) + sorted(k for k in groups if k not in KIND_TITLES)
+    return {k: groups[k] for k in order if k in groups}
+
+
+def method_markdown(cls: type) -> str:
+    paper = getattr(cls, "paper", "")
+    link = f" · [paper]({paper})" if paper else ""
+    return f"**{cls.name}**: {getattr(cls, 'description', '') or ''}{link}"
+
+
+def run_method(kind: str, method: str, cfg, out: Path, *, callbacks, trainer_hook) -> dict:
+    """Run one job of ``method``: text-to-3D through ``studio.text_to_3d.generate``; other kinds through
+    the method's ``run(cfg, out_dir, callbacks=..., [trainer_hook=...])`` (see ``methods/registry.py``)."""
+    if kind == "3d":
+        from ..text_to_3d import generate
+
+        return generate(cfg, method, out, callbacks=callbacks, progress=False, trainer_hook=trainer_hook)
+    from methods.registry import get_method
+
+    m = get_method(method)()
+    kw: dict[str, Any] = {"callbacks": callbacks}
+    if "trainer_hook" in inspect.signature(m.run).parameters:
+        kw["trainer_hook"] = trainer_hook
+    return m.run(cfg, out, **kw)
+
+
+def validate_config(kind: str, cfg, settings: AppSettings) -> None:
+    """The library's own validation (same messages as the CLI), plus the app's step limit."""
+    if kind == "3d":
+        from ..text_to_3d import validate
+
+        validate(cfg)
+    elif hasattr(cfg, "prompt") and not str(getattr(cfg, "prompt") or "").strip():
+        raise UserError("the prompt is empty; give a text such as \"a red cube\"")
+    steps = getattr(cfg, "steps", None)
+    if isinstance(steps, int) and steps > settings.max_steps:
+        raise UserError(f"steps must be at most {settings.max_steps} in the app (got {steps}); "
+                        "start the app with a larger --max-steps or use the CLI")
+
+
+# -- teachers ----------------------------------------------------------------------------------------
+def teacher_choices(settings: AppSettings) -> list[str]:
+    """Registered teachers, then model folders found in the models folder."""
+    from ..teachers.registry import list_teachers
+
+    names = list(list_teachers())
+    if settings.models_dir.is_dir():
+        for d in sorted(settings.models_dir.iterdir()):
+            if d.is_dir() and (d / "model_index.json").exists():
+                names.append(str(d))
+    return names
+
+
+def teacher_markdown(name: str) -> str:
+    from ..teachers.registry import list_teachers
+
+    desc = list_teachers().get((name or "").strip().lower())
+    if desc:
+        return f"*{desc}*"
+    return "*a Hugging Face id (owner/name) or a model folder inside the models folder*"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_teacher(name: str, settings: AppSettings) -> str:
+    """A teacher name the app accepts: a registered name, a Hugging Face id ``owner/name``, or a folder
+    inside ``settings.models_dir`` (given relative to it or as a path resolving inside it)."""
+    from ..teachers.registry import list_teachers, load_teacher
+
+    name = (name or "").strip()
+    if not name:
+        load_teacher(name)  # the registry's own message for an empty teacher
+    if name.lower() in list_teachers():
+        return name
+    models = settings.models_dir
+    expanded = Path(os.path.expanduser(name))
+    looks_like_path = (expanded.is_absolute() or name.startswith((".", "~")) or "\\" in name
+                       or ".." in Path(name).parts or expanded.exists())
+    if not expanded.is_absolute() and (models / name).exists() and not looks_like_path:
+        candidate = models / name
+    elif looks_like_path:
+        candidate = expanded if expanded.is_absolute() else (Path.cwd() / expanded)
+    elif HUB_ID.match(name):
+        return name
+    else:
+        load_teacher(name)  # raises the registry's "unknown teacher ... registered teachers are ..." message
+        return name
+    if not _inside(candidate, models):
+        raise UserError(f"teacher path '{name}' is outside the models folder {models}; the app loads local "
+                        f"models only from there (copy or link the model into it, or start the app with "
+                        f"--models-dir), or give a registered name or a Hugging Face id such as "
+                        f"stabilityai/stable-diffusion-2-1-base")
+    return str(candidate.resolve())
+
+
+# -- uploads -----------------------------------------------------------------------------------------
+def parse_prompt_text(text: str) -> list[str]:
+    """One prompt per line; blank lines and ``#`` comments skipped; duplicates (same folder) dropped."""
+    from ..text_to_3d import slugify
+
+    seen, out = set(), []
+    for ln in (text or "").splitlines():
+        q = ln.strip()
+        if q and not q.startswith("#") and slugify(q) not in seen:
+            seen.add(slugify(q))
+            out.append(q)
+    return out
+
+
+def read_prompt_upload(path: str | Path) -> str:
+    """Text of an uploaded prompt list: a .txt file of at most 1 MB of UTF-8 text."""
+    p = Path(path)
+    if p.suffix.lower() != ".txt":
+        raise UserError(f"upload '{p.name}' is not a .txt file; upload a plain text file with one prompt per line")
+    size = p.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise UserError(f"upload '{p.name}' is {size / 1e6:.1f} MB; prompt files may be at most 1 MB")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise UserError(f"upload '{p.name}' is not text (it holds binary data); upload a plain text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"upload '{p.name}' is not UTF-8 text; save it as UTF-8 and upload it again") from None
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+class Slots:
+    """The app-wide limit on concurrent training jobs (single runs and batch prompts alike)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._sem = threading.Semaphore(n)
+        self._lock = threading.Lock()
+        self.busy = 0
+
+    def acquire(self, cancelled: threading.Event, on_wait: Callable[[], None] | None = None) -> bool:
+        waited = False
+        while not self._sem.acquire(timeout=0.2):
+            if cancelled.is_set():
+                return False
+            if not waited and on_wait is not None:
+                on_wait()
+                waited = True
+        with self._lock:
+            self.busy += 1
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.busy -= 1
+        self._sem.release()
+
+
+def _stamp(method: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-{uuid.uuid4().hex[:4]}"
+
+
+class RunJob:
+    """One run in a worker thread. Events on ``events``: ("waiting", None), ("step", record),
+    ("done", metrics), ("cancelled", message), ("error", message)."""
+
+    def __init__(self, kind: str, method: str, cfg, out_root: Path, slots: Slots, *,
+                 runner: Callable[..., dict] | None = None, on_step: Callable[[dict], None] | None = None):
+        from ..text_to_3d import slugify
+
+        self.kind, self.method, self.cfg, self.slots, self.runner = kind, method, cfg, slots, runner
+        self.out_root = Path(out_root)
+        self.run_dir = self.out_root / slugify(getattr(cfg, "prompt", "") or method)
+        self.events: queue.Queue = queue.Queue()
+        self.cancel_event = threading.Event()
+        self.trainer = None
+        self.on_step = on_step
+        self.result: tuple[str, Any] | None = None
+        self.thread = threading.Thread(target=self._target, name=f"studio-run-{method}", daemon=True)
+
+    def start(self) -> "RunJob":
+        self.thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+        if self.trainer is not None:
+            self.trainer.cancel()
+
+    @property
+    def running(self) -> bool:
+        """Started and without an outcome yet (the outcome is set before the final event is posted)."""
+        return self.thread.ident is not None and self.result is None
+
+    def _hook(self, trainer) -> None:
+        self.trainer = trainer
+        if self.cancel_event.is_set():
+            trainer.cancel()
+
+    def _callback(self, rec: dict):
+        rec = {k: v for k, v in rec.items() if k != "stage_obj"}
+        self.events.put(("step", rec))
+        if self.on_step is not None:
+            self.on_step(rec)
+        return not self.cancel_event.is_set()
+
+    def _finish(self, kind: str, data: Any) -> None:
+        self.result = (kind, data)
+        self.events.put((kind, data))
+
+    def _target(self) -> None:
+        if not self.slots.acquire(self.cancel_event, on_wait=lambda: self.events.put(("waiting", None))):
+            self._finish("cancelled", "cancelled before it started")
+            return
+        try:
+            outcome = self._run()
+        finally:
+            self.slots.release()  # before the final event, so the next job can start right away
+        self._finish(*outcome)
+
+    def _run(self) -> tuple[str, Any]:
+        from ..train.loop import TrainingCancelled
+
+        if self.cancel_event.is_set():
+            return "cancelled", "cancelled before it started"
+        try:
+            runner = self.runner or run_method  # looked up at run time (tests swap it)
+            return "done", runner(self.kind, self.method, self.cfg, self.out_root,
+                                  callbacks=[self._callback], trainer_hook=self._hook)
+        except TrainingCancelled as e:
+            return "cancelled", str(e)
+        except (UserError, ValueError, FileNotFoundError) as e:
+            return "error", str(e)
+        except Exception as e:  # noqa: BLE001 - the app must stay usable; the traceback goes to the log
+            traceback.print_exc()
+            return "error", f"{type(e).__name__}: {e}"
+
+
+class JobManager:
+    """Jobs of the app: one running single run per browser session (for Cancel) and background batches."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.slots = Slots(settings.concurrency)
+        self.runs: dict[str, RunJob] = {}
+        self.batches: list[BatchJob] = []
+        self._lock = threading.Lock()
+
+    def start_run(self, session: str, kind: str, method: str, cfg, **kw) -> RunJob:
+        out_root = self.settings.out / _stamp(method)
+        job = RunJob(kind, method, cfg, out_root, self.slots, **kw)
+        with self._lock:
+            old = self.runs.get(session)
+            if old is not None and old.running:
+                raise UserError("a run of this page is still going; cancel it or wait for it to finish")
+            self.runs[session] = job
+        return job.start()
+
+    def cancel_run(self, session: str) -> bool:
+        job = self.runs.get(session)
+        if job is None or not job.running:
+            return False
+        job.cancel()
+        return True
+
+    def start_batch(self, kind: str, method: str, base_cfg, prompts: list[str]) -> "BatchJob":
+        with self._lock:
+            if any(b.running for b in self.batches):
+                raise UserError("a batch is already running; cancel it or wait for it to finish")
+            job = BatchJob(kind, method, base_cfg, prompts, self.settings.out / ("batch-" + _stamp(method)), self.slots)
+            self.batches.append(job)
+        return job.start()
+
+    def latest_batch(self) -> "BatchJob | None":
+        return self.batches[-1] if self.batches else None
+
+
+class BatchJob:
+    """Prompts one after another in a background thread; one failing prompt never stops the others."""
+
+    def __init__(self, kind: str, method: str, base_cfg, prompts: list[str], out_root: Path, slots: Slots):
+        from ..text_to_3d import slugify
+
+        self.kind, self.method, self.base_cfg, self.prompts = kind, method, base_cfg, list(prompts)
+        self.out_root, self.slots = Path(out_root), slots
+        self.rows = [{"prompt": p, "status": "queued", "progress": "", "seconds": None, "psnr": None, "iou": None,
+                      "message": "", "folder": str(self.out_root / slugify(p))} for p in self.prompts]
+        self.cancel_event = threading.Event()
+        self.current: RunJob | None = None
+        self.zip_path: Path | None = None
+        self.thread = threading.Thread(target=self._target, name="studio-batch", daemon=True)
+
+    def start(self) -> "BatchJob":
+        self.thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+        if self.current is not None:
+            self.current.cancel()
+
+    def _target(self) -> None:
+        self.out_root.mkdir(parents=True, exist_ok=True)
+        for row in self.rows:
+            if self.cancel_event.is_set():
+                row.update(status="cancelled", message="batch cancelled")
+                continue
+            cfg = dataclasses.replace(self.base_cfg, prompt=row["prompt"])
+            row["status"] = "waiting"
+
+            def on_step(rec, row=row):
+                row.update(status="running", progress=f"{rec['step']}/{rec['steps']} ({rec['it_s']:.2f} it/s)")
+
+            job = RunJob(self.kind, self.method, cfg, self.out_root, self.slots, on_step=on_step)
+            self.current = job
+            if self.cancel_event.is_set():
+                job.cancel()
+            t0 = time.perf_counter()
+            job.start()
+            job.thread.join()
+            kind, data = job.result or ("error", "no result")
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            if kind == "done":
+                gt = (data or {}).get("ground_truth") or {}
+                row.update(status="done", psnr=_round(gt.get("psnr")), iou=_round(gt.get("iou"), 3), message="")
+            else:
+                row.update(status="cancelled" if kind == "cancelled" else "failed", message=str(data))
+                try:
+                    job.run_dir.mkdir(parents=True, exist_ok=True)
+                    from ..io import atomic_write_text
+
+                    atomic_write_text(job.run_dir / "error.txt", str(data) + "\n")
+                except OSError:
+                    pass
+        self.current = None
+        try:
+            from ..batch import summarize
+            from ..io import atomic_write_text
+
+            atomic_write_text(self.out_root / "batch_summary.json", json.dumps(summarize(self.prompts, self.out_root), indent=2))
+            self.zip_path = make_results_zip(self.out_root)
+        except OSError as e:
+            print(f"warning: batch summary / zip failed: {e}", file=sys.stderr)
+
+    def table(self) -> list[list]:
+        return [[r["prompt"], r["status"], r["progress"], r["seconds"], r["psnr"], r["iou"], r["message"]]
+                for r in self.rows]
+
+    def result_files(self) -> list[str]:
+        files = [str(self.zip_path)] if self.zip_path and self.zip_path.exists() else []
+        for r in self.rows:
+            if r["status"] == "done":
+                files += [f for f in artefacts(Path(r["folder"])) if f.endswith((".ply", ".mp4"))]
+        return files
+
+    def summary(self) -> str:
+        n = len(self.rows)
+        counts = {s: sum(r["status"] == s for r in self.rows) for s in ("done", "failed", "cancelled")}
+        state = "running" if self.running else "finished"
+        return (f"Batch {state}: {counts['done']}/{n} done, {counts['failed']} failed"
+                + (f", {counts['cancelled']} cancelled" if counts["cancelled"] else "") + f" · `{self.out_root}`")
+
+
+def _round(v, nd=2):
+    return None if v is None else round(float(v), nd)
+
+
+def make_results_zip(folder: Path) -> Path:
+    """``<folder>/results.zip`` of every run's artefacts (no checkpoints or previews)."""
+    import zipfile
+
+    folder = Path(folder)
+    target = folder / "results.zip"
+    tmp = folder / ".results.zip.tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(folder.rglob("*")):
+            rel = f.relative_to(folder)
+            if (f.is_file() and f != tmp and f.name != "results.zip"
+                    and not any(part in ("checkpoints", "previews", "viewer") or part.startswith(".")
+                                for part in rel.parts)):
+                z.write(f, rel.as_posix())
+    os.replace(tmp, target)
+    return target
+
+
+# -- results and the gallery -------------------------------------------------------------------------
+def artefacts(run_dir: Path) -> list[str]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    files = [p for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+    rank = {n: i for i, n in enumerate(ARTEFACT_ORDER)}
+    files.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
+    return [str(p) for p in files]
+
+
+def viewer_file(run_dir: Path) -> str | None:
+    """What the 3D viewer shows: a mesh as is; a Gaussian PLY as its y-down copy (see :func:`viewer_ply`)."""
+    for n in VIEWER_ORDER:
+        p = Path(run_dir) / n
+        if p.exists():
+            if p.suffix == ".ply":
+                try:
+                    return str(viewer_ply(p))
+                except (OSError, ValueError) as e:
+                    print(f"warning: viewer copy of {p} failed ({e}); showing the file as is", file=sys.stderr)
+            return str(p)
+    return None
+
+
+def viewer_ply(ply: Path) -> Path:
+    """``<run>/viewer/model.ply``: the splat turned 180 degrees about x for Gradio's splat viewer.
+
+    The studio's world is y-up (OpenGL-like orbit cameras); gsplat.js, which ``gr.Model3D`` uses for
+    PLY/.splat, follows the COLMAP/OpenCV y-down convention of captured 3DGS scenes and would show the
+    object upside down and from the back. Positions become (x, -y, -z), rotations q -> (1,0,0,0)_xyz * q;
+    higher SH bands (view-dependent colour) are dropped in this display copy. The download stays the
+    original ``model.ply``.
+    """
+    import torch
+
+    from ..io.ply import read_ply, write_ply
+
+    ply = Path(ply)
+    target = ply.parent / "viewer" / ply.name
+    if target.exists() and target.stat().st_mtime >= ply.stat().st_mtime:
+        return target
+    d = read_ply(ply)
+    means = d["means"] * d["means"].new_tensor([1.0, -1.0, -1.0])
+    w, x, y, z = d["quats"].unbind(-1)
+    quats = torch.stack([-x, w, -z, y], dim=-1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_ply(target, means, d["scales"], quats, d["opacities"], d["sh0"])
+    return target
+
+
+def video_file(run_dir: Path) -> str | None:
+    p = Path(run_dir) / "turntable.mp4"
+    if p.exists():
+        return str(p)
+    vids = sorted(Path(run_dir).glob("*.mp4"))
+    return str(vids[0]) if vids else None
+
+
+_GT_LABELS = [("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("iou", "mask IoU", 3), ("chamfer", "Chamfer", 4),
+              ("saturation_gap", "saturation gap", 3), ("janus", "Janus score", 3)]
+
+
+def metrics_markdown(metrics: dict | None) -> str:
+    if not metrics:
+        return ""
+    lines = ["| metric | value |", "|---|---|"]
+    gt = metrics.get("ground_truth") or {}
+    for key, label, nd in _GT_LABELS:
+        v = gt.get(key)
+        if v is not None:
+            lines.append(f"| {label} | {float(v):.{nd}f} |")
+    for key, label in (("n_gaussians", "Gaussians"), ("train_seconds", "train seconds"), ("it_s", "it/s"),
+                       ("final_loss", "final loss"), ("method", "method"), ("teacher", "teacher")):
+        v = metrics.get(key)
+        if v is not None:
+            lines.append(f"| {label} | {v:.4g} |" if isinstance(v, float) else f"| {label} | {v} |")
+    head = ("Ground-truth metrics against the ShapeWorld object (8 held-out views, 64 px):" if gt else
+            "No ground truth for this prompt (not a ShapeWorld object).")
+    return head + "\n\n" + "\n".join(lines)
+
+
+@dataclass
+class RunInfo:
+    run_dir: Path
+    config: dict = field(default_factory=dict)
+    metrics: dict | None = None
+    mtime: float = 0.0
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", "?"))
+
+    @property
+    def prompt(self) -> str:
+        return str(self.config.get("prompt", self.run_dir.name))
+
+    @property
+    def status(self) -> str:
+        if self.metrics is not None:
+            return "done"
+        return "failed" if (self.run_dir / "error.txt").exists() else "unfinished"
+
+    @property
+    def preview(self) -> str | None:
+        p = self.run_dir / "preview.png"
+        if p.exists():
+            return str(p)
+        prev = sorted((self.run_dir / "previews").glob("*.png")) if (self.run_dir / "previews").is_dir() else []
+        return str(prev[-1]) if prev else None
+
+    def caption(self) -> str:
+        gt = (self.metrics or {}).get("ground_truth") or {}
+        extra = f" · PSNR {gt['psnr']:.1f}" if gt.get("psnr") is not None else ""
+        return f"{self.prompt} · {self.method}{extra} · {self.status}"
+
+
+def _read_yaml(p: Path) -> dict:
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+
+
+def load_run(run_dir: Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    metrics = None
+    if (run_dir / "metrics.json").exists():
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metrics = None
+    cfg_file = run_dir / "config.yaml"
+    return RunInfo(run_dir, _read_yaml(cfg_file), metrics, cfg_file.stat().st_mtime if cfg_file.exists() else 0.0)
+
+
+def scan_runs(out: Path, max_depth: int = 3, limit: int = 200) -> list[RunInfo]:
+    """Run folders (holding ``config.yaml``) under ``out``, newest first."""
+    out = Path(out)
+    found: list[RunInfo] = []
+    if not out.is_dir():
+        return found
+    base_depth = len(out.parts)
+    for root, dirs, files in os.walk(out):
+        depth = len(Path(root).parts) - base_depth
+        dirs[:] = [d for d in dirs if d not in ("checkpoints", "previews", "viewer") and not d.startswith(".")]
+        if depth >= max_depth:
+            dirs[:] = []
+        if "config.yaml" in files:
+            found.append(load_run(Path(root)))
+            dirs[:] = []
+    found.sort(key=lambda r: r.mtime, reverse=True)
+    return found[:limit]
+
+
+def run_dir_in_out(path: str, settings: AppSettings) -> Path:
+    """A run folder chosen in the browser, accepted only inside the output folder."""
+    p = Path(path or "")
+    if not path or not _inside(p, settings.out) or not (p / "config.yaml").exists():
+        raise UserError("that run is not in the app's output folder any more; refresh the gallery")
+    return p.resolve()
