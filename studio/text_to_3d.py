@@ -63,6 +63,12 @@ class TextTo3DMethod:
     def default_guidance(self, teacher_name: str) -> float:
         return DEFAULT_GUIDANCE.get(teacher_name, REAL_TEACHER_GUIDANCE)
 
+    def prepare(self, cfg, teacher, run_dir: Path, resume: bool, progress: bool = True) -> dict:
+        """Work before the training stages (e.g. PlacidDreamer's multi-view initialisation and
+        personalisation). Each such step should write its results into ``run_dir`` and reuse them when
+        ``resume`` is set. Returns per-step info (wall times, metrics) recorded in ``metrics.json``."""
+        return {}
+
     def stages(self, cfg, teacher, stage_kwargs: dict) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -125,6 +131,9 @@ def generate(cfg: TextTo3DConfig, method: str | TextTo3DMethod = "sds", out: str
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
         {"method": m.name, **_plain(dataclasses.asdict(resolved))}, sort_keys=False))
     stage_kwargs = dict(steps=cfg.steps, resolution=cfg.resolution, guidance_scale=guidance)
+    t_prep = time.perf_counter()
+    prepared = m.prepare(resolved, teacher, run_dir, resume, progress)
+    prep_seconds = time.perf_counter() - t_prep
     stages = m.stages(resolved, teacher, stage_kwargs)
     trainer = Trainer(TrainerConfig(out_dir=run_dir, seed=cfg.seed, progress=progress,
                                     checkpoint_every=max(50, cfg.steps // 4), preview_every=max(10, cfg.steps // 20)),
@@ -139,6 +148,9 @@ def generate(cfg: TextTo3DConfig, method: str | TextTo3DMethod = "sds", out: str
                     "steps": cfg.steps, "train_seconds": round(seconds, 2),
                     "it_s": round(cfg.steps / max(seconds, 1e-9), 3),
                     "final_loss": history[-1]["loss"] if history else None})
+    if prepared:
+        metrics["prepare"] = prepared
+        metrics["prepare_seconds"] = round(prep_seconds, 2)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_text(run_dir / "history.json", json.dumps(history))
     return metrics

@@ -153,3 +153,75 @@ def make_tiny_lora(unet, path: str | Path, rank: int = 4, seed: int = 0, std: fl
     path = Path(path)
     StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=state, safe_serialization=True)
     return path
+
+
+def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, prediction_type: str = "epsilon",
+                      projection_key: str = "clip_camera_projection") -> Path:
+    """Save a tiny random Zero123 layout (as ``bennyguo/zero123-xl-diffusers``) to ``path``.
+
+    Components: ``unet`` (UNet2DConditionModel, 8 input channels = noisy latent + reference latent,
+    cross-attention 32), ``vae`` (AutoencoderKL, factor 2, so the native image size is ``2 * sample_size``),
+    ``image_encoder`` (CLIPVisionModelWithProjection, 32x32 input, projection 32), ``feature_extractor``
+    (CLIPImageProcessor at 32 px), ``clip_camera_projection`` (CLIPCameraProjection 32 + 4 -> 32; or the
+    community ``cc_projection`` / CCProjection layout with ``projection_key="cc_projection"``) and
+    ``scheduler`` (DDIMScheduler, SD's scaled_linear betas), with a hub-like ``model_index.json``.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from studio.teachers.novel_view import CCProjection, CLIPCameraProjection
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=8, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(4, 8), norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, norm_num_groups=32,
+        sample_size=sample_size * 2,
+    )
+    torch.manual_seed(seed + 2)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=32,
+    ))
+    torch.manual_seed(seed + 3)
+    if projection_key == "clip_camera_projection":
+        projection, proj_cls = CLIPCameraProjection(embedding_dim=32, additional_embeddings=4), "CLIPCameraProjection"
+    else:
+        projection, proj_cls = CCProjection(in_channel=36, out_channel=32), "CCProjection"
+    with torch.no_grad():  # a visible dependence on the pose
+        for p in projection.parameters():
+            p.normal_(0, 0.3)
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    unet.save_pretrained(str(path / "unet"))
+    vae.save_pretrained(str(path / "vae"))
+    image_encoder.save_pretrained(str(path / "image_encoder"))
+    projection.save_pretrained(str(path / projection_key))
+    feature_extractor.save_pretrained(str(path / "feature_extractor"))
+    scheduler.save_pretrained(str(path / "scheduler"))
+    index = {
+        "_class_name": "Zero123Pipeline", "_diffusers_version": diffusers.__version__,
+        projection_key: ["zero123", proj_cls],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path

@@ -23,7 +23,6 @@ depends on the tiling); ours does not.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

@@ -78,6 +78,28 @@ def _seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
+def add_lora_adapter(unet: Any, *, rank: int, adapter_name: str, target_modules: Iterable[str] = LORA_TARGETS,
+                     scales: Mapping[str, float] | None = None, seed: int | None = None) -> None:
+    """Add a peft LoRA ``adapter_name`` (rank ``rank``, ``lora_alpha = rank``, peft init: ``B = 0``) to the
+    diffusers UNet ``unet`` in place.
+
+    Adapters the UNet already holds stay active next to the new one, at ``scales[name]`` (default 1.0);
+    the new adapter gets scale 1. ``seed`` seeds the ``A`` initialisation without touching the global RNG
+    (``None``: the global RNG draws). Nothing is frozen or unfrozen here (peft's ``set_adapters`` may flip
+    ``requires_grad`` of adapter weights): callers set ``requires_grad`` afterwards.
+    """
+    from peft import LoraConfig
+
+    existing = _adapter_names(unet)
+    with _seeded(seed):
+        unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights=True,
+                                    target_modules=list(target_modules)), adapter_name=adapter_name)
+    if existing:
+        scales = scales or {}
+        names = sorted(existing)
+        unet.set_adapters(names + [adapter_name], [float(scales.get(n, 1.0)) for n in names] + [1.0])
+
+
 class LoRAScore(torch.nn.Module):
     """A LoRA-adapted, optionally camera-conditioned copy of a diffusion UNet (see module doc).
 
@@ -117,20 +139,15 @@ class LoRAScore(torch.nn.Module):
         self.base_name = str(getattr(base, "name", type(unet).__name__))
 
         from diffusers.models.embeddings import TimestepEmbedding
-        from peft import LoraConfig
 
         self.unet = copy.deepcopy(unet)
         for p in self.unet.parameters():
             p.requires_grad_(False)
         self.unet.eval()
-        existing = _adapter_names(self.unet)  # LoRAs already loaded into a teacher stay active, frozen
         with _seeded(seed):
-            self.unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, init_lora_weights=True,
-                                             target_modules=list(target_modules)), adapter_name=ADAPTER_NAME)
-            if existing:
-                scales = getattr(base, "_lora_scales", {})
-                names = sorted(existing)
-                self.unet.set_adapters(names + [ADAPTER_NAME], [float(scales.get(n, 1.0)) for n in names] + [1.0])
+            # LoRAs already loaded into a teacher stay active (at the teacher's scales), frozen
+            add_lora_adapter(self.unet, rank=self.rank, target_modules=target_modules, adapter_name=ADAPTER_NAME,
+                             scales=getattr(base, "_lora_scales", {}))
             if self.camera_condition:
                 if getattr(self.unet, "class_embedding", None) is not None:
                     raise ValueError("the LoRA base UNet already has a class embedding; VSD's camera embedding "

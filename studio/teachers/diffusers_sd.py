@@ -6,6 +6,11 @@
 checker). On CUDA the default is fp16 with attention slicing, on CPU fp32.
 
 Latents are ``(vae_latent - shift_factor) * scaling_factor`` (0.18215 for SD 1.x/2.x); images in [0, 1].
+
+Pixel-space models (e.g. the ShapeWorld ``shapeworld-unet``): a folder without a ``vae`` whose UNet takes 3
+channels loads with ``vae=None``; then ``x = image * 2 - 1`` at the UNet's ``sample_size``
+(``is_latent=False``, ``vae_scale_factor=1``, ``latent_channels=3``), ``encode`` resizes images to that
+native resolution and ``decode`` is ``(x + 1) / 2``. Everything else is the same SD code path.
 """
 from __future__ import annotations
 
@@ -86,15 +91,24 @@ class DiffusersTeacher(ImageTeacher):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule = schedule
         self.name = name
-        self.latent_channels = int(vae.config.latent_channels)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if vae is None:  # pixel space: x = image * 2 - 1
+            self.latent_channels = 3
+            self.vae_scale_factor = 1
+            self.is_latent = False
+            self.scaling_factor, self.shift_factor = 1.0, 0.0
+        else:
+            self.latent_channels = int(vae.config.latent_channels)
+            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            self.is_latent = True
+            self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+            self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.native_resolution = int(unet.config.sample_size) * self.vae_scale_factor
-        self.is_latent = True
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self._lora_scales: dict[str, float] = {}
         self._text_lora: set[str] = set()
         self._truncation_warned = False
+        if vae is None and unet.config.in_channels != 3:
+            raise UserError(f"teacher {name!r} has no VAE but its UNet takes {unet.config.in_channels} channels; "
+                            "a pixel-space teacher needs a 3-channel UNet, a latent one a vae/ folder")
         if unet.config.in_channels != self.latent_channels:
             raise UserError(f"teacher {name!r}: its UNet takes {unet.config.in_channels} input channels but the VAE "
                             f"gives {self.latent_channels} (inpainting / depth models are not plain text-to-image "
@@ -381,7 +395,16 @@ class DiffusersTeacher(ImageTeacher):
         ``size``: resize (bilinear) to this size first, e.g. ``teacher.native_resolution``.
         ``sample``: draw from the VAE posterior instead of taking its mean (the posterior std of SD's VAE
         is tiny, so the mean is the deterministic default).
+        Pixel-space teachers (no VAE): ``image * 2 - 1`` resized to ``size`` (default: the native resolution).
         """
+        if self.vae is None:
+            hw = (size, size) if isinstance(size, int) else tuple(size or (self.native_resolution,) * 2)
+            self._check_images(images)
+            if tuple(images.shape[-2:]) != hw:
+                shrink = images.shape[-2] > hw[0] or images.shape[-1] > hw[1]
+                images = torch.nn.functional.interpolate(images, size=hw, mode="bilinear", align_corners=False,
+                                                         antialias=shrink)
+            return images * 2 - 1
         if size is not None:
             hw = (size, size) if isinstance(size, int) else tuple(size)
             if tuple(images.shape[-2:]) != hw:
@@ -396,6 +419,8 @@ class DiffusersTeacher(ImageTeacher):
         """Scaled latents -> images ``[B,3,H,W]`` in [0, 1] (clamped)."""
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must be [B,{self.latent_channels},h,w], got {tuple(latents.shape)}")
+        if self.vae is None:
+            return ((latents + 1) / 2).clamp(0, 1)
         z = (latents / self.scaling_factor + self.shift_factor).to(device=self.vae.device, dtype=self.vae.dtype)
         img = self.vae.decode(z, return_dict=False)[0]
         return ((img.to(latents.dtype) + 1) / 2).clamp(0, 1)
@@ -433,8 +458,10 @@ def _load_components(src: str, dtype: torch.dtype, local_files_only: bool, revis
     from transformers import CLIPTextModel, CLIPTokenizer
 
     index = _read_model_index(src, local_files_only, revision)
+    # Pixel-space models have no VAE (a model_index.json without "vae" or with "vae": [null, null]).
+    pixel = index is not None and not any((index.get("vae") or [None])[:1])
     if index is not None:
-        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index]
+        missing = [c for c in ("unet", "text_encoder", "tokenizer", "scheduler") if c not in index]
         if missing or "text_encoder_2" in index or "transformer" in index:
             raise UserError(f"teacher {src!r} is a {index.get('_class_name', 'pipeline')}, not an SD 1.x/2.x "
                             "text-to-image layout (needs unet, vae, text_encoder, tokenizer, scheduler; no "
@@ -444,7 +471,11 @@ def _load_components(src: str, dtype: torch.dtype, local_files_only: bool, revis
     if getattr(unet.config, "addition_embed_type", None):
         raise UserError(f"teacher {src!r}: its UNet needs added conditioning ({unet.config.addition_embed_type}); "
                         "only SD 1.x/2.x-style text-to-image UNets are supported")
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant, **common)
+    if pixel and unet.config.in_channels != 3:
+        raise UserError(f"teacher {src!r} has no vae but its UNet takes {unet.config.in_channels} channels; give a "
+                        "folder with a vae/ (latent model) or a 3-channel pixel-space UNet")
+    vae = None if pixel else AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant,
+                                                           **common)
     text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=variant,
                                                  **_transformers_dtype_kw(dtype), **common)
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **common)

@@ -2,8 +2,11 @@
 
 ``load_teacher("shapeworld-exact")`` calls a registered factory; ``load_teacher("/path/to/sd")`` or
 ``load_teacher("stabilityai/stable-diffusion-2-1-base")`` loads a diffusers SD-family model through
-:meth:`studio.teachers.diffusers_sd.DiffusersTeacher.from_pretrained`. Third-party packages register
-teachers through the ``studio.teachers`` entry-point group (each entry point names a factory).
+:meth:`studio.teachers.diffusers_sd.DiffusersTeacher.from_pretrained`; a Zero123 layout (``model_index.json``
+with a ``clip_camera_projection`` / ``cc_projection``, or an ``image_encoder`` and an 8-channel UNet, or an
+uncached hub id naming zero123) loads as :class:`studio.teachers.novel_view.Zero123Teacher`.
+Third-party packages register teachers through the ``studio.teachers`` entry-point group
+(each entry point names a factory).
 """
 from __future__ import annotations
 
@@ -99,6 +102,9 @@ def load_teacher(name_or_path: str | os.PathLike, **kw: Any):
     if key in _REGISTRY and not os.path.isdir(os.path.expanduser(name)):
         return _REGISTRY[key].factory(**kw)
     if _is_path_or_hub_id(name):
+        from .novel_view import Zero123Teacher, is_zero123_layout
+        if is_zero123_layout(name):  # image-conditioned novel-view layout (Zero123 / Zero123-XL)
+            return Zero123Teacher.from_pretrained(name, **kw)
         from .diffusers_sd import DiffusersTeacher
         return DiffusersTeacher.from_pretrained(name, **kw)
     known = ", ".join(sorted(_REGISTRY)) or "(none registered)"
@@ -130,3 +136,22 @@ def _shapeworld_exact(**kw: Any):
 
 register_teacher("shapeworld-exact", _shapeworld_exact,
                  "ShapeWorld exact optimal denoiser of the reference renders (text + camera conditioned, no download)")
+
+from . import shapeworld_unet as _shapeworld_unet  # noqa: E402,F401 - registers "shapeworld-unet" (shipped in assets/)
+
+
+def _zero123_xl(**kw: Any):
+    from .novel_view import make_zero123_xl
+    return make_zero123_xl(**kw)
+
+
+def _shapeworld_nv_exact(**kw: Any):
+    from .novel_view import make_shapeworld_nv_exact
+    return make_shapeworld_nv_exact(**kw)
+
+
+register_teacher("zero123-xl", _zero123_xl,
+                 "Zero123-XL novel-view model, 256 px, image + relative camera conditioned "
+                 "(bennyguo/zero123-xl-diffusers)")
+register_teacher("shapeworld-nv-exact", _shapeworld_nv_exact,
+                 "ShapeWorld exact novel-view teacher: reference image + relative camera (no download)")

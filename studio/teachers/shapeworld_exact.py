@@ -51,23 +51,62 @@ def _view_of(text: str) -> int | None:
     return None
 
 
-class ShapeWorldExactTeacher(ImageTeacher):
+def mixture_epsilon(x_t: Tensor, a: Tensor, s: Tensor, refs: Tensor, log_prior: Tensor, smoothing: float) -> Tensor:
+    """Exact posterior-mean epsilon of ``p(x0) = sum_k pi_k N(x0; r_k, smoothing^2 I)`` at ``x_t = a x0 + s eps``.
+
+    ``x_t [B,C,H,W]``, ``a`` / ``s`` ``[B,1,1,1]``, ``refs [B,K,C,H,W]``, ``log_prior [B,K]`` (``log pi_k`` up to a
+    per-sample constant; ``-inf`` removes a reference). See the module doc for the formula.
+    """
+    var = a * a * smoothing**2 + s * s  # [B,1,1,1]
+    diff = x_t[:, None] - a[:, None] * refs  # [B,K,C,H,W]
+    logits = log_prior - (diff * diff).flatten(2).sum(-1) / (2 * var.flatten(1))  # [B,K]
+    w = torch.softmax(logits, dim=1)[..., None, None, None]
+    k = (a * smoothing**2 / var)[:, None]
+    x0 = (w * (refs + k * diff)).sum(1)
+    return (x_t - a * x0) / s
+
+
+class ShapeWorldPixelTeacher(ImageTeacher):
+    """Shared base of the exact ShapeWorld teachers: pixel space ``x = 2 * image - 1`` at ``resolution``,
+    SD's scaled-linear DDPM schedule (epsilon), the objects' Gaussian sets and a white-background renderer."""
+
     latent_channels = 3
     vae_scale_factor = 1
     is_latent = False
 
-    def __init__(self, *, resolution: int = 64, smoothing: float = 0.05, view_conditioned: bool = True,
-                 n_gaussians: int = 6000, ring_azimuths: int = 8, ring_elevations=(0.0, 20.0), backend: str = "auto",
-                 seed: int = 0):
+    def __init__(self, *, resolution: int = 64, smoothing: float = 0.05, n_gaussians: int = 6000,
+                 backend: str = "auto", seed: int = 0):
         super().__init__()
-        self.name = "shapeworld-exact"
         self.native_resolution = int(resolution)
         self.schedule = NoiseSchedule.ddpm_scaled_linear()
         self.smoothing = float(smoothing)
-        self.view_conditioned = bool(view_conditioned)
         self.backend = backend
         self.objects = list(OBJECTS.values())
         self.gaussians = [o.gaussians(n_gaussians, seed=seed) for o in self.objects]
+
+    def encode(self, images: Tensor) -> Tensor:
+        x = images
+        if x.shape[-1] != self.native_resolution or x.shape[-2] != self.native_resolution:
+            x = torch.nn.functional.interpolate(x, size=(self.native_resolution,) * 2, mode="bilinear",
+                                                align_corners=False, antialias=True)
+        return x * 2 - 1
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return ((latents + 1) / 2).clamp(0, 1)
+
+    def _render(self, g: dict[str, Tensor], cams: Cameras) -> Tensor:
+        r = render_gaussian_views(g, cams, background=(1.0, 1.0, 1.0), backend=self.backend)["images"]
+        return r.permute(0, 3, 1, 2) * 2 - 1  # [V,3,H,W] model space
+
+
+class ShapeWorldExactTeacher(ShapeWorldPixelTeacher):
+    def __init__(self, *, resolution: int = 64, smoothing: float = 0.05, view_conditioned: bool = True,
+                 n_gaussians: int = 6000, ring_azimuths: int = 8, ring_elevations=(0.0, 20.0), backend: str = "auto",
+                 seed: int = 0):
+        super().__init__(resolution=resolution, smoothing=smoothing, n_gaussians=n_gaussians, backend=backend,
+                         seed=seed)
+        self.name = "shapeworld-exact"
+        self.view_conditioned = bool(view_conditioned)
         self.ring_elevations = tuple(float(e) for e in ring_elevations)
         self.ring_azimuths = int(ring_azimuths)
         az = (torch.arange(ring_azimuths) * 360.0 / ring_azimuths).repeat(len(ring_elevations))
@@ -103,20 +142,6 @@ class ShapeWorldExactTeacher(ImageTeacher):
                 out[i, n + v] = 1
         return out
 
-    def encode(self, images: Tensor) -> Tensor:
-        x = images
-        if x.shape[-1] != self.native_resolution or x.shape[-2] != self.native_resolution:
-            x = torch.nn.functional.interpolate(x, size=(self.native_resolution,) * 2, mode="bilinear",
-                                                align_corners=False, antialias=True)
-        return x * 2 - 1
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return ((latents + 1) / 2).clamp(0, 1)
-
-    def _render(self, g: dict[str, Tensor], cams: Cameras) -> Tensor:
-        r = render_gaussian_views(g, cams, background=(1.0, 1.0, 1.0), backend=self.backend)["images"]
-        return r.permute(0, 3, 1, 2) * 2 - 1  # [V,3,H,W] model space
-
     def references(self, embeds: Tensor, camera: Tensor | None) -> tuple[Tensor, Tensor]:
         """Per sample: references ``[B, K, 3, H, W]`` and a validity mask ``[B, K]``."""
         n = len(self.objects)
@@ -147,14 +172,8 @@ class ShapeWorldExactTeacher(ImageTeacher):
         mask = mask.to(x_t.device)
         a = self.schedule.alpha(t, x_t)  # [B,1,1,1]
         s = self.schedule.sigma(t, x_t)
-        var = a * a * self.smoothing**2 + s * s  # [B,1,1,1]
-        diff = x_t[:, None] - a[:, None] * refs  # [B,K,3,H,W]
-        logits = -(diff * diff).flatten(2).sum(-1) / (2 * var.flatten(1))  # [B,K]
-        logits = logits.masked_fill(~mask, float("-inf"))
-        w = torch.softmax(logits, dim=1)[..., None, None, None]
-        k = (a * self.smoothing**2 / var)[:, None]
-        x0 = (w * (refs + k * diff)).sum(1)
-        return (x_t - a * x0) / s
+        log_prior = torch.zeros(mask.shape, dtype=x_t.dtype, device=x_t.device).masked_fill(~mask, float("-inf"))
+        return mixture_epsilon(x_t, a, s, refs, log_prior, self.smoothing)
 
 
 def make_shapeworld_exact(**kw) -> ShapeWorldExactTeacher:

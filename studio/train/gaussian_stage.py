@@ -8,7 +8,7 @@ conditioning, timestep schedules, backgrounds, densification (our CPU ``DefaultS
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -46,6 +46,10 @@ class GaussianStageConfig:
     t_max: float = 0.98
     t_schedule: Literal["uniform", "linear", "dreamgaussian", "sqrt"] = "linear"
     t_max_end: float = 0.5
+    t_anneal_end: float = 1.0
+    """fraction of the steps at which the ``linear`` t_max anneal reaches ``t_max_end``"""
+    shared_t: bool = False
+    """one timestep for the whole batch of views (LucidDreamer / PlacidDreamer) instead of one per view"""
     lr_means: float = 1e-3
     lr_sh0: float = 1e-2
     lr_opacities: float = 5e-2
@@ -61,7 +65,79 @@ class GaussianStageConfig:
     """0 = never (score distillation usually does not reset opacities)"""
     scale_reg: float = 0.0
     """weight of a penalty on Gaussian scales above 5% of the scene radius (keeps splats small)"""
+    densify_scale3d: float = 0.05
+    """Gaussians smaller than this fraction of the scene extent are cloned, larger ones split
+    (3DGS ``percent_dense``)"""
+    random_background_p: float = 0.0
+    """probability per view of a random background colour instead of ``background``"""
+    center_jitter: float = 0.0
+    """std of the look-at target jitter (world units)"""
+    up_jitter: float = 0.0
+    """std of the camera up-vector jitter"""
+    flip_p: float = 0.0
+    """probability per view of a horizontal flip of the render before scoring (LucidDreamer's augmentation;
+    not meaningful with a camera-conditioned teacher, whose references are not mirrored)"""
+    depth_latent_p: float = 0.0
+    """probability per step of scoring the depth map (3 channels, near = bright) instead of the RGB render
+    (LucidDreamer's geometry-only steps)"""
+    tv_weight: float = 0.0
+    """weight of the total variation of the render (and of the depth map)"""
+    scale_mean_weight: float = 0.0
+    """weight of the mean activated Gaussian scale (PlacidDreamer's lambda_scale)"""
+    radius_decay_every: int = 0
+    """every this many steps multiply ``radius_range`` by ``radius_decay`` (0 = fixed radius)"""
+    radius_decay: float = 0.95
+    radius_floor: tuple[float, float] = (0.0, 0.0)
+    """the decayed radius range never goes below this"""
+    fovy_scale_every: int = 0
+    """every this many steps scale the low / high ends of ``fovy_range`` by ``fovy_scale`` (0 = fixed)"""
+    fovy_scale: tuple[float, float] = (1.0, 1.0)
+    fovy_limits: tuple[float, float] = (1.0, 179.0)
+    """the scaled fovy range stays inside these limits (degrees)"""
     backend: str = "auto"
+
+
+def scheduled_camera_ranges(cfg: GaussianStageConfig, step: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(radius_range, fovy_range)`` in force at ``step`` (PlacidDreamer's camera schedules).
+
+    Radius: both ends times ``radius_decay ** k`` with ``k = step // radius_decay_every``, each end
+    floored at ``radius_floor``. Field of view: low end times ``fovy_scale[0] ** k``, high end times
+    ``fovy_scale[1] ** k`` (``k = step // fovy_scale_every``), both clamped to ``fovy_limits``. (The
+    official code scales the FoV range by ``[0.75, 1.1]`` every 500 iterations within ``[0.16, 0.60]``
+    rad; reading the pair as per-end factors is our interpretation.)
+    """
+    r0, r1 = cfg.radius_range
+    if cfg.radius_decay_every > 0:
+        k = step // cfg.radius_decay_every
+        r0 = max(cfg.radius_floor[0], r0 * cfg.radius_decay ** k)
+        r1 = max(cfg.radius_floor[1], r1 * cfg.radius_decay ** k)
+    f0, f1 = cfg.fovy_range
+    if cfg.fovy_scale_every > 0:
+        k = step // cfg.fovy_scale_every
+        lo, hi = cfg.fovy_limits
+        f0 = min(max(f0 * cfg.fovy_scale[0] ** k, lo), hi)
+        f1 = min(max(f1 * cfg.fovy_scale[1] ** k, lo), hi)
+    return (min(r0, r1), max(r0, r1)), (min(f0, f1), max(f0, f1))
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Mean absolute difference of neighbouring pixels of ``[B,C,H,W]`` (both directions, summed)."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def depth_image(depth: Tensor, alpha: Tensor, background: Tensor) -> Tensor:
+    """Depth ``[B,1,H,W]`` (expected depth) -> a 3-channel image in [0,1]: per view, foreground depth
+    normalised so the nearest point is 1 and the farthest 0, composited over ``background [B,3]`` with
+    the alpha (the form in which LucidDreamer / PlacidDreamer score geometry)."""
+    d = depth / alpha.clamp_min(1e-6)
+    fg = alpha > 0.5
+    big = torch.finfo(d.dtype).max
+    near = torch.where(fg, d, torch.full_like(d, big)).flatten(1).min(1).values.view(-1, 1, 1, 1)
+    far = torch.where(fg, d, torch.full_like(d, -big)).flatten(1).max(1).values.view(-1, 1, 1, 1)
+    ok = far > near
+    near, far = torch.where(ok, near, torch.zeros_like(near)), torch.where(ok, far, torch.ones_like(far))
+    v = (1 - (d - near) / (far - near)).clamp(0, 1).expand(-1, 3, -1, -1)
+    return alpha * v + (1 - alpha) * background.view(-1, 3, 1, 1)
 
 
 @dataclass
@@ -99,11 +175,13 @@ class GaussianDistillStage:
         self.extra_optimizers = dict(extra_optimizers or {})
         self.sampler = OrbitSampler(cfg.elevation_range, cfg.azimuth_range, cfg.radius_range, cfg.fovy_range,
                                     self.resolution, self.resolution)
-        self.timesteps = TimestepSampler(cfg.t_min, cfg.t_max, cfg.t_schedule, t_max_end=cfg.t_max_end)
+        self.sampler.center_jitter, self.sampler.up_jitter = cfg.center_jitter, cfg.up_jitter
+        self.timesteps = TimestepSampler(cfg.t_min, cfg.t_max, cfg.t_schedule, t_max_end=cfg.t_max_end,
+                                         anneal_end=cfg.t_anneal_end)
         self.strategy = DefaultStrategy(
             prune_opa=cfg.prune_opacity, grow_grad2d=cfg.densify_grad, refine_start_iter=cfg.densify_start,
             refine_stop_iter=int(cfg.densify_stop_frac * self.steps) if cfg.densify else 0,
-            refine_every=cfg.densify_every, reset_every=cfg.opacity_reset_every or 10**9, grow_scale3d=0.05,
+            refine_every=cfg.densify_every, reset_every=cfg.opacity_reset_every or 10**9, grow_scale3d=cfg.densify_scale3d,
             prune_scale3d=0.5)
         self._build_optimizers()
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
@@ -121,37 +199,61 @@ class GaussianDistillStage:
 
     # -- one step ------------------------------------------------------------------------------------
     def _backgrounds(self, B: int) -> Tensor:
-        if self.cfg.background == "white":
-            return torch.ones(B, 3)
-        if self.cfg.background == "black":
-            return torch.zeros(B, 3)
-        return torch.rand(B, 3, generator=self.generator)
+        if self.cfg.background == "random":
+            return torch.rand(B, 3, generator=self.generator)
+        bg = torch.ones(B, 3) if self.cfg.background == "white" else torch.zeros(B, 3)
+        if self.cfg.random_background_p > 0:
+            pick = torch.rand(B, generator=self.generator) < self.cfg.random_background_p
+            bg = torch.where(pick[:, None], torch.rand(B, 3, generator=self.generator), bg)
+        return bg
 
-    def render(self, cams: Cameras, backgrounds: Tensor):
+    def render(self, cams: Cameras, backgrounds: Tensor, render_mode: str = "RGB"):
         return self.model.render(cams.viewmats, cams.Ks, cams.width, cams.height, backgrounds=backgrounds,
-                                 backend=self.cfg.backend)
+                                 backend=self.cfg.backend, render_mode=render_mode)
 
     def train_step(self, step: int, progress: float) -> StepOutput:
         c, teacher = self.cfg, self.teacher
         self.model.step_sh_degree(step, every=c.sh_degree_every)
+        self.sampler.radius_range, self.sampler.fovy_range = scheduled_camera_ranges(c, step)
         views = self.sampler.sample(c.batch_size, self.generator)
-        img, alpha, meta = self.render(views.cameras, self._backgrounds(c.batch_size))
+        bg = self._backgrounds(c.batch_size)
+        use_depth = c.depth_latent_p > 0 and float(torch.rand((), generator=self.generator)) < c.depth_latent_p
+        need_depth = use_depth or c.tv_weight > 0
+        img, alpha, meta = self.render(views.cameras, bg, render_mode="RGB+ED" if need_depth else "RGB")
         self.strategy.step_pre_backward(self.model.params, self._optim, self.strategy_state, step, meta)
-        images = img.permute(0, 3, 1, 2)  # [B,3,H,W]
+        img = img.permute(0, 3, 1, 2)
+        alpha = alpha.permute(0, 3, 1, 2)
+        images, depth = img[:, :3], (img[:, 3:4] if need_depth else None)  # [B,3,H,W], [B,1,H,W]
+        rgb_for_reg = images
+        depth_img = depth_image(depth, alpha, bg) if need_depth else None
+        if use_depth:
+            images = depth_img
+        if c.flip_p > 0:
+            flip = (torch.rand(c.batch_size, generator=self.generator) < c.flip_p).view(-1, 1, 1, 1)
+            images = torch.where(flip, images.flip(-1), images)
         size = teacher.native_resolution
         if images.shape[-1] != size and teacher.is_latent:
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         latents = teacher.encode(images)
         cond = view_conditioned(teacher, self.prompt, views.azimuth, views.elevation,
                                 mode=c.view_prompt, negative=c.negative_prompt or None)
-        t = self.timesteps.sample(c.batch_size, progress, teacher.schedule, self.generator)
-        ctx = ScoreContext(teacher, latents, images, alpha.permute(0, 3, 1, 2), cond, t,
+        t = self.timesteps.sample(1 if c.shared_t else c.batch_size, progress, teacher.schedule, self.generator)
+        t = t.expand(c.batch_size) if c.shared_t else t
+        ctx = ScoreContext(teacher, latents, images, alpha, cond, t,
                            views.cameras.to_vector() if c.camera_conditioning else None, views.cameras,
                            self.guidance_scale, step, progress, self.generator)
         out = self.score_fn(ctx)
         loss = out.loss
         logs = {"t": float(t.float().mean()), "grad_norm": float(out.grad.norm() / c.batch_size),
                 "n_gaussians": float(self.model.num_gaussians)}
+        if c.tv_weight > 0:
+            tv = total_variation(rgb_for_reg) + total_variation(depth_img)
+            loss = loss + c.tv_weight * tv
+            logs["tv"] = float(tv.detach())
+        if c.scale_mean_weight > 0:
+            sm = self.model.scales.mean()
+            loss = loss + c.scale_mean_weight * sm
+            logs["scale_mean"] = float(sm.detach())
         if c.scale_reg > 0:
             reg = (self.model.scales - 0.05 * 1.0).clamp_min(0).pow(2).sum()
             loss = loss + c.scale_reg * reg

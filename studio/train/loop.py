@@ -10,7 +10,6 @@ record (the app's live progress) and may cancel by returning ``False`` or via ``
 """
 from __future__ import annotations
 
-import math
 import random
 import sys
 import threading
@@ -122,7 +121,6 @@ class Trainer:
             start_stage, start_step = self._load(stages)
             self._log(f"resumed from {self.ckpt_path} at stage {start_stage} step {start_step}")
         for si in range(start_stage, len(stages)):
-            stage = stages[si]
             first = start_step if si == start_stage else 0
             self._run_stage(stages, si, first)
         return self.history

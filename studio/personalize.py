@@ -1,0 +1,483 @@
+"""DreamBooth-LoRA personalisation of a text-to-image teacher (PlacidDreamer stage 2).
+
+PlacidDreamer fine-tunes SD-2.1-base on the 8 enhanced multi-view images of its object with diffusers'
+``train_dreambooth_lora.py`` and then distils from the personalised model (spec §2.2 stage 2, §2.7):
+
+* a peft LoRA (rank 4, ``lora_alpha = rank``, peft init ``B = 0``) on the UNet attention projections
+  ``to_q, to_k, to_v, to_out.0``; text encoder, VAE and UNet base weights frozen;
+* AdamW (diffusers' defaults: betas (0.9, 0.999), weight decay 1e-2, eps 1e-8), lr 1e-4 constant, no
+  warmup, gradient-norm clipping 1.0, 400 steps, batch 2;
+* instance prompt = the full text prompt, embedded once (``teacher.encode_prompt``, text encoder frozen);
+  **no prior preservation** (the class prompt of the official script is never used);
+* the standard denoising loss in the teacher's own parameterisation: images resized (shorter side, then
+  centre crop) to the teacher's native resolution, encoded once with ``teacher.encode`` (VAE mean, or
+  ``x = 2 image - 1`` for pixel-space teachers such as ``shapeworld-unet``), ``t ~ U{0..T-1}``,
+  ``x_t = add_noise(x0, eps, t)``, ``MSE(unet(x_t, t, y), schedule.target(x0, eps, t))`` (eps or v).
+
+The LoRA is trained **in place** on ``teacher.unet`` as adapter ``cfg.adapter_name`` ("personal"); other
+LoRAs the teacher already holds stay active and frozen. Afterwards the teacher runs with the LoRA at
+scale 1.0 for both CFG branches (the adapter is simply part of the UNet, which serves the conditional
+and the unconditional branch alike), it is frozen again, and ``teacher.lora_adapters`` /
+``set_lora_scale`` / ``unload_lora`` / ``lora_disabled`` know the new adapter. The prompt cache needs no
+clearing: only the UNet changes, never the text encoder.
+
+The optimisation runs in the studio's one loop (:class:`~studio.train.loop.Trainer`) as a
+:class:`DreamBoothStage`, so a method may also put the stage in front of its distillation stages.
+
+Output (``out``, a folder): ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format (exactly what
+``StableDiffusionLoraLoaderMixin.save_lora_weights`` writes: ``unet.``-prefixed peft keys plus the
+LoRA config as metadata), read back by ``DiffusersTeacher.load_lora(out)`` /
+``from_pretrained(..., lora=out)`` or any diffusers pipeline's ``load_lora_weights``;
+``dreambooth.json`` (prompt, config, image fingerprint, summary); ``checkpoints/last.safetensors`` (the
+Trainer's checkpoint). With ``resume=True`` a finished run whose prompt, images, teacher and config
+match is loaded instead of retrained, and an unfinished one continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+from .io.atomic import atomic_path, atomic_write_text
+from .students.lora_score import LORA_TARGETS, _adapter_names, add_lora_adapter
+from .train.loop import StepOutput, Trainer, TrainerConfig
+
+__all__ = [
+    "LORA_WEIGHT_NAME",
+    "META_NAME",
+    "DreamBoothConfig",
+    "DreamBoothStage",
+    "dreambooth_lora",
+    "dreambooth_loss",
+    "lora_state_dict",
+    "prepare_instance_data",
+    "save_dreambooth_lora",
+]
+
+#: file name diffusers' ``save_lora_weights`` uses (and ``load_lora_weights`` looks for in a folder)
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: the run description next to the weights (prompt, config, image fingerprint, summary)
+META_NAME = "dreambooth.json"
+_FORMAT = "studio-dreambooth-lora/1"
+
+
+@dataclass
+class DreamBoothConfig:
+    """DreamBooth-LoRA settings; the defaults are PlacidDreamer's (diffusers' ``train_dreambooth_lora.py``).
+
+    Attributes:
+        rank: LoRA rank (``lora_alpha = rank``).
+        lr: AdamW learning rate, constant, no warmup.
+        steps: optimisation steps.
+        batch_size: images per step (drawn without replacement, reshuffled every pass over the images).
+        seed: seeds the LoRA initialisation, the image order, timesteps, noise and flips.
+        target_modules: UNet module names that get adapters (the attention projections).
+        resolution: training image side; ``None``: the teacher's native resolution.
+        flip: random horizontal flips (p = 0.5) of the instance images (off in PlacidDreamer).
+        max_grad_norm: gradient-norm clipping of the LoRA parameters (diffusers' default 1.0; 0 = off).
+        weight_decay / adam_betas / adam_eps: AdamW settings (diffusers' script defaults).
+        adapter_name: name of the adapter in the teacher's UNet.
+        checkpoint_every: Trainer checkpoint interval in steps when ``out`` is given (0 = only at the end).
+    """
+
+    rank: int = 4
+    lr: float = 1e-4
+    steps: int = 400
+    batch_size: int = 2
+    seed: int = 0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    resolution: int | None = None
+    flip: bool = False
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    adapter_name: str = "personal"
+    checkpoint_every: int = 100
+
+
+# --------------------------------------------------------------------------------------- validation
+def _teacher_unet(teacher: Any):
+    unet = getattr(teacher, "unet", None)
+    if unet is None or not hasattr(unet, "add_adapter") or not hasattr(teacher, "_forward"):
+        name = getattr(teacher, "name", type(teacher).__name__)
+        raise UserError(f"teacher {name!r} has no diffusers UNet to personalise: DreamBooth-LoRA needs a UNet "
+                        "teacher (an SD 1.x/2.x model such as sd21-base, or shapeworld-unet); analytic teachers "
+                        "such as shapeworld-exact cannot be fine-tuned")
+    return unet
+
+
+def _check_config(cfg: DreamBoothConfig) -> None:
+    def positive_int(name: str) -> None:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"DreamBoothConfig.{name} must be a positive integer, got {v!r}")
+
+    for n in ("steps", "batch_size", "rank"):
+        positive_int(n)
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"DreamBoothConfig.lr must be a positive number, got {cfg.lr!r}")
+    if cfg.resolution is not None:
+        positive_int("resolution")
+    if not cfg.target_modules:
+        raise UserError("DreamBoothConfig.target_modules is empty; give UNet module names such as to_q, to_k, "
+                        "to_v, to_out.0")
+    if not (isinstance(cfg.max_grad_norm, (int, float)) and cfg.max_grad_norm >= 0):
+        raise UserError(f"DreamBoothConfig.max_grad_norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm!r}")
+    if not isinstance(cfg.adapter_name, str) or not cfg.adapter_name.strip():
+        raise UserError("DreamBoothConfig.adapter_name must be a non-empty string")
+
+
+def _check_images(images: Any) -> Tensor:
+    if not isinstance(images, Tensor):
+        raise UserError(f"instance images must be a tensor [N,3,H,W] in [0,1], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise UserError(f"instance images must be [N,3,H,W] in [0,1] (RGB, channels first), got shape "
+                        f"{tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise UserError("no instance images: DreamBooth needs at least one image of the subject (PlacidDreamer "
+                        "uses its 8 generated views)")
+    if images.shape[-2] < 2 or images.shape[-1] < 2:
+        raise UserError(f"instance images are too small ({images.shape[-2]}x{images.shape[-1]})")
+    if not images.is_floating_point():
+        raise UserError(f"instance images must be floating point in [0,1], got dtype {images.dtype} (divide uint8 "
+                        "images by 255)")
+    if not bool(torch.isfinite(images).all()):
+        raise UserError("instance images contain NaN or infinite values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise UserError(f"instance images must lie in [0,1], got values in [{lo:.3g}, {hi:.3g}] (images in [-1,1] "
+                        "or [0,255] need rescaling)")
+    return images.clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------- data and loss
+def _square_resize(images: Tensor, res: int) -> Tensor:
+    """Shorter side to ``res`` then centre crop (diffusers' Resize + CenterCrop), bilinear."""
+    h, w = images.shape[-2:]
+    s = min(h, w)
+    if h != w:
+        top, left = (h - s) // 2, (w - s) // 2
+        images = images[..., top:top + s, left:left + s]
+    if s != res:
+        images = torch.nn.functional.interpolate(images, size=(res, res), mode="bilinear", align_corners=False,
+                                                 antialias=s > res)
+    return images
+
+
+@torch.no_grad()
+def prepare_instance_data(teacher: Any, images: Tensor, prompt: str, cfg: DreamBoothConfig | None = None
+                          ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The fixed training data: ``(x0, x0_flipped or None, text_embeds [1,L,D])``.
+
+    Images are resized to ``cfg.resolution`` (default: the teacher's native resolution) and encoded once
+    with ``teacher.encode`` (no grad); the prompt is embedded once with ``teacher.encode_prompt``.
+    """
+    cfg = cfg or DreamBoothConfig()
+    images = _check_images(images)
+    res = int(cfg.resolution or teacher.native_resolution)
+    f = int(getattr(teacher, "vae_scale_factor", 1))
+    if res % f:
+        raise UserError(f"DreamBoothConfig.resolution {res} must be divisible by the teacher's VAE factor {f}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("DreamBooth needs the instance prompt (the full text prompt), got an empty prompt")
+    x = _square_resize(images.to(device=teacher.device, dtype=torch.float32), res)
+    kw = {"size": res} if "size" in inspect.signature(teacher.encode).parameters else {}
+
+    def enc(batch: Tensor) -> Tensor:
+        return torch.cat([teacher.encode(batch[i:i + 8], **kw) for i in range(0, batch.shape[0], 8)]).float()
+
+    x0 = enc(x)
+    x0_flip = enc(torch.flip(x, dims=[-1])) if cfg.flip else None
+    embeds = teacher.encode_prompt([prompt]).embeds.detach()
+    return x0, x0_flip, embeds
+
+
+def dreambooth_loss(teacher: Any, x0: Tensor, text_embeds: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Denoising loss of the teacher's UNet (with its active LoRAs) at fixed ``t [B]`` and ``noise``:
+    ``MSE(unet(add_noise(x0, noise, t), t, y), schedule.target(x0, noise, t))`` in the teacher's own
+    parameterisation (epsilon or v), float32 mean."""
+    sched = teacher.schedule
+    t = torch.as_tensor(t, device=x0.device).reshape(-1)
+    t = t.expand(x0.shape[0]) if t.numel() == 1 else t
+    x_t = sched.add_noise(x0, noise, t)
+    emb = text_embeds if text_embeds.shape[0] == x0.shape[0] else text_embeds.expand(x0.shape[0], *text_embeds.shape[1:])
+    pred = teacher._forward(x_t, t, emb)
+    return torch.nn.functional.mse_loss(pred.float(), sched.target(x0, noise, t).float())
+
+
+def lora_state_dict(teacher: Any, adapter_name: str = "personal") -> dict[str, Tensor]:
+    """The adapter's weights as peft keys of the UNet (no ``unet.`` prefix, adapter name stripped)."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet = _teacher_unet(teacher)
+    if adapter_name not in _adapter_names(unet):
+        raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} has no LoRA named {adapter_name!r}")
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def save_dreambooth_lora(teacher: Any, out: str | Path, adapter_name: str = "personal") -> Path:
+    """Write the adapter atomically to ``out/pytorch_lora_weights.safetensors`` in diffusers' LoRA format
+    (``StableDiffusionLoraLoaderMixin.save_lora_weights``: ``unet.`` keys, LoRA config metadata). Returns
+    the file path."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    unet = _teacher_unet(teacher)
+    state = lora_state_dict(teacher, adapter_name)
+    meta = unet.peft_config[adapter_name].to_dict()
+    target = Path(out) / LORA_WEIGHT_NAME
+    with atomic_path(target) as tmp:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(str(tmp.parent), unet_lora_layers=state,
+                                                         weight_name=tmp.name, safe_serialization=True,
+                                                         unet_lora_adapter_metadata=meta)
+    return target
+
+
+# --------------------------------------------------------------------------------------- the stage
+class DreamBoothStage:
+    """One :class:`~studio.train.loop.Trainer` stage that trains a DreamBooth LoRA on ``teacher.unet`` in place.
+
+    Construction adds the adapter (seeded init, ``B = 0``: the teacher's predictions are unchanged) and
+    makes only its weights trainable (float32); :meth:`finish` freezes the teacher again.
+    """
+
+    def __init__(self, teacher: Any, images: Tensor, prompt: str, cfg: DreamBoothConfig | None = None, *,
+                 name: str = "dreambooth") -> None:
+        cfg = cfg or DreamBoothConfig()
+        _check_config(cfg)
+        unet = _teacher_unet(teacher)
+        if cfg.adapter_name in _adapter_names(unet):
+            raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} already has a LoRA named "
+                            f"{cfg.adapter_name!r}; remove it with teacher.unload_lora({cfg.adapter_name!r}) or set "
+                            "DreamBoothConfig.adapter_name")
+        self.name, self.steps, self.cfg = name, int(cfg.steps), cfg
+        self.teacher, self.prompt = teacher, prompt
+        self.x0, self.x0_flip, self.embeds = prepare_instance_data(teacher, images, prompt, cfg)
+        targets = tuple(cfg.target_modules)
+        # (linear layers, or ones a LoRA loaded earlier already wraps)
+        if not any((isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer"))
+                   and any(n == k or n.endswith("." + k) for k in targets) for n, m in unet.named_modules()):
+            raise UserError(f"no LoRA targets {targets} (linear layers) found in the UNet of teacher "
+                            f"{getattr(teacher, 'name', '?')!r}; the attention projections are to_q, to_k, to_v, "
+                            "to_out.0")
+        scales = dict(getattr(teacher, "_lora_scales", {}) or {})
+        loaded = getattr(unet, "_hf_peft_config_loaded", None)
+        try:
+            with warnings.catch_warnings():  # peft's note that the UNet already holds adapters is expected here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                add_lora_adapter(unet, rank=cfg.rank, adapter_name=cfg.adapter_name, target_modules=targets,
+                                 scales=scales, seed=cfg.seed)
+        except ValueError as e:
+            if loaded is not None and not _adapter_names(unet):
+                unet._hf_peft_config_loaded = loaded  # a failed diffusers add_adapter leaves the flag set
+            raise UserError(f"could not add a LoRA on {targets} to teacher {getattr(teacher, 'name', '?')!r}: "
+                            f"{e}") from None
+        if isinstance(getattr(teacher, "_lora_scales", None), dict):
+            teacher._lora_scales[cfg.adapter_name] = 1.0  # known to set_lora_scale / unload_lora / lora_adapters
+        tag = f".{cfg.adapter_name}."
+        self._params: dict[str, torch.nn.Parameter] = {}
+        for n, p in unet.named_parameters():
+            train = f"lora_A{tag}" in n or f"lora_B{tag}" in n
+            p.requires_grad_(train)
+            if train:
+                p.data = p.data.to(torch.float32)
+                self._params[n] = p
+        for p in getattr(teacher, "text_encoder", torch.nn.Module()).parameters():
+            p.requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(int(cfg.seed))
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+        self.optimizer = torch.optim.AdamW(list(self._params.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        if cfg.max_grad_norm > 0:  # clipping between the Trainer's backward and its optimizer step
+            params, max_norm = list(self._params.values()), float(cfg.max_grad_norm)
+
+            def clip(*_: Any) -> None:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+            self.optimizer.register_step_pre_hook(clip)
+
+    # ---------------------------------------------------------------- Stage protocol
+    @property
+    def parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable LoRA tensors by UNet parameter name."""
+        return dict(self._params)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lora": self.optimizer}
+
+    def _next_indices(self) -> Tensor:
+        n, out = self.x0.shape[0], []
+        while len(out) < self.cfg.batch_size:
+            if self._cursor >= self._order.numel():
+                self._order = torch.randperm(n, generator=self.generator)
+                self._cursor = 0
+            out.append(int(self._order[self._cursor]))
+            self._cursor += 1
+        return torch.tensor(out, dtype=torch.long)
+
+    def train_step(self, step: int, progress: float):
+        idx = self._next_indices()
+        x0 = self.x0[idx.to(self.x0.device)]
+        if self.x0_flip is not None:
+            flip = (torch.rand(idx.numel(), generator=self.generator) < 0.5).to(x0.device)
+            x0 = torch.where(flip.reshape(-1, 1, 1, 1), self.x0_flip[idx.to(x0.device)], x0)
+        T = int(self.teacher.schedule.num_train_timesteps)
+        t = torch.randint(0, T, (idx.numel(),), generator=self.generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
+        loss = dreambooth_loss(self.teacher, x0, self.embeds, t, noise)
+        return StepOutput(loss=loss)
+
+    def after_step(self, step: int, out: Any) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"lora": {n: p.detach().clone() for n, p in self._params.items()},
+                "generator": self.generator.get_state(), "order": self._order.clone(), "cursor": self._cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, v in state["lora"].items():
+                self._params[n].copy_(v.to(self._params[n].device, self._params[n].dtype))
+        self.generator.set_state(state["generator"].to(torch.uint8))
+        self._order = state["order"].to(torch.long)
+        self._cursor = int(state["cursor"])
+
+    def preview(self) -> Tensor | None:
+        return None
+
+    def remove(self) -> None:
+        """Delete the adapter from the teacher again (e.g. after a failed or cancelled run)."""
+        name = self.cfg.adapter_name
+        if name in getattr(self.teacher, "_lora_scales", {}) and hasattr(self.teacher, "unload_lora"):
+            self.teacher.unload_lora(name)
+        elif name in _adapter_names(self.teacher.unet):
+            self.teacher.unet.delete_adapters(name)
+
+    def finish(self) -> None:
+        """Freeze the teacher again (LoRA included) and drop gradients; the adapter stays active at scale 1."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.teacher, "freeze"):
+            self.teacher.freeze()
+        else:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------- entry point
+def _fingerprint(teacher: Any, images: Tensor, prompt: str, cfg: DreamBoothConfig) -> dict:
+    x = images.detach().to("cpu", torch.float32).contiguous()
+    return {"format": _FORMAT, "prompt": prompt, "teacher": str(getattr(teacher, "name", type(teacher).__name__)),
+            "images_sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(), "image_shape": list(x.shape),
+            "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / META_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def dreambooth_lora(teacher: Any, images: Tensor, prompt: str, cfg: DreamBoothConfig | None = None, *,
+                    progress: bool | Callable[[dict], Any] | None = None, out: str | Path | None = None,
+                    resume: bool = False) -> dict:
+    """Personalise ``teacher`` in place with a DreamBooth LoRA on ``images [N,3,H,W]`` in [0,1] and ``prompt``.
+
+    Args:
+        teacher: a UNet teacher (:class:`~studio.teachers.diffusers_sd.DiffusersTeacher`, latent or pixel space).
+        images: the instance images (PlacidDreamer: the 8 enhanced views), any size (resized, centre-cropped).
+        prompt: the instance prompt, i.e. the full text prompt.
+        cfg: :class:`DreamBoothConfig` (default: PlacidDreamer's settings).
+        progress: ``True`` prints the Trainer's progress line; a callable gets every step's record
+            (``step``, ``steps``, ``loss``, ``it_s``, ``eta_s``) and may return ``False`` to cancel.
+        out: folder for ``pytorch_lora_weights.safetensors`` (diffusers LoRA format), ``dreambooth.json``
+            and the Trainer checkpoint.
+        resume: with ``out``: load a finished LoRA of the same prompt / images / teacher / config instead of
+            training, or continue an unfinished run from its checkpoint.
+
+    Returns:
+        a summary: ``adapter_name``, ``steps``, ``loss_first`` / ``loss_last`` (single steps),
+        ``loss_first_mean`` / ``loss_last_mean`` (means over the first / last ``min(10, steps)`` steps),
+        ``seconds``, ``trainable_parameters``, ``resolution``, ``num_images``, ``out``, ``resumed``.
+
+    Raises:
+        UserError: no / malformed images, an empty prompt, a bad config, a teacher without a UNet, or an
+            adapter name the teacher already uses.
+    """
+    cfg = cfg or DreamBoothConfig()
+    _check_config(cfg)
+    unet = _teacher_unet(teacher)
+    images = _check_images(images)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("DreamBooth needs the instance prompt (the full text prompt), got an empty prompt")
+    if cfg.adapter_name in _adapter_names(unet):
+        raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} already has a LoRA named {cfg.adapter_name!r}; "
+                        f"remove it with teacher.unload_lora({cfg.adapter_name!r}) or set DreamBoothConfig.adapter_name")
+    folder = Path(out) if out is not None else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise UserError(f"DreamBooth output {str(folder)!r} is a file; give a folder")
+    finger = _fingerprint(teacher, images, prompt, cfg)
+    meta = _read_meta(folder) if folder is not None else None
+    same = meta is not None and all(meta.get(k) == v for k, v in finger.items())
+    if resume and same and meta.get("complete") and (folder / LORA_WEIGHT_NAME).is_file():
+        t0 = time.perf_counter()
+        teacher.load_lora(str(folder), adapter_name=cfg.adapter_name, scale=1.0)
+        summary = dict(meta.get("summary") or {}, resumed=True, out=str(folder),
+                       load_seconds=round(time.perf_counter() - t0, 3))
+        return summary
+    if resume and folder is not None and meta is not None and not same:
+        warnings.warn(f"DreamBooth run in {folder} was made with another prompt / images / teacher / config; "
+                      "training from scratch", RuntimeWarning, stacklevel=2)
+
+    t0 = time.perf_counter()
+    stage = DreamBoothStage(teacher, images, prompt, cfg)
+    callbacks = [progress] if callable(progress) else []
+    try:
+        with tempfile.TemporaryDirectory(prefix="dreambooth_") as tmp:
+            run_dir = folder if folder is not None else Path(tmp)
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(folder / META_NAME, json.dumps(dict(finger, complete=False), indent=2))
+            trainer = Trainer(TrainerConfig(out_dir=run_dir, seed=cfg.seed, preview_every=0, progress=progress is True,
+                                            checkpoint_every=cfg.checkpoint_every if folder is not None else 0,
+                                            log_every=max(1, cfg.steps // 20)),
+                              callbacks=callbacks)
+            history = trainer.run([stage], resume=bool(resume and same and folder is not None))
+    except BaseException:
+        # back to the teacher as it was (the partial run stays in out/checkpoints for resume=True)
+        stage.finish()
+        stage.remove()
+        raise
+    stage.finish()
+    losses = [float(r["loss"]) for r in history if r.get("stage") == stage.name]
+    k = max(1, min(10, len(losses)))
+    summary = {
+        "adapter_name": cfg.adapter_name, "steps": cfg.steps, "batch_size": cfg.batch_size, "rank": cfg.rank,
+        "lr": cfg.lr, "resolution": int(cfg.resolution or teacher.native_resolution), "num_images": int(images.shape[0]),
+        "prediction_type": str(teacher.schedule.prediction_type),
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "loss_first_mean": sum(losses[:k]) / k if losses else None,
+        "loss_last_mean": sum(losses[-k:]) / k if losses else None,
+        "trainable_parameters": int(sum(p.numel() for p in stage.parameters.values())),
+        "seconds": round(time.perf_counter() - t0, 3), "out": str(folder) if folder is not None else None,
+        "resumed": False,
+    }
+    if folder is not None:
+        save_dreambooth_lora(teacher, folder, cfg.adapter_name)
+        atomic_write_text(folder / META_NAME, json.dumps(dict(finger, complete=True, summary=summary), indent=2))
+    return summary
