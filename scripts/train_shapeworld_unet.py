@@ -61,54 +61,13 @@ VOCAB_WORDS = (
     "side left right overhead view views top bottom photo picture render high quality blurry low bad "
     "unrealistic object 3d"
 ).split()
-_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
-
-
-# --------------------------------------------------------------------------- tokenizer
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for bytes 0..255 (in byte order)."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
 
 
 def make_tokenizer(folder: Path, words=VOCAB_WORDS, model_max_length: int = MAX_TOKENS):
     """An offline byte-level BPE ``CLIPTokenizer`` (all 256 byte symbols + whole-word merges for ``words``)."""
-    from transformers import CLIPTokenizer
+    from studio.teachers.offline_tokenizer import make_clip_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    syms = _byte_symbols()
-    vocab: dict[str, int] = {}
-    for s in syms:
-        vocab[s] = len(vocab)
-    for s in syms:
-        vocab[s + "</w>"] = len(vocab)
-    merges, seen = [], set()
-    for w in dict.fromkeys(words):
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(f"{pair[0]} {pair[1]}")
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
-    for s in _SPECIALS:
-        vocab[s] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer",
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-    }))
-    return CLIPTokenizer.from_pretrained(str(folder))
+    return make_clip_tokenizer(folder, words, model_max_length)
 
 
 # --------------------------------------------------------------------------- model
@@ -145,7 +104,7 @@ def build_models(tokenizer, seed: int, beta_schedule: str = "scaled_linear"):
 def render_dataset(views_per_object: int, seed: int, n_gaussians: int = 6000, render_size: int = 64,
                    overhead_fraction: float = 0.1):
     """Renders ``[N,3,32,32]`` in [0,1], object index ``[N]``, azimuth ``[N]``, elevation ``[N]`` (degrees)."""
-    from studio.cameras import Cameras, OrbitSampler
+    from studio.cameras import OrbitSampler
     from studio.world.objects import list_objects
     from studio.world.references import render_gaussian_views
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from studio.distill.bsd import bsd, bsd_direction, combine, min_norm_alpha, offset_noise_like
-from studio.teachers.base import ImageTeacher, TextCond
+from studio.teachers.base import ImageTeacher
 from studio.teachers.schedule import NoiseSchedule
 
 

@@ -1,10 +1,9 @@
-import math
 
 import pytest
 import torch
 
 from studio.cameras import (Cameras, OrbitSampler, intrinsics_from_fov, look_at, opencv_to_opengl, opengl_to_opencv,
-                            orbit_cameras, ring_cameras, spherical_to_position)
+                            orbit_cameras, ring_cameras)
 
 
 def test_look_at_center_and_target_projects_to_principal_point():

@@ -5,7 +5,7 @@ import torch
 from studio.distill.inject import inject_gradient
 from studio.distill.sds import sds
 from studio.distill.timesteps import TimestepSampler
-from studio.teachers.base import ImageTeacher, TextCond
+from studio.teachers.base import ImageTeacher
 from studio.teachers.schedule import NoiseSchedule
 
 

@@ -1,5 +1,4 @@
 """The torch twin against a literal per-pixel loop, and the public API's validation and conventions."""
-import math
 
 import pytest
 import torch

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from studio.teachers.offline_tokenizer import make_clip_tokenizer, write_clip_bpe_vocab
+
 #: words that get whole-word BPE merges in the tiny vocabulary (others fall back to byte symbols)
 TINY_WORDS = (
     "a an the of and with on in red green blue yellow white black purple orange cube ball sphere cone "
@@ -23,63 +25,15 @@ TINY_WORDS = (
     "photo high quality blurry low unrealistic bouncing rolling spinning"
 ).split()
 
-_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for bytes 0..255 (in byte order)."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
 
 
 def write_tiny_clip_vocab(folder: str | Path, words=TINY_WORDS) -> tuple[Path, Path]:
     """Write ``vocab.json`` and ``merges.txt`` for a tiny CLIP BPE tokenizer; returns their paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    syms = _byte_symbols()
-    vocab: dict[str, int] = {}
-    for s in syms:
-        vocab[s] = len(vocab)
-    for s in syms:
-        vocab[s + "</w>"] = len(vocab)
-    merges: list[str] = []
-    seen = set()
-    for w in dict.fromkeys(words):
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            merged = parts[0] + parts[1]
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(f"{pair[0]} {pair[1]}")
-            vocab.setdefault(merged, len(vocab))
-            parts = [merged] + parts[2:]
-    for s in _SPECIALS:
-        vocab[s] = len(vocab)
-    vf, mf = folder / "vocab.json", folder / "merges.txt"
-    vf.write_text(json.dumps(vocab, ensure_ascii=False))
-    mf.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return vf, mf
+    return write_clip_bpe_vocab(folder, words)
 
 
 def make_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 77):
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    write_tiny_clip_vocab(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer",
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-    }))
-    return CLIPTokenizer.from_pretrained(str(folder))
+    return make_clip_tokenizer(folder, TINY_WORDS, model_max_length)
 
 
 def tiny_sd_components(prediction_type: str = "epsilon", sample_size: int = 32, seed: int = 0,
