@@ -16,6 +16,7 @@ _BUILTIN = {
     # name -> "module:Class"; imported lazily so `studio --help` stays fast.
     "sds": "methods.sds:SDSMethod",
     "vsd": "methods.vsd:VSDMethod",
+    "placiddreamer": "methods.placiddreamer:PlacidDreamerMethod",
 }
 _REGISTRY: dict[str, type] = {}
 

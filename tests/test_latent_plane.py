@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from studio.latent_plane import (RING_N, CoarsePlane, FinePlane, LatentPlane, camera_rays, composite,
-                                 density_to_mesh, load_latent_plane, load_official_state_dict,
-                                 mesh_to_gaussian_init, positional_encoding, project_to_ring, ring_cameras,
-                                 sample_along_rays, to_official_frame, volume_render_weights)
+from studio.errors import UserError
+from studio.latent_plane import (RING_N, CoarsePlane, FinePlane, LatentPlane, camera_rays, composite, density_to_mesh,
+                                 load_latent_plane, load_official_state_dict, mesh_to_gaussian_init,
+                                 positional_encoding, project_to_ring, ring_cameras, sample_along_rays,
+                                 to_official_frame, volume_render_weights)
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "latent-plane"
 
@@ -35,7 +36,7 @@ def test_origin_projects_to_uv_centre_in_every_view(res):
     assert uv.abs().max() < 1e-5
     # and the centre pixel ray of every ring view passes through the origin
     cams = ring_cameras(res)
-    pix, z = cams.project(torch.zeros(1, 3))
+    pix, _ = cams.project(torch.zeros(1, 3))
     torch.testing.assert_close(pix, torch.full_like(pix, res / 2), atol=1e-4, rtol=0)
 
 
@@ -80,8 +81,8 @@ def test_volume_render_weights_nonnegative_and_sum_at_most_one():
     torch.testing.assert_close(w.double(), alpha * T, atol=1e-5, rtol=0)
     # and through the coarse plane
     coarse, _ = small_planes()
-    out = coarse(torch.rand(1, 8, 6, 8, 8), t=10.0)
-    assert out["occ"].shape == (1, 8, 1, 8, 8)
+    out = coarse(torch.rand(1, 8, 6, 4, 4), t=10.0)
+    assert out["occ"].shape == (1, 8, 1, 4, 4)
     assert (out["weights"] >= 0).all() and (out["occ"] <= 1 + 1e-6).all()
 
 
@@ -89,13 +90,13 @@ def test_composite_identity_at_zero_occupancy():
     f = torch.randn(3, 4, 5, 5)
     assert torch.equal(composite(f, torch.zeros(3, 1, 5, 5), torch.zeros_like(f)), f)
     _, fine = small_planes()
-    feats = torch.randn(2, 8, 6, 8, 8)
-    sigma = torch.full((2, 8, 64, 32), -1e4)  # softplus -> 0: occupancy exactly 0
+    feats = torch.randn(2, 8, 6, 4, 4)
+    sigma = torch.full((2, 8, 16, 32), -1e4)  # softplus -> 0: occupancy exactly 0
     out = fine(feats, sigma)
     assert torch.equal(out["occ"], torch.zeros_like(out["occ"]))
     assert torch.equal(out["sample"], feats)
     # with occupancy the features do change
-    out2 = fine(feats, torch.full((2, 8, 64, 32), 20.0))
+    out2 = fine(feats, torch.full((2, 8, 16, 32), 20.0))
     assert not torch.allclose(out2["sample"], feats)
 
 
@@ -173,8 +174,11 @@ def test_marching_cubes_on_analytic_sphere():
     rad = v.norm(dim=-1)
     assert float(rad.mean()) == pytest.approx(r0, abs=0.005)
     assert float((rad - r0).abs().max()) < 0.02
-    n = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
+    n = torch.as_tensor(np.array(mesh.vertex_normals), dtype=torch.float32)
     assert float((n * v).sum(-1).mean()) > 0  # outward normals
+    fn = torch.as_tensor(np.array(mesh.face_normals), dtype=torch.float32)
+    fc = torch.as_tensor(np.array(mesh.triangles_center), dtype=torch.float32) - torch.tensor([0.0, 0.0, 0.05])
+    assert float(((fn * fc).sum(-1) > 0).float().mean()) > 0.99  # faces wound outwards too
     gm = mesh_to_gaussian_init(mesh, n_points=3000, seed=0, normalize=False)
     m = gm.means.detach() - torch.tensor([0.0, 0.0, 0.05])
     assert float(m.norm(dim=-1).mean()) == pytest.approx(r0, abs=0.005)
@@ -311,7 +315,7 @@ def test_official_layout_matches_a_replica_module():
 # ---------------------------------------------------------------------------------- shipped weights
 
 def test_load_latent_plane_missing_folder_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_latent_plane"):
+    with pytest.raises(UserError, match="train_latent_plane"):
         load_latent_plane(tmp_path / "nope")
 
 
@@ -345,6 +349,22 @@ def test_shipped_weights_reconstruct_a_held_out_object():
     assert float(ch["chamfer"]) < CHAMFER_THRESHOLD, float(ch["chamfer"])
 
 
-# measured on the shipped weights (see the report in assets/latent-plane/training.json), with margin
-IOU_THRESHOLD = 0.6
-CHAMFER_THRESHOLD = 0.15
+# Measured on the shipped weights (seed 0, 2747 steps): silhouette IoU 0.785 and Chamfer 0.088 world units for
+# purple_cylinder at these settings (4 held-out views at 16 px, 32^3 grid). The thresholds leave a margin.
+IOU_THRESHOLD = 0.7
+CHAMFER_THRESHOLD = 0.12
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="assets/latent-plane not trained")
+def test_init_from_ring_views_in_world_units():
+    from studio.latent_plane import init_from_ring_views, shapeworld_ring_features
+
+    plane, feats, cfg = load_latent_plane(ASSET)
+    rf = shapeworld_ring_features("penguin", feats, resolution=64, cube_scale=cfg.cube_scale)
+    views = rf["images"].permute(0, 3, 1, 2)  # 64-px ring views, resized to the plane's 32 px inside
+    model, _mesh, info = init_from_ring_views(views, plane, feats, cfg, n_points=2000, grid_res=32)
+    assert model.num_gaussians == 2000 and info["occupancy"] > 0.05
+    ext = model.means.detach().amax(0) - model.means.detach().amin(0)
+    assert 1.1 < float(ext[1]) < 1.8  # the penguin is 1.37 world units tall
+    with pytest.raises(ValueError, match="views must have shape"):
+        init_from_ring_views(views[:4], plane, feats, cfg)

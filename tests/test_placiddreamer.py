@@ -1,0 +1,52 @@
+"""PlacidDreamer end to end on the embedded default (few steps) and on tiny real diffusers classes."""
+import dataclasses
+
+import pytest
+
+from methods.placiddreamer import PlacidDreamerConfig, scale_schedules
+from studio.errors import UserError
+from studio.text_to_3d import generate
+
+
+def _cfg(**kw):
+    base = PlacidDreamerConfig(prompt="a red cube", steps=6, resolution=32, nv_steps=4, dreambooth_steps=3,
+                               init_points=800, turntable_frames=2, turntable_size=32)
+    stage = dataclasses.replace(base.stage, batch_size=2)
+    return dataclasses.replace(base, stage=stage, **kw)
+
+
+def test_schedules_scale_to_the_run_length():
+    s = scale_schedules(PlacidDreamerConfig().stage, 500)
+    assert (s.radius_decay_every, s.fovy_scale_every, s.densify_every, s.opacity_reset_every) == (50, 50, 10, 300)
+    assert s.densify_stop_frac == pytest.approx(0.6) and s.t_anneal_end == pytest.approx(0.3)
+
+
+def test_placiddreamer_runs_every_step_and_resumes(tmp_path):
+    m = generate(_cfg(), "placiddreamer", tmp_path, progress=False)
+    run = tmp_path / "a-red-cube"
+    for f in ("reference.png", "views.png", "views.safetensors", "init.ply", "init_mesh.ply", "init.json", "lora",
+              "model.ply", "turntable.mp4", "metrics.json"):
+        assert (run / f).exists(), f
+    prep = m["prepare"]
+    assert prep["personalised"] is True and prep["posterior_object"] == "red_cube"
+    assert prep["init_points"] == 800
+    assert m["ground_truth"]["iou"] > 0.2
+    # resume: the prepared steps are reused (no new DreamBooth run, same init)
+    before = (run / "init.ply").read_bytes()
+    m2 = generate(_cfg(), "placiddreamer", tmp_path, progress=False, resume=True)
+    assert m2["prepare"].get("resumed") is True and (run / "init.ply").read_bytes() == before
+
+
+def test_sds_ablation_and_random_init_without_personalisation(tmp_path):
+    m = generate(_cfg(distillation="sds", init="random", personalize=False), "placiddreamer", tmp_path, progress=False)
+    assert m["prepare"]["personalised"] is False
+    assert not (tmp_path / "a-red-cube" / "init.ply").exists()
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="image"):
+        generate(_cfg(image=str(tmp_path / "missing.png")), "placiddreamer", tmp_path, progress=False)
+    with pytest.raises(UserError, match="bsd-lambda"):
+        generate(_cfg(bsd_lambda=0.0), "placiddreamer", tmp_path, progress=False)
+    with pytest.raises(UserError, match="novel-view"):
+        generate(_cfg(novel_view_teacher="shapeworld-exact"), "placiddreamer", tmp_path, progress=False)
