@@ -6,7 +6,7 @@ Algorithm (``../shared/specs/placiddreamer_dreampolish.md`` section 2.2):
        ("<prompt>, front view")
     1. multi-view + geometry: the novel-view teacher (Zero123-XL, or ShapeWorld's exact image-conditioned
        teacher) generates 8 views on the Latent-Plane's camera ring; the Latent-Plane's coarse plane turns
-       them into a 64^3 density grid -> marching-cubes mesh -> 100k surface points -> initial Gaussians
+       them into a 64^3 density grid -> marching-cubes mesh -> surface points (paper 100k, default 20k) -> Gaussians
        (uniform scaling into the unit cube, opacity 0.1, scale from 3-NN distances)
     2. personalisation: DreamBooth-LoRA (rank 4, lr 1e-4, 400 steps, batch 2, no prior preservation) of
        the text-to-image teacher on the 8 views; the LoRA (scale 1) then serves both CFG branches
@@ -83,7 +83,8 @@ class PlacidDreamerConfig(TextTo3DConfig):
     latent_plane_steps: int = 45
     """denoising steps (of nv_steps) with the Latent-Plane hooked into the UNet (Zero123 hosts only)"""
     init: Literal["latent_plane", "random"] = "latent_plane"
-    init_points: int = 100_000
+    init_points: int = 20_000
+    """surface points of the initial Gaussians (the paper: 100k; 20k keeps a CPU run in minutes)"""
     personalize: bool = True
     dreambooth_steps: int = 400
     dreambooth_rank: int = 4

@@ -235,3 +235,101 @@ def test_shapeworld_nv_cfg_uncond_is_uniform(swnv):
     assert not torch.allclose(eps_u, eps_c, atol=1e-3)
     g = swnv.predict(x, 600, cond, guidance_scale=2.0)
     assert torch.allclose(g, eps_u + 2.0 * (eps_c - eps_u), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- pixel-space Zero123
+@pytest.fixture(scope="module")
+def z123_pixel_path(tmp_path_factory):
+    return make_tiny_zero123(tmp_path_factory.mktemp("zero123px") / "tiny-zero123-pixel", sample_size=16,
+                             pixel=True)
+
+
+def test_pixel_zero123_loads_by_path(z123_pixel_path):
+    assert is_zero123_layout(str(z123_pixel_path))
+    t = load_teacher(str(z123_pixel_path), device="cpu")
+    assert isinstance(t, Zero123Teacher) and t.vae is None
+    assert not t.is_latent and t.latent_channels == 3 and t.vae_scale_factor == 1 and t.native_resolution == 16
+    img = _ref_image(size=24)
+    cond = t.encode_view(img, [0.0, 10.0], [0.0, 90.0], 0.0)
+    ref = torch.nn.functional.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    lat = cond.extra["image_latents"]
+    assert lat.shape == (2, 3, 16, 16) and torch.allclose(lat[1], ref[0] * 2 - 1, atol=1e-6)  # the image itself
+    assert torch.equal(cond.negative_extra["image_latents"], torch.zeros_like(lat))
+    assert cond.embeds.shape == (2, 1, 32) and torch.equal(cond.negative_embeds, torch.zeros(2, 1, 32))
+    x = t.encode(ref)
+    assert torch.allclose(x, ref * 2 - 1) and torch.allclose(t.decode(x), ref, atol=1e-6)
+    eps = t.predict(torch.randn(2, 3, 16, 16), 500, cond, guidance_scale=3.0)
+    assert eps.shape == (2, 3, 16, 16) and torch.isfinite(eps).all()
+    out = sample_novel_views(t, cond, steps=2, guidance_scale=2.0, seed=0)
+    assert out.shape == (2, 3, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_pixel_zero123_wrong_channels(tmp_path):
+    path = make_tiny_zero123(tmp_path / "latent-unet-no-vae", pixel=False)
+    index = json.loads((path / "model_index.json").read_text())
+    del index["vae"]  # an 8-channel UNet without a vae is neither layout
+    (path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="6"):
+        Zero123Teacher.from_pretrained(str(path), device="cpu")
+
+
+# --------------------------------------------------------------------------------------- shapeworld-nv-unet
+#: measured on the shipped weights (training.json "quality"), with margin
+QUALITY_PSNR_AZ0 = 15.0
+
+
+def _nv_unet_or_skip():
+    from studio.teachers.novel_view import shapeworld_nv_unet_path
+
+    try:
+        shapeworld_nv_unet_path()
+    except UserError:
+        pytest.skip("assets/shapeworld-nv-unet is not shipped in this checkout")
+    return load_teacher("shapeworld-nv-unet", device="cpu")
+
+
+def test_shapeworld_nv_unet_registered_and_loads():
+    assert "shapeworld-nv-unet" in list_teachers()
+    t = _nv_unet_or_skip()
+    assert isinstance(t, Zero123Teacher) and t.name == "shapeworld-nv-unet"
+    assert not t.is_latent and t.native_resolution == 32 and t.schedule.prediction_type == "epsilon"
+    assert all(not p.requires_grad for p in t.parameters())
+    # the reference camera convention of shapeworld-nv-exact, attached for callers (PlacidDreamer's ring)
+    assert (t.reference_elevation, t.reference_azimuth, t.reference_radius, t.fovy) == (15.0, 0.0, 3.2, 40.0)
+    assert len(t.reference_camera) == 1
+
+
+def test_shapeworld_nv_unet_samples_the_right_object(swnv):
+    t = _nv_unet_or_skip()
+    names = [o.name for o in swnv.objects]
+    refs64 = swnv.decode(swnv.reference_renders)  # every object at the reference camera, 64 px
+    refs = torch.nn.functional.interpolate(refs64, size=(32, 32), mode="bilinear", align_corners=False,
+                                           antialias=True)
+    i = names.index("red_cube")
+    cond = t.encode_view(refs64[i: i + 1], 0.0, [0.0, 90.0], 0.0)
+    out = sample_novel_views(t, cond, steps=30, guidance_scale=2.0, seed=0)
+    assert out.shape == (2, 3, 32, 32) and 0 <= float(out.min()) and float(out.max()) <= 1
+    d = (out[0][None] - refs).flatten(1).pow(2).sum(1)  # d_azimuth 0: the reference view itself
+    assert int(d.argmin()) == i
+    assert _psnr(out[0], refs[i]) > QUALITY_PSNR_AZ0
+
+
+def test_shapeworld_nv_unet_missing_assets_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("STUDIO_ASSETS", str(tmp_path))
+    with pytest.raises(UserError, match="train_shapeworld_nv_unet"):
+        load_teacher("shapeworld-nv-unet")
+
+
+def test_shapeworld_nv_unet_assets_are_safetensors_and_small():
+    _nv_unet_or_skip()
+    from studio.teachers.novel_view import shapeworld_nv_unet_path
+
+    root = shapeworld_nv_unet_path()
+    files = [f for f in root.rglob("*") if f.is_file()]
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    for sub in ("unet", "image_encoder", "clip_camera_projection"):
+        assert (root / sub / ("model.safetensors" if sub == "image_encoder" else
+                              "diffusion_pytorch_model.safetensors")).is_file()
+    assert sum(f.stat().st_size for f in files) < 20 * 2**20
+    info = json.loads((root / "training.json").read_text())
+    assert info["script"] == "scripts/train_shapeworld_nv_unet.py" and info["loss_curve"]

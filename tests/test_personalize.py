@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from tiny_models import make_tiny_sd, tiny_sd_components
+from tiny_models import make_tiny_sd
 
 from studio.errors import UserError
 from studio.personalize import (
@@ -35,26 +35,10 @@ def sd_v_path(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("dbv") / "sdv", prediction_type="v_prediction", sample_size=16)
 
 
-def _save_pixel_model(path, sample_size=16):
-    """A pixel-space (no vae/) SD layout: 3-channel UNet, CLIP text encoder, DDPM scheduler."""
-    from diffusers import UNet2DConditionModel
+def _save_pixel_model(path, **kw):
+    from tiny_models import make_tiny_pixel_sd
 
-    comps = tiny_sd_components(sample_size=sample_size, tokenizer_dir=path.parent / f".{path.name}_tok")
-    torch.manual_seed(3)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(4, 8),
-        norm_num_groups=32, use_linear_projection=True)
-    unet.save_pretrained(path / "unet")
-    comps["text_encoder"].save_pretrained(path / "text_encoder")
-    comps["tokenizer"].save_pretrained(path / "tokenizer")
-    comps["scheduler"].save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"]}))
-    return path
+    return make_tiny_pixel_sd(path, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -50,3 +50,23 @@ def test_bad_inputs_are_user_errors(tmp_path):
         generate(_cfg(bsd_lambda=0.0), "placiddreamer", tmp_path, progress=False)
     with pytest.raises(UserError, match="novel-view"):
         generate(_cfg(novel_view_teacher="shapeworld-exact"), "placiddreamer", tmp_path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_real(tmp_path_factory):
+    from tiny_models import make_tiny_sd, make_tiny_zero123
+
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_sd(root / "sd"), make_tiny_zero123(root / "zero123")
+
+
+def test_tiny_real_classes_run_every_step(tmp_path, tiny_real):
+    """Tier 1: a tiny SD pipeline as the text-to-image teacher and a tiny Zero123 layout as the novel-view
+    teacher, both loaded by path: reference sample, 8 ring views, Latent-Plane init, DreamBooth-LoRA, BSD."""
+    sd, z123 = tiny_real
+    cfg = _cfg(prompt="a red cube", teacher=str(sd), novel_view_teacher=str(z123), guidance_scale=None)
+    m = generate(cfg, "placiddreamer", tmp_path, progress=False)
+    prep = m["prepare"]
+    assert prep["personalised"] is True and prep["novel_view_teacher"] == str(z123)
+    run = tmp_path / "a-red-cube"
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run / "model.ply").is_file()

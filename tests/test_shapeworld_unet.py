@@ -132,25 +132,10 @@ def test_missing_assets_is_a_user_error(monkeypatch, tmp_path):
         load_teacher("shapeworld-unet")
 
 
-def _save_pixel_model(path, in_channels=3):
-    from diffusers import UNet2DConditionModel
-    from tiny_models import tiny_sd_components
+def _save_pixel_model(path, **kw):
+    from tiny_models import make_tiny_pixel_sd
 
-    comps = tiny_sd_components(sample_size=16, tokenizer_dir=path.parent / f".{path.name}_tok")
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(4, 8),
-        norm_num_groups=32, use_linear_projection=True)
-    unet.save_pretrained(path / "unet")
-    comps["text_encoder"].save_pretrained(path / "text_encoder")
-    comps["tokenizer"].save_pretrained(path / "tokenizer")
-    comps["scheduler"].save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"]}))
-    return path
+    return make_tiny_pixel_sd(path, **kw)
 
 
 def test_any_pixel_space_folder_loads_by_path(tmp_path):

@@ -110,7 +110,7 @@ def make_tiny_lora(unet, path: str | Path, rank: int = 4, seed: int = 0, std: fl
 
 
 def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, prediction_type: str = "epsilon",
-                      projection_key: str = "clip_camera_projection") -> Path:
+                      projection_key: str = "clip_camera_projection", pixel: bool = False) -> Path:
     """Save a tiny random Zero123 layout (as ``bennyguo/zero123-xl-diffusers``) to ``path``.
 
     Components: ``unet`` (UNet2DConditionModel, 8 input channels = noisy latent + reference latent,
@@ -119,6 +119,8 @@ def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, pre
     (CLIPImageProcessor at 32 px), ``clip_camera_projection`` (CLIPCameraProjection 32 + 4 -> 32; or the
     community ``cc_projection`` / CCProjection layout with ``projection_key="cc_projection"``) and
     ``scheduler`` (DDIMScheduler, SD's scaled_linear betas), with a hub-like ``model_index.json``.
+    ``pixel=True``: the pixel-space variant (as ``shapeworld-nv-unet``): no ``vae`` (folder and index entry),
+    a 6-channel UNet (noisy image + reference image), 3 output channels; native size ``sample_size``.
     """
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -130,7 +132,7 @@ def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, pre
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=8, out_channels=4, layers_per_block=1,
+        sample_size=sample_size, in_channels=6 if pixel else 8, out_channels=3 if pixel else 4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         attention_head_dim=(4, 8), norm_num_groups=32,
@@ -163,7 +165,8 @@ def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, pre
                               beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     unet.save_pretrained(str(path / "unet"))
-    vae.save_pretrained(str(path / "vae"))
+    if not pixel:
+        vae.save_pretrained(str(path / "vae"))
     image_encoder.save_pretrained(str(path / "image_encoder"))
     projection.save_pretrained(str(path / projection_key))
     feature_extractor.save_pretrained(str(path / "feature_extractor"))
@@ -177,5 +180,30 @@ def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, pre
         "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if pixel:
+        del index["vae"]
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def make_tiny_pixel_sd(path: str | Path, sample_size: int = 16, in_channels: int = 3, seed: int = 3) -> Path:
+    """Save a tiny pixel-space (no ``vae/``) SD layout: a ``in_channels``-channel UNet, CLIP text encoder,
+    tokenizer and DDPM scheduler (the layout of ``shapeworld-unet``). Returns ``path``."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    comps = tiny_sd_components(sample_size=sample_size, tokenizer_dir=path.parent / f".{path.name}_tok")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(4, 8),
+        norm_num_groups=32, use_linear_projection=True)
+    unet.save_pretrained(path / "unet")
+    for k in ("text_encoder", "tokenizer", "scheduler"):
+        comps[k].save_pretrained(path / k)
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
     return path
