@@ -79,9 +79,9 @@ class PlacidDreamerConfig(TextTo3DConfig):
     nv_steps: int = 50
     nv_guidance: float = 2.0
     latent_plane: str = "latent-plane"
-    """Latent-Plane weights: a name in assets/ or a folder"""
-    latent_plane_steps: int = 45
-    """denoising steps (of nv_steps) with the Latent-Plane hooked into the UNet (Zero123 hosts only)"""
+    """Latent-Plane weights: a name in assets/ or a folder. The shipped plane is trained on ShapeWorld and
+    reads the 8 generated ring *images* (so it serves any novel-view teacher); the official planes hook
+    Zero123's 640-channel UNet features (studio.latent_plane.LatentPlane.attach, load_official_state_dict)"""
     init: Literal["latent_plane", "random"] = "latent_plane"
     init_points: int = 20_000
     """surface points of the initial Gaussians (the paper: 100k; 20k keeps a CPU run in minutes)"""

@@ -38,7 +38,7 @@ class GaussianStageConfig:
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
     radius_range: tuple[float, float] = (3.0, 3.4)
     fovy_range: tuple[float, float] = (38.0, 42.0)
-    view_prompt: Literal["discrete", "interpolated", "none"] = "discrete"
+    view_prompt: Literal["discrete", "left_right", "interpolated", "interpolated_left_right", "none"] = "discrete"
     camera_conditioning: bool = True
     """pass each view's camera to camera-aware teachers (ShapeWorld exact, VSD's LoRA); others ignore it"""
     negative_prompt: str = ""
