@@ -87,3 +87,20 @@ def test_stage_runs_with_all_options_and_gradients_reach_the_gaussians():
     assert all(len(set(t.tolist())) == 1 and len(t) == 4 for t in seen["t"])
     # camera schedule applied: the sampler's radius range decayed
     assert stage.sampler.radius_range[1] < 5.5
+
+
+def test_densification_budget_grows_only_the_highest_gradients():
+    from studio.students.gaussians import DefaultStrategy, GaussianModel
+
+    m = GaussianModel.random_in_sphere(1000, seed=0)
+    opt = m.make_optimizers()
+    st = DefaultStrategy(max_gaussians=1100, grow_grad2d=0.0, refine_start_iter=0, refine_every=1, reset_every=10**9)
+    state = st.initialize_state(1.0)
+    state["grad2d"], state["count"] = torch.linspace(0, 1, 1000), torch.ones(1000)
+    before = m.params["means"].detach().clone()
+    n_dup, n_split = st._grow(m.params, opt, state, 1)
+    assert n_dup + n_split == 100 and m.params["means"].shape[0] == 1100
+    # unchanged: the 900 lowest-gradient Gaussians (the split ones move; their copies are appended)
+    torch.testing.assert_close(m.params["means"][:900].detach(), before[:900])
+    state["grad2d"], state["count"] = torch.ones(1100), torch.ones(1100)
+    assert st._grow(m.params, opt, state, 2) == (0, 0)  # budget reached: no growth

@@ -294,6 +294,9 @@ class DefaultStrategy:
     """
 
     prune_opa: float = 0.005
+    max_gaussians: int = 0
+    """growth budget (0 = none): when duplicating / splitting every candidate would exceed it, only the
+    candidates with the largest average gradient grow (a split adds one Gaussian, a copy one)"""
     grow_grad2d: float = 0.0002
     grow_scale3d: float = 0.01
     grow_scale2d: float = 0.05
@@ -415,6 +418,13 @@ class DefaultStrategy:
             return 0, 0
         avg = state["grad2d"] / state["count"].clamp_min(1.0)
         high = avg > self.grow_grad2d
+        if self.max_gaussians > 0:
+            room = max(self.max_gaussians - params["means"].shape[0], 0)
+            if int(high.sum()) > room:
+                keep = torch.zeros_like(high)
+                if room > 0:
+                    keep[torch.topk(torch.where(high, avg, torch.full_like(avg, -1.0)), room).indices] = True
+                high = keep
         small = torch.exp(params["scales"]).max(dim=-1).values <= self.grow_scale3d * state["scene_scale"]
         dupli = high & small
         splt = high & ~small

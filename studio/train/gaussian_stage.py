@@ -65,6 +65,8 @@ class GaussianStageConfig:
     """0 = never (score distillation usually does not reset opacities)"""
     scale_reg: float = 0.0
     """weight of a penalty on Gaussian scales above 5% of the scene radius (keeps splats small)"""
+    max_gaussians: int = 0
+    """densification budget (0 = none): growth stops at this many Gaussians, highest gradients first"""
     densify_scale3d: float = 0.05
     """Gaussians smaller than this fraction of the scene extent are cloned, larger ones split
     (3DGS ``percent_dense``)"""
@@ -182,7 +184,7 @@ class GaussianDistillStage:
             prune_opa=cfg.prune_opacity, grow_grad2d=cfg.densify_grad, refine_start_iter=cfg.densify_start,
             refine_stop_iter=int(cfg.densify_stop_frac * self.steps) if cfg.densify else 0,
             refine_every=cfg.densify_every, reset_every=cfg.opacity_reset_every or 10**9, grow_scale3d=cfg.densify_scale3d,
-            prune_scale3d=0.5)
+            prune_scale3d=0.5, max_gaussians=cfg.max_gaussians)
         self._build_optimizers()
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self.last_logs: dict[str, float] = {}
