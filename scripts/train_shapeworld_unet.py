@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -48,6 +47,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from studio.train.tiny_teacher import EMA, save_grid, write_folder_atomically
 
 RESOLUTION = 32
 MAX_TOKENS = 32
@@ -156,20 +157,6 @@ def pick_captions(rows, gen: torch.Generator, p_empty: float = 0.1, p_bare: floa
 
 
 # --------------------------------------------------------------------------- quality check
-def save_grid(images: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> None:
-    import numpy as np
-    from PIL import Image
-
-    imgs = F.interpolate(images, scale_factor=scale, mode="nearest")
-    B, C, H, W = imgs.shape
-    nrow = math.ceil(B / ncol)
-    grid = torch.ones(3, nrow * (H + 2), ncol * (W + 2))
-    for i, im in enumerate(imgs):
-        r, c = divmod(i, ncol)
-        grid[:, r * (H + 2) + 1: r * (H + 2) + 1 + H, c * (W + 2) + 1: c * (W + 2) + 1 + W] = im
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
-
-
 @torch.no_grad()
 def evaluate(out: Path, images: torch.Tensor, labels: torch.Tensor, azims: torch.Tensor, seed: int,
              steps: int = 30, guidance: float = 4.0, per_prompt: int = 4) -> dict:
@@ -235,66 +222,28 @@ def evaluate(out: Path, images: torch.Tensor, labels: torch.Tensor, azims: torch
 
 
 # --------------------------------------------------------------------------- training
-class EMA:
-    def __init__(self, modules, decay: float):
-        self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - d)
-
-    @torch.no_grad()
-    def copy_to(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            p.copy_(s)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange the live and the EMA weights (call twice to restore)."""
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
-
-
 def save_model(out: Path, unet, text_encoder, tokenizer, scheduler, info: dict) -> None:
     """Write the pipeline folder atomically-ish (temp folder, then swap)."""
     import diffusers
 
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}_", dir=out.parent))
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    scheduler.save_pretrained(tmp / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "_studio_note": "pixel-space (no vae): the UNet denoises image*2-1 at sample_size",
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-    }
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    keep = [f for f in ("samples.png", "README.md") if (out / f).is_file()]
-    for f in keep:
-        shutil.copy2(out / f, tmp / f)
-    if out.exists():
-        old = out.parent / f".{out.name}_old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    os.chmod(out, 0o755)
+    def write(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "_studio_note": "pixel-space (no vae): the UNet denoises image*2-1 at sample_size",
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    write_folder_atomically(out, write)
 
 
 def main(argv=None) -> int:

@@ -193,6 +193,11 @@ class Zero123Teacher(ImageTeacher):
     concatenates ``cond.extra["image_latents"]`` (the unscaled reference latent) on channels.
     The prediction type comes from the scheduler config (epsilon for Zero123-XL); ``native_resolution``
     is ``unet.sample_size * vae_factor`` (256 for Zero123-XL).
+
+    Pixel space (``vae=None``; a folder whose ``model_index.json`` has no ``vae``, e.g. the tiny trained
+    ``shapeworld-nv-unet``): as :class:`DiffusersTeacher`'s pixel mode, ``x_t`` is ``image * 2 - 1`` at
+    ``native_resolution = unet.sample_size`` (``is_latent=False``, ``vae_scale_factor=1``), the reference
+    "latent" is the reference image ``* 2 - 1`` at that size, and the UNet takes 6 input channels.
     """
 
     def __init__(self, unet, vae, image_encoder, camera_projection, schedule: NoiseSchedule, *,
@@ -202,11 +207,17 @@ class Zero123Teacher(ImageTeacher):
         self.unet, self.vae, self.image_encoder, self.camera_projection = unet, vae, image_encoder, camera_projection
         self.schedule = schedule
         self.name = name
-        self.latent_channels = int(vae.config.latent_channels)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.is_latent = True
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        if vae is None:  # pixel space (the tiny ShapeWorld model): x = image * 2 - 1, reference likewise
+            self.latent_channels = 3
+            self.vae_scale_factor = 1
+            self.is_latent = False
+            self.scaling_factor, self.shift_factor = 1.0, 0.0
+        else:
+            self.latent_channels = int(vae.config.latent_channels)
+            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            self.is_latent = True
+            self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+            self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.native_resolution = int(unet.config.sample_size) * self.vae_scale_factor
         self.clip_size, self.clip_crop = int(clip_size), int(clip_crop)
         self.register_buffer("clip_mean", torch.tensor(image_mean, dtype=torch.float32).reshape(1, 3, 1, 1),
@@ -214,8 +225,10 @@ class Zero123Teacher(ImageTeacher):
         self.register_buffer("clip_std", torch.tensor(image_std, dtype=torch.float32).reshape(1, 3, 1, 1),
                              persistent=False)
         if int(unet.config.in_channels) != 2 * self.latent_channels:
+            what = "image" if vae is None else "latent"
             raise UserError(f"teacher {name!r}: a Zero123 UNet takes {2 * self.latent_channels} input channels (noisy "
-                            f"latent + reference latent), this one takes {unet.config.in_channels}")
+                            f"{what} + reference {what}), this one takes {unet.config.in_channels}"
+                            + (" (a folder without vae/ is a pixel-space model)" if vae is None else ""))
         emb_dim = int(image_encoder.config.projection_dim)
         pcfg = camera_projection.config
         proj_in = pcfg.get("in_channel") or (pcfg.get("embedding_dim", 0) + pcfg.get("additional_embeddings", 0))
@@ -318,12 +331,14 @@ class Zero123Teacher(ImageTeacher):
     @torch.no_grad()
     def reference_latents(self, images: Tensor) -> Tensor:
         """The concatenated reference latent: VAE posterior mode of the image at the native resolution,
-        **unscaled** (Zero123 convention)."""
+        **unscaled** (Zero123 convention); pixel-space teachers: ``image * 2 - 1`` at the native resolution."""
         x = images.to(self.device, torch.float32)
         if tuple(x.shape[-2:]) != (self.native_resolution,) * 2:
             shrink = x.shape[-1] > self.native_resolution
             x = torch.nn.functional.interpolate(x, size=(self.native_resolution,) * 2, mode="bilinear",
                                                 align_corners=False, antialias=shrink)
+        if self.vae is None:
+            return x * 2 - 1
         return self.vae.encode((x * 2 - 1).to(self.vae.dtype)).latent_dist.mode()
 
     @torch.no_grad()
@@ -335,7 +350,8 @@ class Zero123Teacher(ImageTeacher):
         ``image``: ``[B,3,H,W]`` (or ``[3,H,W]``, or RGBA) in [0, 1] on a white background, any size (it is
         resized). One image with ``N`` views, ``N`` images with one view, or ``N`` of each.
         Returns a :class:`TextCond` with ``embeds [B,1,D]`` (projected CLIP + pose context),
-        ``extra["image_latents"] [B,4,h,w]``; the negative side is zeros for both (Zero123's CFG).
+        ``extra["image_latents"] [B,4,h,w]`` (``[B,3,H,W]`` in pixel space); the negative side is zeros for
+        both (Zero123's CFG).
         """
         imgs = reference_images(image)
         B, idx, poses = broadcast_views(imgs.shape[0], d_polar_deg, d_azimuth_deg, d_radius)
@@ -377,8 +393,14 @@ def _load_zero123_components(src: str, dtype: torch.dtype, local_files_only: boo
         raise UserError(f"teacher {src!r} is a {what}, not a Zero123 layout (needs unet, vae, image_encoder, "
                         "scheduler and clip_camera_projection in model_index.json, as bennyguo/zero123-xl-diffusers)")
     common = dict(local_files_only=local_files_only, revision=revision)
+    # pixel-space models have no VAE (a model_index.json without "vae" or with "vae": [null, null])
+    pixel = not any((index.get("vae") or [None])[:1])
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, variant=variant, **common)
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant, **common)
+    if pixel and int(unet.config.in_channels) != 6:
+        raise UserError(f"teacher {src!r} has no vae but its UNet takes {unet.config.in_channels} channels; a "
+                        "pixel-space Zero123 UNet takes 6 (noisy image + reference image), a latent one needs vae/")
+    vae = None if pixel else AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant,
+                                                           **common)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(src, subfolder="image_encoder", variant=variant,
                                                                   **_transformers_dtype_kw(dtype), **common)
     proj_cls = CLIPCameraProjection if key == "clip_camera_projection" else CCProjection
@@ -390,13 +412,14 @@ def _load_zero123_components(src: str, dtype: torch.dtype, local_files_only: boo
     size = _side(fe.get("size"), crop, ("shortest_edge", "height"))
     kw = dict(clip_size=size, clip_crop=crop, image_mean=tuple(fe.get("image_mean") or CLIP_MEAN),
               image_std=tuple(fe.get("image_std") or CLIP_STD))
-    return (unet.eval(), vae.eval(), image_encoder.eval(), projection.eval(), schedule), kw
+    return (unet.eval(), None if vae is None else vae.eval(), image_encoder.eval(), projection.eval(), schedule), kw
 
 
 def is_zero123_layout(name_or_path: str) -> bool:
     """Whether ``load_teacher`` should load ``name_or_path`` as a :class:`Zero123Teacher`: a folder (or a
     cached hub id) whose ``model_index.json`` has a camera projection, or an ``image_encoder`` and an
-    8-channel UNet; an uncached hub id whose name contains "zero123" (not Zero123++)."""
+    8-channel UNet (6 channels without a vae: pixel space); an uncached hub id whose name contains "zero123"
+    (not Zero123++)."""
     p = Path(os.path.expanduser(name_or_path))
     index = None
     if p.is_dir():
@@ -418,13 +441,43 @@ def is_zero123_layout(name_or_path: str) -> bool:
         return True
     if "image_encoder" in index and "text_encoder" not in index and p.is_dir():
         cfg = p / "unet" / "config.json"
-        return cfg.is_file() and int(json.loads(cfg.read_text()).get("in_channels", 0)) == 8
+        pixel = not any((index.get("vae") or [None])[:1])
+        n_in = int(json.loads(cfg.read_text()).get("in_channels", 0)) if cfg.is_file() else 0
+        return n_in == 8 or (pixel and n_in == 6)  # latent (4 + 4) or pixel space (3 + 3)
     return False
 
 
 def make_zero123_xl(**kw: Any) -> Zero123Teacher:
     """``Zero123Teacher.from_pretrained("bennyguo/zero123-xl-diffusers", **kw)``."""
     teacher = Zero123Teacher.from_pretrained(ZERO123_XL, **kw)
+    return teacher
+
+
+#: registered name of the tiny trained novel-view model shipped in ``assets/`` (pixel space, 32x32)
+SHAPEWORLD_NV_UNET = "shapeworld-nv-unet"
+
+
+def shapeworld_nv_unet_path() -> Path:
+    """Folder of the shipped ``shapeworld-nv-unet`` weights (``UserError`` naming the fix when missing)."""
+    from .shapeworld_unet import shipped_model_path
+
+    return shipped_model_path(SHAPEWORLD_NV_UNET, "train_shapeworld_nv_unet.py")
+
+
+def make_shapeworld_nv_unet(**kw: Any) -> Zero123Teacher:
+    """``shapeworld-nv-unet``: ``Zero123Teacher.from_pretrained(<assets>/shapeworld-nv-unet, **kw)``.
+
+    A tiny *trained* Zero-1-to-3 model of ShapeWorld (tier 2 counterpart of ``shapeworld-nv-exact``), pixel
+    space 32x32, trained by ``scripts/train_shapeworld_nv_unet.py`` with the same reference camera convention
+    (the reference image seen from elevation 15, azimuth 0, radius 3.2, fovy 40; white background). That
+    camera is attached as ``reference_elevation``, ``reference_azimuth``, ``reference_radius``, ``fovy`` and
+    ``reference_camera`` (as on ``shapeworld-nv-exact``), so callers can place target views in world units.
+    """
+    teacher = Zero123Teacher.from_pretrained(shapeworld_nv_unet_path(), **kw)
+    teacher.name = SHAPEWORLD_NV_UNET
+    teacher.reference_elevation, teacher.reference_azimuth, teacher.reference_radius, teacher.fovy = 15.0, 0.0, 3.2, 40.0
+    r = teacher.native_resolution
+    teacher.reference_camera = orbit_cameras(15.0, 0.0, 3.2, 40.0, r, r)
     return teacher
 
 

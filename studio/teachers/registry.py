@@ -150,8 +150,16 @@ def _shapeworld_nv_exact(**kw: Any):
     return make_shapeworld_nv_exact(**kw)
 
 
+def _shapeworld_nv_unet(**kw: Any):
+    from .novel_view import make_shapeworld_nv_unet
+    return make_shapeworld_nv_unet(**kw)
+
+
 register_teacher("zero123-xl", _zero123_xl,
                  "Zero123-XL novel-view model, 256 px, image + relative camera conditioned "
                  "(bennyguo/zero123-xl-diffusers)")
 register_teacher("shapeworld-nv-exact", _shapeworld_nv_exact,
                  "ShapeWorld exact novel-view teacher: reference image + relative camera (no download)")
+register_teacher("shapeworld-nv-unet", _shapeworld_nv_unet,
+                 "ShapeWorld tiny trained novel-view model (Zero123 layout), pixel space 32x32, reference image + "
+                 "relative camera (shipped in assets/)")

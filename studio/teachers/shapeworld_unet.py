@@ -38,15 +38,21 @@ def assets_dir() -> Path:
     return Path(studio.__file__).resolve().parents[1] / "assets"
 
 
+def shipped_model_path(name: str, script: str) -> Path:
+    """Folder ``<assets>/<name>`` of shipped weights (``UserError`` naming the fix, i.e. retraining with
+    ``scripts/<script>``, when its ``model_index.json`` is missing)."""
+    path = assets_dir() / name
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"teacher {name!r}: its weights are missing ({path / 'model_index.json'} not found); "
+                        "use a source checkout of the studio (the weights ship in assets/), set STUDIO_ASSETS to "
+                        f"a folder holding {name}/, or retrain them with "
+                        f"`python scripts/{script} --out assets/{name}`")
+    return path
+
+
 def shapeworld_unet_path() -> Path:
     """Folder of the shipped ``shapeworld-unet`` weights (``UserError`` naming the fix when missing)."""
-    path = assets_dir() / NAME
-    if not (path / "model_index.json").is_file():
-        raise UserError(f"teacher {NAME!r}: its weights are missing ({path / 'model_index.json'} not found); "
-                        "use a source checkout of the studio (the weights ship in assets/), set STUDIO_ASSETS to "
-                        "a folder holding shapeworld-unet/, or retrain them with "
-                        "`python scripts/train_shapeworld_unet.py --out assets/shapeworld-unet`")
-    return path
+    return shipped_model_path(NAME, "train_shapeworld_unet.py")
 
 
 def make_shapeworld_unet(**kw: Any):

@@ -1,0 +1,78 @@
+"""Helpers shared by the scripts that train ShapeWorld's tiny teachers (``scripts/train_shapeworld_*.py``):
+an EMA of weights, an atomic folder write and a PNG grid writer."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+class EMA:
+    """Exponential moving average of the parameters of ``modules`` (warm-up ``(1+step)/(10+step)``)."""
+
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live and the EMA weights (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def write_folder_atomically(out: Path, write: Callable[[Path], None], keep: tuple[str, ...] = ("samples.png",
+                                                                                                  "README.md")) -> None:
+    """Call ``write(tmp)`` on a fresh temp folder next to ``out``, copy the files named in ``keep`` over from
+    the old ``out``, then swap the temp folder in (the old one is removed)."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}_", dir=out.parent))
+    write(tmp)
+    for f in keep:
+        if (out / f).is_file() and not (tmp / f).exists():
+            shutil.copy2(out / f, tmp / f)
+    if out.exists():
+        old = out.parent / f".{out.name}_old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    os.chmod(out, 0o755)
+
+
+def save_grid(images: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> None:
+    """Write images ``[B,3,H,W]`` in [0, 1] as a PNG grid (``ncol`` columns, nearest upscaling by ``scale``)."""
+    import numpy as np
+    from PIL import Image
+
+    imgs = F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")
+    B, _, H, W = imgs.shape
+    nrow = math.ceil(B / ncol)
+    grid = torch.ones(3, nrow * (H + 2), ncol * (W + 2))
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, ncol)
+        grid[:, r * (H + 2) + 1: r * (H + 2) + 1 + H, c * (W + 2) + 1: c * (W + 2) + 1 + W] = im.clamp(0, 1)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
