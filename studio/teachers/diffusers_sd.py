@@ -77,6 +77,41 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def set_space_facts(teacher, unet, vae) -> None:
+    """Latent / pixel-space facts of a diffusers UNet (+ VAE) teacher: ``latent_channels``,
+    ``vae_scale_factor``, ``is_latent``, ``scaling_factor``, ``shift_factor``, ``native_resolution``.
+    Without a VAE the model works in pixel space (``x = image * 2 - 1``)."""
+    if vae is None:
+        teacher.latent_channels = 3
+        teacher.vae_scale_factor = 1
+        teacher.is_latent = False
+        teacher.scaling_factor, teacher.shift_factor = 1.0, 0.0
+    else:
+        teacher.latent_channels = int(vae.config.latent_channels)
+        teacher.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        teacher.is_latent = True
+        teacher.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        teacher.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    teacher.native_resolution = int(unet.config.sample_size) * teacher.vae_scale_factor
+
+
+def load_with_attempts(load, attempts, local: bool, name: str, src, folder_hint: str):
+    """``load(local_files_only)`` for each attempt until one works; every failure but a ``UserError``
+    becomes one clear ``UserError`` (``folder_hint`` says what a local folder must hold)."""
+    last: BaseException | None = None
+    for lfo in attempts:
+        try:
+            with _offline_env(local):
+                return load(lfo)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+            last = e
+    if local:
+        raise UserError(f"teacher {name!r} could not be loaded from {src}: {_short(last)}; {folder_hint}") from None
+    raise UserError(_NOT_FOUND.format(name=name) + f" ({_short(last)})") from None
+
+
 class DiffusersTeacher(ImageTeacher):
     """A frozen SD 1.x/2.x teacher: CLIP text encoder + UNet2DConditionModel + AutoencoderKL.
 
@@ -91,18 +126,7 @@ class DiffusersTeacher(ImageTeacher):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule = schedule
         self.name = name
-        if vae is None:  # pixel space: x = image * 2 - 1
-            self.latent_channels = 3
-            self.vae_scale_factor = 1
-            self.is_latent = False
-            self.scaling_factor, self.shift_factor = 1.0, 0.0
-        else:
-            self.latent_channels = int(vae.config.latent_channels)
-            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-            self.is_latent = True
-            self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-            self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self.native_resolution = int(unet.config.sample_size) * self.vae_scale_factor
+        set_space_facts(self, unet, vae)
         self._lora_scales: dict[str, float] = {}
         self._text_lora: set[str] = set()
         self._truncation_warned = False
@@ -159,22 +183,10 @@ class DiffusersTeacher(ImageTeacher):
                 attempts = [True] if _env_offline() else [True, False]
             else:
                 attempts = [bool(local_files_only)]
-        last: BaseException | None = None
-        for lfo in attempts:
-            try:
-                with _offline_env(local):
-                    comps = _load_components(src, dt, lfo, revision, variant)
-                break
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-                last = e
-        else:
-            if local:
-                raise UserError(f"teacher {name!r} could not be loaded from {src}: {_short(last)}; give a folder "
-                                "saved with StableDiffusionPipeline.save_pretrained (unet, vae, text_encoder, "
-                                "tokenizer, scheduler)") from None
-            raise UserError(_NOT_FOUND.format(name=name) + f" ({_short(last)})") from None
+        comps = load_with_attempts(
+            lambda lfo: _load_components(src, dt, lfo, revision, variant), attempts, local, name, src,
+            "give a folder saved with StableDiffusionPipeline.save_pretrained (unet, vae, text_encoder, tokenizer, "
+            "scheduler)")
         teacher = cls(*comps, name=name, attention_slicing=False)
         teacher.to(dev)
         if attention_slicing:

@@ -53,8 +53,9 @@ from torch import Tensor
 from ..cameras import Cameras, orbit_cameras
 from ..errors import UserError
 from .base import ImageTeacher, TextCond
-from .diffusers_sd import (_NOT_FOUND, DiffusersTeacher, _env_offline, _looks_local, _offline_env, _parse_dtype,
-                           _read_model_index, _short, _transformers_dtype_kw, default_device)
+from .diffusers_sd import (_NOT_FOUND, DiffusersTeacher, _env_offline, _looks_local, _parse_dtype,
+                           _read_model_index, _transformers_dtype_kw, default_device, load_with_attempts,
+                           set_space_facts)
 from .schedule import NoiseSchedule
 from .shapeworld_exact import ShapeWorldPixelTeacher, mixture_epsilon
 
@@ -207,18 +208,7 @@ class Zero123Teacher(ImageTeacher):
         self.unet, self.vae, self.image_encoder, self.camera_projection = unet, vae, image_encoder, camera_projection
         self.schedule = schedule
         self.name = name
-        if vae is None:  # pixel space (the tiny ShapeWorld model): x = image * 2 - 1, reference likewise
-            self.latent_channels = 3
-            self.vae_scale_factor = 1
-            self.is_latent = False
-            self.scaling_factor, self.shift_factor = 1.0, 0.0
-        else:
-            self.latent_channels = int(vae.config.latent_channels)
-            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-            self.is_latent = True
-            self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-            self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self.native_resolution = int(unet.config.sample_size) * self.vae_scale_factor
+        set_space_facts(self, unet, vae)  # no vae: pixel space (the tiny ShapeWorld model), reference likewise
         self.clip_size, self.clip_crop = int(clip_size), int(clip_crop)
         self.register_buffer("clip_mean", torch.tensor(image_mean, dtype=torch.float32).reshape(1, 3, 1, 1),
                              persistent=False)
@@ -282,22 +272,10 @@ class Zero123Teacher(ImageTeacher):
                 attempts = [True] if _env_offline() else [True, False]
             else:
                 attempts = [bool(local_files_only)]
-        last: BaseException | None = None
-        for lfo in attempts:
-            try:
-                with _offline_env(local):
-                    comps, kw = _load_zero123_components(src, dt, lfo, revision, variant)
-                break
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-                last = e
-        else:
-            if local:
-                raise UserError(f"teacher {name!r} could not be loaded from {src}: {_short(last)}; give a Zero123 "
-                                "diffusers folder (unet, vae, image_encoder, feature_extractor, scheduler, "
-                                "clip_camera_projection)") from None
-            raise UserError(_NOT_FOUND.format(name=name) + f" ({_short(last)})") from None
+        comps, kw = load_with_attempts(
+            lambda lfo: _load_zero123_components(src, dt, lfo, revision, variant), attempts, local, name, src,
+            "give a Zero123 diffusers folder (unet, vae, image_encoder, feature_extractor, scheduler, "
+            "clip_camera_projection)")
         teacher = cls(*comps, name=name, attention_slicing=False, **kw)
         teacher.to(dev)
         if attention_slicing:
