@@ -86,7 +86,11 @@ class PlacidDreamerConfig(TextTo3DConfig):
     latent_plane: str = "latent-plane"
     """Latent-Plane weights: a name in assets/ or a folder. The shipped plane is trained on ShapeWorld and
     reads the 8 generated ring *images* (so it serves any novel-view teacher); the official planes hook
-    Zero123's 640-channel UNet features (studio.latent_plane.LatentPlane.attach, load_official_state_dict)"""
+    Zero123's 640-channel UNet features while the views are sampled: give a folder with the official
+    coarse_*.pt / fine_*.pt"""
+    latent_plane_steps: int = 45
+    """with a plane that hooks the novel-view UNet (the official planes): active in the first this many of
+    --nv-steps denoising steps"""
     init: Literal["latent_plane", "random"] = "latent_plane"
     init_points: int = 20_000
     """surface points of the initial Gaussians (the paper: 100k; 20k keeps a CPU run in minutes)"""

@@ -846,6 +846,11 @@ class LatentPlaneConfig:
     resolution: int = 32
     level: float = 15.0
     extra: dict = field(default_factory=dict)
+    host: str = "images"
+    """what the plane reads: ``"images"`` (the 8 ring images through ``features``, our ShapeWorld plane) or
+    ``"unet"`` (a UNet feature map, hooked at ``up_blocks[block_index]`` while the views are sampled: the
+    official planes)"""
+    block_index: int = 2
 
 
 def save_latent_plane(plane: LatentPlane, folder: str | os.PathLike, config: LatentPlaneConfig) -> Path:
@@ -877,12 +882,34 @@ def _resolve(path_or_name) -> Path:
                     "scripts/train_latent_plane.py)")
 
 
+def load_official_latent_plane(folder: str | os.PathLike, *, device="cpu"
+                               ) -> tuple[LatentPlane, None, LatentPlaneConfig]:
+    """The official PlacidDreamer planes from a folder holding ``coarse_*.pt`` and ``fine_*.pt`` (loaded
+    with ``weights_only=True``): ``(plane, None, config)`` with ``config.host == "unet"`` (Zero123's
+    640-channel ``up_blocks[2]``, marching-cubes level 15, unit cube)."""
+    from .errors import UserError
+
+    folder = Path(folder)
+    coarse_f, fine_f = sorted(folder.glob("coarse_*.pt")), sorted(folder.glob("fine_*.pt"))
+    if not coarse_f or not fine_f:
+        raise UserError(f"no official Latent-Plane checkpoints in {str(folder)!r}: expected coarse_*.pt and fine_*.pt")
+    sd = {k: torch.load(f[-1], map_location="cpu", weights_only=True) for k, f in (("coarse", coarse_f), ("fine", fine_f))}
+    plane = LatentPlane(CoarsePlane(), FinePlane())
+    load_official_state_dict(plane, sd)
+    cfg = LatentPlaneConfig(coarse={}, fine={}, features={}, cube_scale=1.0, level=15.0, host="unet", block_index=2)
+    return plane.eval().to(device), None, cfg
+
+
 def load_latent_plane(path_or_name: str | os.PathLike = "assets/latent-plane", *, device="cpu"
-                      ) -> tuple[LatentPlane, ShapeWorldFeatures, LatentPlaneConfig]:
-    """Load a trained plane: returns ``(plane, host_features, config)``. A relative path is looked up
-    from the working directory, then from the repository root."""
+                      ) -> tuple[LatentPlane, ShapeWorldFeatures | None, LatentPlaneConfig]:
+    """Load a trained plane: returns ``(plane, host_features, config)`` (``host_features`` is None for
+    planes that read UNet features). A name is looked up as a folder, in the assets folder, then from
+    the repository root; a folder with ``coarse_*.pt`` / ``fine_*.pt`` loads the official planes."""
     from safetensors.torch import load_file
 
+    p = Path(path_or_name).expanduser()
+    if p.is_dir() and any(p.glob("coarse_*.pt")):
+        return load_official_latent_plane(p, device=device)
     folder = _resolve(path_or_name)
     cfg_raw = json.loads((folder / "config.json").read_text())
     cfg = LatentPlaneConfig(**cfg_raw)
@@ -891,7 +918,7 @@ def load_latent_plane(path_or_name: str | os.PathLike = "assets/latent-plane", *
     plane = LatentPlane(coarse, fine)
     plane.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     plane.eval().to(device)
-    feats = ShapeWorldFeatures(**cfg.features).to(device)
+    feats = ShapeWorldFeatures(**cfg.features).to(device) if cfg.host == "images" else None
     return plane, feats, cfg
 
 

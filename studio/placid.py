@@ -94,14 +94,52 @@ def ring_poses(nv_teacher) -> tuple[Tensor, Tensor, Tensor]:
     return torch.full_like(az, -ZERO123_RELATIVE_ELEVATION), az, torch.zeros_like(az)
 
 
+def hooked_views(nv, cond, plane, lp_cfg, cfg):
+    """Official stage 1: sample the 8 ring views with the Latent-Plane hooked into the novel-view UNet's
+    ``up_blocks[block_index]`` (conditional branch only) for the first ``cfg.latent_plane_steps`` of
+    ``cfg.nv_steps`` steps; the coarse plane's 64^3 density grid of the last hooked step gives the mesh.
+    Returns ``(views, mesh)``."""
+    from .latent_plane import density_to_mesh
+    from .teachers.novel_view import sample_novel_views
+
+    if getattr(nv, "unet", None) is None:
+        raise UserError(f"the Latent-Plane {cfg.latent_plane!r} reads UNet features, but the novel-view teacher "
+                        f"{cfg.novel_view_teacher!r} has no UNet; use a Zero123 teacher (zero123-xl or a folder)")
+    grid: dict[str, Tensor] = {}
+
+    def switch(k: int, t: int) -> None:
+        if plane.enabled and "voxel_sigma" in plane.last:
+            grid["sigma"] = plane.last["voxel_sigma"]
+        plane.enabled = k < cfg.latent_plane_steps
+
+    plane.record_grid = True
+    plane.attach(nv.unet, lp_cfg.block_index)
+    try:
+        views = sample_novel_views(nv, cond, steps=cfg.nv_steps, guidance_scale=cfg.nv_guidance, seed=cfg.seed,
+                                   callback=switch)
+        switch(cfg.nv_steps, 0)
+    finally:
+        plane.detach()
+        plane.enabled = True
+    if "sigma" not in grid:
+        raise UserError("the Latent-Plane never ran (its hook saw no conditional batch of 8 views)")
+    try:
+        mesh = density_to_mesh(grid["sigma"][-1], level=lp_cfg.level)
+    except ValueError as e:
+        raise UserError(f"the Latent-Plane found no surface ({e}); try another --seed or --init random") from None
+    return views, mesh
+
+
 def ring_views_and_init(cfg, ref: Tensor, progress: bool = True):
     """The 8 ring views from the novel-view teacher, then the Latent-Plane density grid -> mesh -> Gaussians.
 
     The shipped Latent-Plane (``assets/latent-plane``) is our ShapeWorld-trained plane that reads the ring
-    *images* (RGB + fixed random-conv features); it serves any novel-view teacher. Returns
+    *images* (RGB + fixed random-conv features) after sampling; it serves any novel-view teacher. A plane
+    that reads UNet features (``host == "unet"``, e.g. the official checkpoints) is instead hooked into
+    the novel-view UNet while the views are sampled (:func:`hooked_views`). Returns
     ``(views [8,3,H,W], GaussianModel, info)`` with ``info["mesh"]`` the trimesh of the init.
     """
-    from .latent_plane import init_from_ring_views, load_latent_plane
+    from .latent_plane import init_from_ring_views, load_latent_plane, mesh_to_gaussian_init
     from .teachers.novel_view import sample_novel_views
     from .text_to_3d import load_teacher_cached
 
@@ -111,21 +149,27 @@ def ring_views_and_init(cfg, ref: Tensor, progress: bool = True):
                         "use shapeworld-nv-exact, zero123-xl or a Zero123 diffusers folder")
     d_polar, d_az, d_r = ring_poses(nv)
     cond = nv.encode_view(ref.expand(len(d_az), -1, -1, -1), d_polar, d_az, d_r)
-    views = sample_novel_views(nv, cond, steps=cfg.nv_steps, guidance_scale=cfg.nv_guidance, seed=cfg.seed)
     info: dict[str, Any] = {"novel_view_teacher": cfg.novel_view_teacher}
     if hasattr(nv, "posterior"):
         w = nv.posterior(ref)[0]
         info["posterior_object"] = nv.objects[int(w.argmax())].name if hasattr(nv, "objects") else int(w.argmax())
         info["posterior_weight"] = round(float(w.max()), 4)
-    if cfg.init != "latent_plane":
-        return views, None, info
-    plane, features, lp_cfg = load_latent_plane(cfg.latent_plane)
-    try:
-        model, mesh, lp_info = init_from_ring_views(views, plane, features, lp_cfg, n_points=cfg.init_points,
-                                                    seed=cfg.seed)
-    except ValueError as e:
-        raise UserError(f"the Latent-Plane found no surface in the 8 generated views ({e}); try another --seed, "
-                        "--image, or --init random") from None
+    plane, features, lp_cfg = (load_latent_plane(cfg.latent_plane) if cfg.init == "latent_plane"
+                               else (None, None, None))
+    if plane is not None and lp_cfg.host == "unet":
+        views, mesh = hooked_views(nv, cond, plane, lp_cfg, cfg)
+        model = mesh_to_gaussian_init(mesh, cfg.init_points, cfg.seed)  # unit cube, as the official init
+        lp_info = {"latent_plane": "hooked into the novel-view UNet", "n_faces": int(len(mesh.faces))}
+    else:
+        views = sample_novel_views(nv, cond, steps=cfg.nv_steps, guidance_scale=cfg.nv_guidance, seed=cfg.seed)
+        if plane is None:
+            return views, None, info
+        try:
+            model, mesh, lp_info = init_from_ring_views(views, plane, features, lp_cfg, n_points=cfg.init_points,
+                                                        seed=cfg.seed)
+        except ValueError as e:
+            raise UserError(f"the Latent-Plane found no surface in the 8 generated views ({e}); try another "
+                            "--seed, --image, or --init random") from None
     info.update(lp_info)
     info["init_points"] = model.num_gaussians
     info["mesh"] = mesh

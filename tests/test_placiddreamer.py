@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from methods.placiddreamer import PlacidDreamerConfig, scale_schedules
 from studio.errors import UserError
@@ -70,3 +71,37 @@ def test_tiny_real_classes_run_every_step(tmp_path, tiny_real):
     assert prep["personalised"] is True and prep["novel_view_teacher"] == str(z123)
     run = tmp_path / "a-red-cube"
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run / "model.ply").is_file()
+
+
+def test_hooked_latent_plane_runs_inside_zero123_sampling(tmp_path, tiny_real, monkeypatch):
+    """The official stage 1: a plane that reads UNet features (saved with host="unet") is hooked into the
+    tiny Zero123 UNet for the first latent_plane_steps denoising steps; its density grid gives the mesh.
+    (A random plane has no trained level, so the mesh is taken at the grid's median.)"""
+    import torch.nn.functional as F
+
+    import studio.latent_plane as lp
+
+    sd, z123 = tiny_real
+    torch.manual_seed(0)
+    coarse = lp.CoarsePlane(32, 128, latent_dim=8, time_dim=8, heads=2, dim_head=4, n_freqs=2, grid_size=8)
+    fine = lp.FinePlane(32, heads=2, dim_head=4, n_freqs=2)
+    plane_dir = lp.save_latent_plane(lp.LatentPlane(coarse, fine), tmp_path / "plane", lp.LatentPlaneConfig(
+        coarse=dict(feat_dim=32, time_embed_dim=128, latent_dim=8, time_dim=8, heads=2, dim_head=4, n_freqs=2,
+                    grid_size=8),
+        fine=dict(feat_dim=32, heads=2, dim_head=4, n_freqs=2), host="unet", block_index=1, cube_scale=1.0))
+    calls, original = [], lp.density_to_mesh
+
+    def median_level(grid, level=15.0, **kw):
+        calls.append(grid.shape)
+        return original(grid, level=float(F.softplus(grid.float()).median()), **kw)
+
+    monkeypatch.setattr(lp, "density_to_mesh", median_level)
+    hook_calls = []
+    monkeypatch.setattr(lp.LatentPlane, "forward", lambda self, *a, _f=lp.LatentPlane.forward, **k: (
+        hook_calls.append(1), _f(self, *a, **k))[1])
+    cfg = _cfg(prompt="a red cube", teacher=str(sd), novel_view_teacher=str(z123), latent_plane=str(plane_dir),
+               latent_plane_steps=3, personalize=False)
+    m = generate(cfg, "placiddreamer", tmp_path / "out", progress=False)
+    assert m["prepare"]["latent_plane"] == "hooked into the novel-view UNet"
+    assert len(hook_calls) == 3  # active in 3 of the 4 steps, conditional branch only
+    assert calls and m["prepare"]["init_points"] == 800

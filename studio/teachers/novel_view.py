@@ -581,7 +581,7 @@ def make_shapeworld_nv_exact(**kw: Any) -> ShapeWorldNovelViewTeacher:
 
 # --------------------------------------------------------------------------------------- sampling
 def sample_novel_views(teacher: ImageTeacher, cond: TextCond, steps: int = 50, guidance_scale: float = 2.0,
-                       seed: int = 0, clip_x0: bool = True) -> Tensor:
+                       seed: int = 0, clip_x0: bool = True, callback=None) -> Tensor:
     """Deterministic DDIM novel views ``[B,3,H,W]`` in [0, 1] at the teacher's native resolution.
 
     ``cond`` from ``teacher.encode_view(...)``; defaults are PlacidDreamer stage 1's (50 steps, CFG 2.0).
@@ -593,4 +593,4 @@ def sample_novel_views(teacher: ImageTeacher, cond: TextCond, steps: int = 50, g
         raise UserError("sample_novel_views needs the condition from teacher.encode_view(image, d_polar_deg, "
                         f"d_azimuth_deg, d_radius), got {type(cond).__name__}")
     return ddim_sample(teacher, cond, steps=steps, guidance_scale=guidance_scale, seed=seed, clip_x0=clip_x0,
-                       prior_mean=None if teacher.is_latent else 1.0)
+                       prior_mean=None if teacher.is_latent else 1.0, callback=callback)

@@ -13,8 +13,11 @@ from .base import TextCond
 @torch.no_grad()
 def ddim_sample(teacher, prompts: str | Sequence[str] | TextCond, steps: int = 25, guidance_scale: float = 4.0,
                 seed: int = 0, negative: str | Sequence[str] | None = None, clip_x0: bool = True,
-                prior_mean: float | Tensor | None = None) -> Tensor:
+                prior_mean: float | Tensor | None = None, callback=None) -> Tensor:
     """Deterministic DDIM (eta = 0) samples ``[B,3,H,W]`` in [0, 1] from any :class:`ImageTeacher` with CFG.
+
+    ``callback(k, t)``, if given, runs before the ``k``-th network call (timestep ``t``), e.g. to switch a
+    feature hook on or off for some of the steps.
 
     Starts from seeded Gaussian noise at the native resolution, steps over ``steps`` evenly spaced
     timesteps from ``T-1`` to 0; ``clip_x0`` clamps the predicted ``x0`` to [-1, 1] (pixel-space
@@ -46,6 +49,8 @@ def ddim_sample(teacher, prompts: str | Sequence[str] | TextCond, steps: int = 2
         x = math.sqrt(a_T) * torch.as_tensor(prior_mean, dtype=x.dtype, device=x.device) + math.sqrt(1 - a_T) * x
     ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
     for k, t in enumerate(ts):
+        if callback is not None:
+            callback(k, t)
         x0 = teacher.predict(x, t, cond, guidance_scale=guidance_scale, output="sample")
         if clip_x0 and not teacher.is_latent:
             x0 = x0.clamp(-1, 1)
