@@ -95,6 +95,31 @@ def set_space_facts(teacher, unet, vae) -> None:
     teacher.native_resolution = int(unet.config.sample_size) * teacher.vae_scale_factor
 
 
+def load_plan(id_or_path, device, dtype, attention_slicing, local_files_only, *, unet_folder_ok: bool = False):
+    """What ``from_pretrained`` of a diffusers-layout teacher resolves before loading:
+    ``(name, device, dtype, attention_slicing, local, src, attempts)``. fp16 and attention slicing default
+    on for CUDA; a local folder must exist and hold ``model_index.json`` (or ``unet/`` when
+    ``unet_folder_ok``); a hub id tries the local cache first and downloads only when not offline."""
+    name = os.fspath(id_or_path)
+    dev = torch.device(device) if device is not None else default_device()
+    dt = _parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
+    if attention_slicing is None:
+        attention_slicing = dev.type == "cuda"
+    local = _looks_local(name)
+    if local:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise UserError(_NOT_FOUND.format(name=name) + f" (no folder at {path})")
+        if not (path / "model_index.json").is_file() and not (unet_folder_ok and (path / "unet").is_dir()):
+            raise UserError(_NOT_FOUND.format(name=name) + f" ({path} has no model_index.json)")
+        return name, dev, dt, attention_slicing, local, str(path), [True]
+    if local_files_only is None:
+        attempts = [True] if _env_offline() else [True, False]
+    else:
+        attempts = [bool(local_files_only)]
+    return name, dev, dt, attention_slicing, local, name, attempts
+
+
 def load_with_attempts(load, attempts, local: bool, name: str, src, folder_hint: str):
     """``load(local_files_only)`` for each attempt until one works; every failure but a ``UserError``
     becomes one clear ``UserError`` (``folder_hint`` says what a local folder must hold)."""
@@ -163,26 +188,8 @@ class DiffusersTeacher(ImageTeacher):
         Raises:
             UserError: the folder / id does not exist or does not hold a loadable SD-family model.
         """
-        name = os.fspath(id_or_path)
-        dev = torch.device(device) if device is not None else default_device()
-        dt = _parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
-        if attention_slicing is None:
-            attention_slicing = dev.type == "cuda"
-        local = _looks_local(name)
-        if local:
-            path = Path(name).expanduser()
-            if not path.is_dir():
-                raise UserError(_NOT_FOUND.format(name=name) + f" (no folder at {path})")
-            if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
-                raise UserError(_NOT_FOUND.format(name=name) + f" ({path} has no model_index.json)")
-            attempts = [True]
-            src = str(path)
-        else:
-            src = name
-            if local_files_only is None:
-                attempts = [True] if _env_offline() else [True, False]
-            else:
-                attempts = [bool(local_files_only)]
+        name, dev, dt, attention_slicing, local, src, attempts = load_plan(
+            id_or_path, device, dtype, attention_slicing, local_files_only, unet_folder_ok=True)
         comps = load_with_attempts(
             lambda lfo: _load_components(src, dt, lfo, revision, variant), attempts, local, name, src,
             "give a folder saved with StableDiffusionPipeline.save_pretrained (unet, vae, text_encoder, tokenizer, "

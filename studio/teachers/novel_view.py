@@ -53,9 +53,8 @@ from torch import Tensor
 from ..cameras import Cameras, orbit_cameras
 from ..errors import UserError
 from .base import ImageTeacher, TextCond
-from .diffusers_sd import (_NOT_FOUND, DiffusersTeacher, _env_offline, _looks_local, _parse_dtype,
-                           _read_model_index, _transformers_dtype_kw, default_device, load_with_attempts,
-                           set_space_facts)
+from .diffusers_sd import (DiffusersTeacher, _looks_local, _read_model_index, _transformers_dtype_kw, load_plan,
+                           load_with_attempts, set_space_facts)
 from .schedule import NoiseSchedule
 from .shapeworld_exact import ShapeWorldPixelTeacher, mixture_epsilon
 
@@ -253,25 +252,8 @@ class Zero123Teacher(ImageTeacher):
         Raises:
             UserError: the folder / id does not exist, cannot be downloaded, or is not a Zero123 layout.
         """
-        name = os.fspath(id_or_path)
-        dev = torch.device(device) if device is not None else default_device()
-        dt = _parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
-        if attention_slicing is None:
-            attention_slicing = dev.type == "cuda"
-        local = _looks_local(name)
-        if local:
-            path = Path(name).expanduser()
-            if not path.is_dir():
-                raise UserError(_NOT_FOUND.format(name=name) + f" (no folder at {path})")
-            if not (path / "model_index.json").is_file():
-                raise UserError(_NOT_FOUND.format(name=name) + f" ({path} has no model_index.json)")
-            attempts, src = [True], str(path)
-        else:
-            src = name
-            if local_files_only is None:
-                attempts = [True] if _env_offline() else [True, False]
-            else:
-                attempts = [bool(local_files_only)]
+        name, dev, dt, attention_slicing, local, src, attempts = load_plan(
+            id_or_path, device, dtype, attention_slicing, local_files_only)
         comps, kw = load_with_attempts(
             lambda lfo: _load_zero123_components(src, dt, lfo, revision, variant), attempts, local, name, src,
             "give a Zero123 diffusers folder (unet, vae, image_encoder, feature_extractor, scheduler, "
