@@ -59,7 +59,6 @@ EVAL_AZIMUTHS = (0.0, 90.0, 180.0, 270.0)
 
 # --------------------------------------------------------------------------- model
 def build_models(seed: int):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -67,15 +66,9 @@ def build_models(seed: int):
     )
 
     from studio.teachers.novel_view import CLIPCameraProjection
+    from studio.train.tiny_teacher import ddpm_scheduler, tiny_unet
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION, in_channels=6, out_channels=3, layers_per_block=1,
-        block_out_channels=(32, 64, 96),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16, use_linear_projection=True,
-    )
+    unet = tiny_unet(RESOLUTION, 6, seed)
     torch.manual_seed(seed + 1)
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=RESOLUTION,
@@ -87,8 +80,7 @@ def build_models(seed: int):
         size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION},
         do_center_crop=True, resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    scheduler = ddpm_scheduler("scaled_linear")
     return unet, image_encoder, projection, feature_extractor, scheduler
 
 

@@ -73,17 +73,11 @@ def make_tokenizer(folder: Path, words=VOCAB_WORDS, model_max_length: int = MAX_
 
 # --------------------------------------------------------------------------- model
 def build_models(tokenizer, seed: int, beta_schedule: str = "scaled_linear"):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(32, 64, 96),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16, use_linear_projection=True,
-    )
+    from studio.train.tiny_teacher import ddpm_scheduler, tiny_unet
+
+    unet = tiny_unet(RESOLUTION, 3, seed)
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -91,13 +85,7 @@ def build_models(tokenizer, seed: int, beta_schedule: str = "scaled_linear"):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
-    # pixel-space DDPM wants the "linear" betas (1e-4..0.02, sqrt(abar_T) = 0.006): Stable Diffusion's
-    # "scaled_linear" (0.00085..0.012) leaves sqrt(abar_T) = 0.07 of the image at t = T, which is fine for
-    # latents but in pixel space makes samples started from pure noise keep a tinted, low-frequency
-    # background (what the first training round showed)
-    betas = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}[beta_schedule]
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=betas[0],
-                              beta_end=betas[1], prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    scheduler = ddpm_scheduler(beta_schedule)
     return unet, text_encoder, scheduler
 
 

@@ -36,12 +36,25 @@ def make_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 77):
     return make_clip_tokenizer(folder, TINY_WORDS, model_max_length)
 
 
+def tiny_vae(latent_size: int, seed: int):
+    """A tiny ``AutoencoderKL`` (factor 2, 4 latent channels) built after ``torch.manual_seed(seed)``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, norm_num_groups=32,
+        sample_size=latent_size * 2,
+    )
+
+
 def tiny_sd_components(prediction_type: str = "epsilon", sample_size: int = 32, seed: int = 0,
                        tokenizer_dir: str | Path | None = None, text_max_length: int = 77):
     """The five components of a tiny SD pipeline (random weights, seeded)."""
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -51,13 +64,7 @@ def tiny_sd_components(prediction_type: str = "epsilon", sample_size: int = 32, 
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         attention_head_dim=(4, 8), norm_num_groups=32, use_linear_projection=True,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, norm_num_groups=32,
-        sample_size=sample_size * 2,
-    )
+    vae = tiny_vae(sample_size, seed + 1)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(tempfile.mkdtemp(prefix="tiny_clip_tok_"))
     tokenizer = make_tiny_clip_tokenizer(tok_dir, model_max_length=text_max_length)
     torch.manual_seed(seed + 2)
@@ -123,7 +130,7 @@ def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, pre
     a 6-channel UNet (noisy image + reference image), 3 output channels; native size ``sample_size``.
     """
     import diffusers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from studio.teachers.novel_view import CCProjection, CLIPCameraProjection
@@ -137,13 +144,7 @@ def make_tiny_zero123(path: str | Path, sample_size: int = 8, seed: int = 0, pre
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         attention_head_dim=(4, 8), norm_num_groups=32,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, norm_num_groups=32,
-        sample_size=sample_size * 2,
-    )
+    vae = tiny_vae(sample_size, seed + 1)
     torch.manual_seed(seed + 2)
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,

@@ -76,3 +76,34 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> No
         r, c = divmod(i, ncol)
         grid[:, r * (H + 2) + 1: r * (H + 2) + 1 + H, c * (W + 2) + 1: c * (W + 2) + 1 + W] = im.clamp(0, 1)
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def tiny_unet(resolution: int, in_channels: int, seed: int, out_channels: int = 3):
+    """The ``UNet2DConditionModel`` of the tiny ShapeWorld teachers (blocks 32/64/96, cross-attention 64),
+    built after ``torch.manual_seed(seed)`` so a seed gives the same initial weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=resolution, in_channels=in_channels, out_channels=out_channels, layers_per_block=1,
+        block_out_channels=(32, 64, 96),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16, use_linear_projection=True,
+    )
+
+
+#: DDPM betas: Stable Diffusion's "scaled_linear" (the shipped tiny teachers) or pixel-DDPM "linear"
+BETAS = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 0.02)}
+
+
+def ddpm_scheduler(beta_schedule: str = "scaled_linear"):
+    """The tiny teachers' ``DDPMScheduler`` (1000 steps, epsilon). ``scaled_linear`` leaves
+    ``sqrt(abar_T) = 0.07`` of the image at ``t = T``: fine for latents, but in pixel space samples started
+    from pure noise keep a faint tinted background; ``linear`` (``sqrt(abar_T) = 0.006``) is the
+    pixel-space DDPM choice (untested here)."""
+    from diffusers import DDPMScheduler
+
+    lo, hi = BETAS[beta_schedule]
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=lo, beta_end=hi,
+                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
