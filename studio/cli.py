@@ -56,15 +56,20 @@ def doctor() -> None:
 
 
 def build_ext(cuda: bool = False) -> None:
-    """Build (or reuse) the native C++ extension, and the CUDA one with --cuda on a CUDA machine."""
-    from .render import _cuda, _native
+    """Build (or reuse) the native C++ extensions, and the CUDA ones with --cuda on a CUDA machine."""
+    from .render import _cuda, _mesh_ext, _native
 
     ok = _native.available()
     print(f"native: {'ok' if ok else 'FAILED: ' + str(_native.load_error())}")
+    okm = _mesh_ext.available("native")
+    print(f"native mesh: {'ok' if okm else 'FAILED: ' + str(_mesh_ext.load_error('native'))}")
+    ok = ok and okm
     if cuda:
         okc = _cuda.available()
         print(f"cuda:   {'ok' if okc else 'FAILED: ' + str(_cuda.load_error())}")
-        ok = ok and okc
+        okcm = _mesh_ext.available("cuda")
+        print(f"cuda mesh: {'ok' if okcm else 'FAILED: ' + str(_mesh_ext.load_error('cuda'))}")
+        ok = ok and okc and okcm
     if not ok:
         raise SystemExit(1)
 

@@ -17,7 +17,7 @@ def collect() -> list[tuple[str, str]]:
     import torch
 
     from . import ext
-    from .render import _cuda, _native
+    from .render import _cuda, _mesh_ext, _native
 
     rows = [("python", platform.python_version()), ("torch", torch.__version__),
             ("torch threads", str(torch.get_num_threads()))]
@@ -38,6 +38,9 @@ def collect() -> list[tuple[str, str]]:
         rows.append(("nvcc", "not found"))
     rows.append(("native extension", "ok" if _native.available() else f"unavailable: {_native.load_error()}"))
     rows.append(("cuda extension", "ok" if _cuda.available() else f"unavailable: {_cuda.load_error()}"))
+    for kind in ("native", "cuda"):
+        ok = _mesh_ext.available(kind)
+        rows.append((f"{kind} mesh extension", "ok" if ok else f"unavailable: {_mesh_ext.load_error(kind)}"))
     rows.append(("gsplat", _version("gsplat")))
     rows.append(("extension cache", str(ext.cache_dir())))
     for mod in ("diffusers", "transformers", "gradio", "decord"):
