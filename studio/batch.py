@@ -45,7 +45,9 @@ def _distributed():
         return 0, 1, None
     from accelerate import PartialState
 
-    state = PartialState()
+    from .train.loop import _cpu_processes
+
+    state = PartialState(cpu=_cpu_processes())  # CPU-only machines join the processes with gloo
     if state.device.type == "cpu":
         # Several processes on one machine: split the cores, or OpenMP threads thrash each other.
         import torch
@@ -67,6 +69,8 @@ def run_batch(prompts: list[str], base_cfg: TextTo3DConfig, method: str, out: st
             print(f"[rank {rank}] skip (done): {prompt}", file=sys.stderr)
             continue
         t0 = time.perf_counter()
+        if world > 1:
+            print(f"[rank {rank}/{world}] start: {prompt}", file=sys.stderr)
         try:
             cfg = dataclasses.replace(base_cfg, prompt=prompt)
             generate(cfg, method, out, resume=resume, progress=progress)

@@ -2,6 +2,7 @@
 real-model path with a tiny Stable Diffusion pipeline loaded by path."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,18 +128,29 @@ def test_batch_continues_after_a_failure_and_resumes(tmp_path):
     assert r2.stderr.count("skip (done)") == 2
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_batch_two_processes_with_accelerate(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio", "batch", str(prompts),
+    # --multi_gpu launches 2 real processes (torchrun); on a CPU-only machine they join over gloo. (--cpu alone
+    # starts ONE process: accelerate's multi-CPU mode expects mpirun.)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio", "batch", str(prompts),
            "--out", str(tmp_path / "out"), "--steps", "3", "--stage.batch-size", "1", "--stage.init-points", "300",
            "--turntable-frames", "2", "--turntable-size", "32"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2/2 done" in r.stdout
     assert r.stdout.count("2/2 done") == 1  # only the main process prints the summary
+    # two real processes, each ran one prompt (sharded), not both
+    assert "[rank 0/2] start: a red cube" in r.stderr and "[rank 1/2] start: a blue ball" in r.stderr
+    assert r.stderr.count("start: ") == 2
 
 
 def test_real_model_path_tiny_sd(tmp_path):

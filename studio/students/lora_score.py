@@ -79,9 +79,11 @@ def _seeded(seed: int | None) -> Iterator[None]:
 
 
 def add_lora_adapter(unet: Any, *, rank: int, adapter_name: str, target_modules: Iterable[str] = LORA_TARGETS,
-                     scales: Mapping[str, float] | None = None, seed: int | None = None) -> None:
-    """Add a peft LoRA ``adapter_name`` (rank ``rank``, ``lora_alpha = rank``, peft init: ``B = 0``) to the
-    diffusers UNet ``unet`` in place.
+                     scales: Mapping[str, float] | None = None, seed: int | None = None,
+                     alpha: float | None = None, dropout: float = 0.0) -> None:
+    """Add a peft LoRA ``adapter_name`` (rank ``rank``, ``lora_alpha = alpha`` (default ``rank``), dropout
+    ``dropout``, peft init: ``B = 0``) to the diffusers UNet ``unet`` in place (a plain ``torch.nn.Module``
+    without diffusers' ``add_adapter`` gets it through peft's ``inject_adapter_in_model``).
 
     Adapters the UNet already holds stay active next to the new one, at ``scales[name]`` (default 1.0);
     the new adapter gets scale 1. ``seed`` seeds the ``A`` initialisation without touching the global RNG
@@ -91,10 +93,16 @@ def add_lora_adapter(unet: Any, *, rank: int, adapter_name: str, target_modules:
     from peft import LoraConfig
 
     existing = _adapter_names(unet)
+    config = LoraConfig(r=int(rank), lora_alpha=int(rank) if alpha is None else alpha, lora_dropout=float(dropout),
+                        init_lora_weights=True, target_modules=list(target_modules))
     with _seeded(seed):
-        unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights=True,
-                                    target_modules=list(target_modules)), adapter_name=adapter_name)
-    if existing:
+        if hasattr(unet, "add_adapter"):
+            unet.add_adapter(config, adapter_name=adapter_name)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, unet, adapter_name=adapter_name)
+    if existing and hasattr(unet, "set_adapters"):
         scales = scales or {}
         names = sorted(existing)
         unet.set_adapters(names + [adapter_name], [float(scales.get(n, 1.0)) for n in names] + [1.0])

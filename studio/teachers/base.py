@@ -7,13 +7,16 @@ models) at integer timesteps ``t`` under a text condition, and says how to get t
 
 Classifier-free guidance (CFG) convention, used by :meth:`ImageTeacher.predict`::
 
-    eps_cfg = eps_uncond + w * (eps_cond - eps_uncond)
+    pred_cfg = pred_uncond + w * (pred_cond - pred_uncond)
 
-in **epsilon space** (diffusers' convention; ``w = 1`` is the plain conditional prediction and runs a
-single branch). The unconditional branch uses ``TextCond.negative_embeds`` (the empty prompt unless
-a negative prompt is given). Because every parameterisation is affine in the prediction at fixed
-``(x_t, t)``, guiding in epsilon and converting equals converting and guiding: the result does not
-depend on the model's own ``prediction_type``. Methods that need the two branches separately
+in the model's **own parameterisation** (``schedule.prediction_type``: epsilon for SD, v for SD 2.1-768,
+velocity for Wan -- each pipeline's convention; ``w = 1`` is the plain conditional prediction and runs a
+single branch), then converted to the requested output. The unconditional branch uses
+``TextCond.negative_embeds`` (the empty prompt unless a negative prompt is given). Because every
+parameterisation is affine in the prediction at fixed ``(x_t, t)``, guiding in one and converting equals
+converting and guiding wherever the conversion is invertible: the result does not depend on the
+parameterisation -- except at a flow model's ``sigma = 1`` (``alpha = 0``, where every flow sampler starts),
+where ``eps = x_t`` whatever the model predicts; guiding the native velocity keeps the guidance there. Methods that need the two branches separately
 (BSD, DSD, Perp-Neg) call :meth:`ImageTeacher.predict_branches`.
 
 Teachers are frozen: parameters have ``requires_grad=False`` and the module stays in eval mode
@@ -323,6 +326,17 @@ class ImageTeacher(torch.nn.Module):
             raise ValueError(f"got {t.numel()} timesteps for a batch of {B}")
         return t, cond.expand(B).to(device=x_t.device)
 
+    def _raw_branches(self, x_t: Tensor, t: Tensor, cond: TextCond, camera: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(uncond, cond)`` raw network outputs (``schedule.prediction_type``) from one batched call."""
+        B = x_t.shape[0]
+        x2 = torch.cat([x_t, x_t])
+        t2 = torch.cat([t, t])
+        emb = torch.cat([cond.negative_embeds, cond.embeds])
+        extra = {k: torch.cat([cond.negative_extra[k], cond.extra[k]]) for k in cond.extra if k in cond.negative_extra}
+        cam = torch.cat([camera, camera]) if camera is not None else None
+        raw = self._forward(x2, t2, emb, cam, extra).to(x_t.dtype)
+        return raw[:B], raw[B:]
+
     def predict_branches(self, x_t: Tensor, t: Tensor | int, cond: TextCond, output: str = "epsilon",
                          camera: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(uncond, cond)`` predictions of type ``output`` from one batched network call.
@@ -331,33 +345,26 @@ class ImageTeacher(torch.nn.Module):
         both branches (camera-conditioned teachers use it; others ignore it).
         """
         t, cond = self._prepare(x_t, t, cond)
-        B = x_t.shape[0]
-        x2 = torch.cat([x_t, x_t])
-        t2 = torch.cat([t, t])
-        emb = torch.cat([cond.negative_embeds, cond.embeds])
-        extra = {k: torch.cat([cond.negative_extra[k], cond.extra[k]]) for k in cond.extra if k in cond.negative_extra}
-        cam = torch.cat([camera, camera]) if camera is not None else None
-        raw = self._forward(x2, t2, emb, cam, extra)
-        out = self.schedule.convert(raw.to(x_t.dtype), x2, t2, self.schedule.prediction_type, output)
-        return out[:B], out[B:]
+        raw_u, raw_c = self._raw_branches(x_t, t, cond, camera)
+        src = self.schedule.prediction_type
+        return (self.schedule.convert(raw_u, x_t, t, src, output), self.schedule.convert(raw_c, x_t, t, src, output))
 
     def predict(self, x_t: Tensor, t: Tensor | int, cond: TextCond, guidance_scale: float = 1.0,
                 output: str = "epsilon", camera: Tensor | None = None) -> Tensor:
         """Guided prediction at ``(x_t, t)`` converted to ``output`` (epsilon / v_prediction / sample / flow).
 
         ``guidance_scale == 1`` runs only the conditional branch; otherwise cond and uncond run in one
-        batch and ``eps = eps_u + w (eps_c - eps_u)`` (epsilon space, see module doc).
-        ``t``: scalar or ``[B]`` long; ``cond`` with 1 or ``B`` prompts.
+        batch and ``pred = pred_u + w (pred_c - pred_u)`` in the model's own parameterisation (module doc).
+        ``t``: scalar or ``[B]``; ``cond`` with 1 or ``B`` prompts.
         """
         canonical_prediction_type(output)
+        t, cond = self._prepare(x_t, t, cond)
         if float(guidance_scale) == 1.0:
-            t, cond = self._prepare(x_t, t, cond)
-            raw = self._forward(x_t, t, cond.embeds, camera, cond.extra)
-            return self.schedule.convert(raw.to(x_t.dtype), x_t, t, self.schedule.prediction_type, output)
-        eps_u, eps_c = self.predict_branches(x_t, t, cond, "epsilon", camera)
-        eps = eps_u + float(guidance_scale) * (eps_c - eps_u)
-        t, _ = self._prepare(x_t, t, cond)
-        return self.schedule.convert(eps, x_t, t, "epsilon", output)
+            raw = self._forward(x_t, t, cond.embeds, camera, cond.extra).to(x_t.dtype)
+        else:
+            raw_u, raw_c = self._raw_branches(x_t, t, cond, camera)
+            raw = raw_u + float(guidance_scale) * (raw_c - raw_u)
+        return self.schedule.convert(raw, x_t, t, self.schedule.prediction_type, output)
 
     def forward(self, x_t: Tensor, t: Tensor | int, cond: TextCond, guidance_scale: float = 1.0,
                 output: str = "epsilon", camera: Tensor | None = None) -> Tensor:

@@ -2,7 +2,11 @@
 
 ``load_teacher("shapeworld-exact")`` calls a registered factory; ``load_teacher("/path/to/sd")`` or
 ``load_teacher("stabilityai/stable-diffusion-2-1-base")`` loads a diffusers SD-family model through
-:meth:`studio.teachers.diffusers_sd.DiffusersTeacher.from_pretrained`; a Zero123 layout (``model_index.json``
+:meth:`studio.teachers.diffusers_sd.DiffusersTeacher.from_pretrained`; text-to-video layouts go by
+``model_index.json``'s ``_class_name`` to :mod:`studio.teachers.diffusers_video` (``TextToVideoSDPipeline`` ->
+``ModelScopeTeacher``, ``AnimateDiffPipeline`` -> ``AnimateDiffTeacher``, ``WanPipeline`` -> ``WanTeacher``; an SD
+folder with ``motion_adapter=`` -> ``AnimateDiffTeacher``), and :func:`load_video_teacher` insists on a video
+teacher; a Zero123 layout (``model_index.json``
 with a ``clip_camera_projection`` / ``cc_projection``, or an ``image_encoder`` and an 8-channel UNet, or an
 uncached hub id naming zero123) loads as :class:`studio.teachers.novel_view.Zero123Teacher`.
 Third-party packages register teachers through the ``studio.teachers`` entry-point group
@@ -102,6 +106,12 @@ def load_teacher(name_or_path: str | os.PathLike, **kw: Any):
     if key in _REGISTRY and not os.path.isdir(os.path.expanduser(name)):
         return _REGISTRY[key].factory(**kw)
     if _is_path_or_hub_id(name):
+        from . import diffusers_video as dv
+        if kw.get("motion_adapter") is not None:  # SD 1.x + motion adapter (or an AnimateDiff layout)
+            return dv.AnimateDiffTeacher.from_pretrained(name, **kw)
+        video_cls = dv.video_teacher_class(dv.video_layout(name))
+        if video_cls is not None:  # TextToVideoSDPipeline / AnimateDiffPipeline / WanPipeline layouts
+            return video_cls.from_pretrained(name, **kw)
         from .novel_view import Zero123Teacher, is_zero123_layout
         if is_zero123_layout(name):  # image-conditioned novel-view layout (Zero123 / Zero123-XL)
             return Zero123Teacher.from_pretrained(name, **kw)
@@ -110,6 +120,24 @@ def load_teacher(name_or_path: str | os.PathLike, **kw: Any):
     known = ", ".join(sorted(_REGISTRY)) or "(none registered)"
     raise UserError(f"unknown teacher {name!r}: registered teachers are {known}; or give a local folder with "
                     "model_index.json or a Hugging Face id such as stabilityai/stable-diffusion-2-1-base")
+
+
+def load_video_teacher(name_or_path: str | os.PathLike, **kw: Any):
+    """:func:`load_teacher` for methods that need a text-to-video teacher (a
+    :class:`~studio.teachers.video.VideoTeacher`).
+
+    Raises:
+        UserError: as :func:`load_teacher`, or when the teacher is an image model.
+    """
+    from .video import VideoTeacher
+
+    teacher = load_teacher(name_or_path, **kw)
+    if not isinstance(teacher, VideoTeacher):
+        video = sorted(k for k, spec in _REGISTRY.items() if getattr(spec.factory, "is_video", False))
+        raise UserError(f"teacher {os.fspath(name_or_path)!r} is an image model ({type(teacher).__name__}), but a "
+                        f"text-to-video teacher is needed: give a ModelScope T2V, AnimateDiff or Wan folder / "
+                        f"Hugging Face id, or one of {', '.join(video) or 'the registered video teachers'}")
+    return teacher
 
 
 def _hub_factory(repo_id: str) -> Callable[..., Any]:
@@ -127,6 +155,27 @@ register_teacher("sd21", _hub_factory("stabilityai/stable-diffusion-2-1"),
                  "Stable Diffusion 2.1, 768 px, v-prediction (stabilityai/stable-diffusion-2-1)")
 register_teacher("sd15", _hub_factory("stable-diffusion-v1-5/stable-diffusion-v1-5"),
                  "Stable Diffusion 1.5, 512 px, epsilon (stable-diffusion-v1-5/stable-diffusion-v1-5)")
+
+
+def _video_factory(maker: str, doc: str) -> Callable[..., Any]:
+    def factory(**kw: Any):
+        from . import diffusers_video
+        return getattr(diffusers_video, maker)(**kw)
+    factory.__doc__ = doc
+    factory.is_video = True
+    return factory
+
+
+# Text-to-video teachers (weights from the Hugging Face hub; see studio.teachers.diffusers_video).
+register_teacher("modelscope-t2v",
+                 _video_factory("make_modelscope_t2v", "ModelScopeTeacher (ali-vilab/text-to-video-ms-1.7b)"),
+                 "ModelScope text-to-video 1.7B, 256 px, 16 frames, epsilon (ali-vilab/text-to-video-ms-1.7b)")
+register_teacher("animatediff",
+                 _video_factory("make_animatediff", "AnimateDiffTeacher (SD 1.5 + motion adapter v1-5-2)"),
+                 "AnimateDiff: SD 1.5 + guoyww/animatediff-motion-adapter-v1-5-2, 512 px, 16 frames, epsilon")
+register_teacher("wan2.1-t2v-1.3b",
+                 _video_factory("make_wan21_t2v_13b", "WanTeacher (Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"),
+                 "Wan 2.1 text-to-video 1.3B, 480p, 81 frames, rectified flow (Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
 
 
 def _shapeworld_exact(**kw: Any):

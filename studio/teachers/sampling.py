@@ -1,52 +1,186 @@
-"""Samplers for any :class:`~studio.teachers.base.ImageTeacher` (text-to-image or novel-view)."""
+"""Samplers for any :class:`~studio.teachers.base.ImageTeacher` and :class:`~studio.teachers.video.VideoTeacher`.
+
+One module, four samplers, all driven by the model's :class:`~studio.teachers.schedule.NoiseSchedule` (every
+noise level, noising and prediction conversion goes through it) and the teacher protocol (``predict`` with CFG,
+``noise`` / ``latent_shape`` for video latents ``[B,C,F,h,w]``, ``decode``):
+
+* :func:`ddim_sample` -- deterministic DDIM (eta = 0) for images and videos, any schedule;
+* :func:`flow_euler_sample` -- the flow-matching Euler ODE (optionally a marginal-preserving SDE) on the
+  sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler``;
+* :func:`lcm_sample` -- multistep consistency sampling exactly as diffusers' ``LCMScheduler``;
+* :func:`causal_block_rollout` -- Self-Forcing's autoregressive block-by-block few-step generation.
+
+A student (:class:`~studio.students.video_lora.VideoLoRAStudent`) satisfies the same protocol, so every
+sampler takes a student wherever it takes a teacher.
+
+Conventions shared by all samplers:
+
+* ``prompts_or_cond``: a prompt, a list of prompts or a precomputed :class:`TextCond` (one sample per entry;
+  ``negative`` is then ignored).
+* Timesteps are the schedule's index convention (``[0, T-1]``, floats allowed; see
+  :mod:`~studio.teachers.schedule`); ``callback(k, t)`` runs before the ``k``-th network call at timestep ``t``.
+* Determinism: the initial noise is ``model.noise(B, num_frames, size, seed)`` for video models (a CPU
+  generator seeded with ``seed``; image teachers: the same draw of shape ``[B,C,h,w]``); every *fresh* noise a
+  sampler draws later (LCM re-noising, SDE steps, rollout re-noising) comes, in order, from the CPU generator
+  :func:`noise_generator` ``(seed, 1)``, and rollout context noise from ``noise_generator(seed, 2)``. The same seed
+  gives the same sample on every device.
+* Output: decoded videos ``[B,F,3,H,W]`` (images ``[B,3,H,W]`` for image teachers) in [0, 1], float32, unless
+  ``output="latents"`` (model space ``x0``). :func:`causal_block_rollout` returns latents by default (it is the
+  generator side of DMD training).
+
+Causal block protocol (:func:`causal_block_rollout`). A model may implement::
+
+    forward_block(x_block, t, cond, context_frames, cache) -> x0_block
+
+``x_block`` ``[B,C,f,h,w]`` is the noisy current block at timestep ``t`` (``[B]``, index convention);
+``context_frames`` ``[B,C,F_ctx,h,w]`` all previously generated clean latent frames (detached; ``None`` for the first
+block; ``F_ctx`` is also the block's start frame); ``cache`` the object the caller passed as ``kv_cache`` or that
+``model.init_block_cache(batch, num_latent_frames, cond)`` returned (``None`` when neither exists). It returns the
+block's ``x0`` prediction (CFG, if any, is the model's business: ``guidance_scale`` is passed as a keyword only when
+it differs from 1). As in Self-Forcing, a call may write the block's keys / values into the cache at the block's
+position, each call overwriting the previous one; after a block is finished the rollout calls ``forward_block``
+once more under ``no_grad`` on the block's clean output re-noised to ``context_noise`` (output discarded), which
+leaves the cache holding the finished block.
+
+Models without ``forward_block`` get the generic fallback, which re-runs the whole context every call:
+
+* ``model.frame_timesteps == True`` (its ``_forward`` accepts one timestep per latent frame, ``t`` of shape
+  ``[B, F]``, as diffusion-forcing / causal Wan models do): the input is ``[context, x_block]`` along frames with
+  timesteps ``[t_ctx] * F_ctx + [t] * f``; the context is the clean output of earlier blocks, re-noised *once per
+  block* to ``context_noise`` (the same frames a KV cache would hold; ``context_noise = 0``: the clean frames,
+  presented at timestep index 0, the smallest training noise level). CFG is applied to the raw outputs (affine
+  in the prediction, so it equals epsilon-space CFG), then only the block's frames are converted to ``x0``.
+* otherwise (a bidirectional model with one shared timestep, e.g. ModelScope, AnimateDiff, Wan T2V) the
+  *replacement* method of video diffusion (Ho et al. 2022): at every call the context is re-noised with fresh
+  noise to the block's current timestep ``t``, the concatenation runs through ``model.predict`` at ``t`` and only
+  the block's frames are kept. ``context_noise`` does not apply (a shared-timestep model cannot be told that some
+  frames are cleaner).
+
+Cost of the fallback: block ``b`` (0-based) makes ``len(denoising_steps)`` calls on ``min(b * block_size, W) +
+block_size`` frames (``W = context_window``, default all), i.e. O(blocks^2) frame-evaluations for a whole clip,
+against O(blocks) plus one cache write per block for a KV-cache ``forward_block``. Gradients never flow
+through the context (it is detached, as Self-Forcing's cache is written under ``no_grad``).
+"""
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from .base import TextCond
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "causal_block_rollout", "consistency_scalings", "consistency_solver_timesteps", "ddim_sample",
+    "flow_euler_sample", "flow_euler_timesteps", "lcm_sample", "lcm_timesteps", "noise_generator",
+    "rollout_timesteps",
+]
+
+#: odd 64-bit constant (golden ratio) separating the noise streams of one seed
+_STREAM_STRIDE = 0x9E3779B97F4A7C15
+_DECODED = ("decoded", "video", "videos", "image", "images")
 
 
+# --------------------------------------------------------------------------------------- shared helpers
+def noise_generator(seed: int, stream: int = 1) -> torch.Generator:
+    """The CPU generator of noise stream ``stream`` of ``seed`` (stream 0 would be the initial noise, which
+    ``model.noise`` draws itself; 1: fresh sampler noise; 2: rollout context noise)."""
+    return torch.Generator().manual_seed((int(seed) + int(stream) * _STREAM_STRIDE) % (2 ** 63))
+
+
+def _randn(shape: Sequence[int], gen: torch.Generator, like: Tensor) -> Tensor:
+    return torch.randn(tuple(shape), generator=gen).to(like.device, like.dtype)
+
+
+def _as_cond(model, prompts_or_cond, negative) -> TextCond:
+    if isinstance(prompts_or_cond, TextCond):
+        return prompts_or_cond
+    prompts = [prompts_or_cond] if isinstance(prompts_or_cond, str) else list(prompts_or_cond)
+    return model.encode_prompt(prompts, negative)
+
+
+def _is_video(model) -> bool:
+    return hasattr(model, "latent_shape") and hasattr(model, "noise")
+
+
+def _initial_noise(model, batch: int, seed: int, num_frames: int | None, size) -> Tensor:
+    """Seeded start noise: ``model.noise`` for video models, the same CPU draw of ``[B,C,h,w]`` for images."""
+    if _is_video(model):
+        return model.noise(batch, num_frames, size, seed=seed)
+    if num_frames is not None:
+        raise UserError(f"num_frames={num_frames} was given for the image teacher {getattr(model, 'name', model)!r}; "
+                        "drop num_frames or use a video teacher")
+    h, w = model.latent_size(size if size is not None else model.native_resolution)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(batch, model.latent_channels, h, w, generator=gen).to(model.device, model.dtype)
+
+
+def _finish(model, x: Tensor, output: str) -> Tensor:
+    key = str(output).lower()
+    if key == "latents":
+        return x
+    if key in _DECODED:
+        return model.decode(x).float()
+    raise UserError(f"output={output!r} is not known; use 'latents' (model space) or 'decoded' (pixels in [0, 1])")
+
+
+def _t_tensor(t: float | Tensor, batch: int, device) -> Tensor:
+    """``[B]`` timesteps: long for integer steps, float64 otherwise (no float32 round-off of flow timesteps)."""
+    if isinstance(t, Tensor):
+        t = t.item()
+    if isinstance(t, int):
+        return torch.full((batch,), int(t), dtype=torch.long, device=device)
+    return torch.full((batch,), float(t), dtype=torch.float64, device=device)
+
+
+def _sigmas64(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """``sigma(t)`` in float64 for a 1-D tensor of (float) timesteps."""
+    t = torch.as_tensor(t).reshape(-1)
+    return schedule.sigma(t, torch.empty(t.numel(), dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------- DDIM
 @torch.no_grad()
 def ddim_sample(teacher, prompts: str | Sequence[str] | TextCond, steps: int = 25, guidance_scale: float = 4.0,
                 seed: int = 0, negative: str | Sequence[str] | None = None, clip_x0: bool = True,
-                prior_mean: float | Tensor | None = None, callback=None) -> Tensor:
-    """Deterministic DDIM (eta = 0) samples ``[B,3,H,W]`` in [0, 1] from any :class:`ImageTeacher` with CFG.
+                prior_mean: float | Tensor | None = None, callback=None, num_frames: int | None = None,
+                size: int | tuple[int, int] | None = None, output: str = "decoded") -> Tensor:
+    """Deterministic DDIM (eta = 0) samples from any :class:`ImageTeacher` / :class:`VideoTeacher` with CFG:
+    images ``[B,3,H,W]`` or videos ``[B,F,3,H,W]`` in [0, 1] (``output="latents"``: model space).
 
     ``callback(k, t)``, if given, runs before the ``k``-th network call (timestep ``t``), e.g. to switch a
     feature hook on or off for some of the steps.
 
-    Starts from seeded Gaussian noise at the native resolution, steps over ``steps`` evenly spaced
-    timesteps from ``T-1`` to 0; ``clip_x0`` clamps the predicted ``x0`` to [-1, 1] (pixel-space
-    models; ignored for latent teachers). Decodes with ``teacher.decode``. ``prompts`` may also be an
-    already encoded condition (a :class:`TextCond`, e.g. from a novel-view teacher's ``encode_view``;
-    ``negative`` is then ignored): one sample per entry.
+    Starts from seeded Gaussian noise at the native resolution (video teachers: ``teacher.noise`` with
+    ``num_frames`` pixel frames, default the teacher's clip length), steps over ``steps`` evenly spaced integer
+    timesteps from ``T-1`` to 0 and finally to ``x0``: ``x_prev = alpha(t_prev) x0 + sigma(t_prev) eps`` with
+    ``(x0, eps)`` the guided prediction at ``(x_t, t)`` -- the DDIM update for variance-preserving schedules and,
+    on a flow schedule (``alpha = 1 - sigma``), exactly the flow Euler step. ``clip_x0`` clamps the predicted
+    ``x0`` to [-1, 1] (pixel-space models; ignored for latent teachers). Decodes with ``teacher.decode``.
+    ``prompts`` may also be an already encoded condition (a :class:`TextCond`, e.g. from a novel-view teacher's
+    ``encode_view``; ``negative`` is then ignored): one sample per entry.
 
-    ``prior_mean``: start from ``sqrt(abar_T) * prior_mean + sqrt(1 - abar_T) * noise`` instead of pure noise
+    ``prior_mean``: start from ``alpha(T-1) * prior_mean + sigma(T-1) * noise`` instead of pure noise
     (model space, e.g. ``1.0`` = a white image for pixel models). SD's scaled_linear schedule keeps
     ``sqrt(abar_T) = 0.068`` of the image at ``t = T``, so a model trained on white backgrounds reads pure
     noise (mean 0) as a grey image and samples grey / tinted backgrounds; ``prior_mean=1.0`` matches
     ShapeWorld's training distribution at ``t = T``.
     """
-    if isinstance(prompts, TextCond):
-        cond = prompts
-    else:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        cond = teacher.encode_prompt(prompts, negative)
+    cond = _as_cond(teacher, prompts, negative)
     if steps < 1:
         raise ValueError("steps must be >= 1")
     sched = teacher.schedule
     T = int(sched.num_train_timesteps)
-    h, w = teacher.latent_size(teacher.native_resolution)
-    gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(len(cond), teacher.latent_channels, h, w, generator=gen).to(teacher.device, teacher.dtype)
-    abar = sched.alphas_cumprod.to(torch.float64)
+    x = _initial_noise(teacher, len(cond), seed, num_frames, size)
     if prior_mean is not None:
-        a_T = float(abar[T - 1])
-        x = math.sqrt(a_T) * torch.as_tensor(prior_mean, dtype=x.dtype, device=x.device) + math.sqrt(1 - a_T) * x
+        prior = torch.as_tensor(prior_mean, dtype=x.dtype, device=x.device).expand_as(x)
+        x = sched.add_noise(prior, x, T - 1)
     ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
     for k, t in enumerate(ts):
         if callback is not None:
@@ -54,8 +188,355 @@ def ddim_sample(teacher, prompts: str | Sequence[str] | TextCond, steps: int = 2
         x0 = teacher.predict(x, t, cond, guidance_scale=guidance_scale, output="sample")
         if clip_x0 and not teacher.is_latent:
             x0 = x0.clamp(-1, 1)
-        a_t = float(abar[t])
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        a_prev = float(abar[ts[k + 1]]) if k + 1 < len(ts) else 1.0
-        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-    return teacher.decode(x).float()
+        if k + 1 < len(ts):
+            x0, eps = sched.to_x0_eps(x0, x, t, "sample")
+            x = sched.add_noise(x0, eps, ts[k + 1]).to(x.dtype)
+        else:
+            x = x0.to(x.dtype)
+    return _finish(teacher, x, output)
+
+
+# --------------------------------------------------------------------------------------- flow Euler
+def flow_euler_timesteps(schedule: NoiseSchedule, steps: int, shift: float | None = None,
+                         timesteps: Sequence[float] | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(t [n], sigmas [n+1])`` (float64) of the flow Euler sampler: model timesteps in the schedule's index
+    convention and the noise levels they sit at, with the terminal ``sigma = 0`` appended.
+
+    Default (``timesteps=None``): the sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler(shift).
+    set_timesteps(steps)``: ``u_k = linspace(1, sigma_min, steps)`` with ``sigma_min = sigma(0)`` the smallest
+    *shifted* training sigma, then shifted again, ``sigma_k = shift u_k / (1 + (shift - 1) u_k)`` (diffusers
+    feeds its already shifted ``sigma_min`` through the shift a second time; reproduced for parity). ``shift``
+    defaults to the schedule's; another shift is placed on the model's own timestep axis with
+    :meth:`NoiseSchedule.timestep_from_sigma`. ``timesteps``: explicit descending timesteps (index convention).
+    """
+    if not schedule.is_flow:
+        raise UserError(f"flow_euler_sample needs a flow-matching model (prediction_type='flow'), got {schedule!r}; "
+                        "use ddim_sample or lcm_sample for diffusion models")
+    T = schedule.num_train_timesteps
+    if timesteps is not None:
+        t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+        if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()):
+            raise UserError(f"timesteps must be a non-empty strictly descending list, got {t.tolist()}")
+        sig = _sigmas64(schedule, t)
+    else:
+        if int(steps) < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        ref = schedule if shift is None or float(shift) == schedule.shift else NoiseSchedule.flow(float(shift), T)
+        sigma_min = float(_sigmas64(ref, torch.tensor([0]))[0])
+        u = torch.linspace(1.0, sigma_min, int(steps), dtype=torch.float64)
+        t_ref = u * T - 1
+        sig = _sigmas64(ref, t_ref)
+        t = t_ref if ref is schedule else schedule.timestep_from_sigma(sig)
+    return t, torch.cat([sig, sig.new_zeros(1)])
+
+
+@torch.no_grad()
+def flow_euler_sample(model, prompts_or_cond: str | Sequence[str] | TextCond, steps: int = 30,
+                      guidance_scale: float = 5.0, seed: int = 0, num_frames: int | None = None,
+                      shift: float | None = None, timesteps: Sequence[float] | Tensor | None = None,
+                      sde_noise_level: float = 0.0, negative: str | Sequence[str] | None = None,
+                      size: int | tuple[int, int] | None = None, callback: Callable | None = None,
+                      output: str = "decoded") -> Tensor:
+    """Flow-matching Euler sampler from ``sigma = 1`` to 0 (Wan / SD3 style) with CFG.
+
+    Rectified flow ``x_s = (1 - s) x0 + s eps`` with velocity ``v = eps - x0 = dx/ds``; each step is
+    ``x <- x + (s_next - s) v(x, t)`` with ``v`` the guided prediction converted by the schedule, computed in
+    float32 as diffusers' ``FlowMatchEulerDiscreteScheduler.step`` does; the sigmas are that scheduler's
+    (:func:`flow_euler_timesteps`). The last step lands on ``x0_hat``.
+
+    ``sde_noise_level`` (``a``, default 0 = the ODE): Flow-GRPO's marginal-preserving SDE
+    (spec 1.4): with ``Delta = s - s_next``, diffusion ``g = a sqrt(s / (1 - s'))`` (``s' = s`` except
+    ``sigmas[1]`` at ``s = 1``), score ``s_hat = -(x + (1 - s) v) / s``,
+    ``x <- x - Delta v + (g^2 / 2) s_hat Delta + g sqrt(Delta) xi``. Unlike Flow-GRPO's sampler the final step
+    (to ``s = 0``) stays deterministic, so the output carries no injected noise. Log-probabilities for RL are
+    not computed here.
+    """
+    cond = _as_cond(model, prompts_or_cond, negative)
+    sched = model.schedule
+    ts, sig = flow_euler_timesteps(sched, steps, shift, timesteps)
+    x = _initial_noise(model, len(cond), seed, num_frames, size)
+    a = float(sde_noise_level or 0.0)
+    if a < 0:
+        raise UserError(f"sde_noise_level must be >= 0, got {sde_noise_level}")
+    gen = noise_generator(seed, 1) if a > 0 else None
+    B = len(cond)
+    for k in range(len(ts)):
+        t = float(ts[k])
+        if callback is not None:
+            callback(k, t)
+        v = model.predict(x, _t_tensor(t, B, x.device), cond, guidance_scale=guidance_scale, output="flow")
+        s, s_next = float(sig[k]), float(sig[k + 1])
+        xf, vf = x.float(), v.float()
+        if a > 0 and s_next > 0:
+            delta = s - s_next
+            s_den = float(sig[1]) if s >= 1.0 and len(sig) > 2 else s
+            g = a * math.sqrt(s / max(1.0 - s_den, 1e-12))
+            score = -(xf + (1.0 - s) * vf) / s
+            xf = xf - delta * vf + 0.5 * g * g * score * delta + g * math.sqrt(delta) * _randn(x.shape, gen, xf)
+        else:
+            xf = xf + (s_next - s) * vf
+        x = xf.to(x.dtype)
+    return _finish(model, x, output)
+
+
+# --------------------------------------------------------------------------------------- LCM
+def consistency_scalings(t: Tensor | float, timestep_scaling: float = 10.0,
+                         sigma_data: float = 0.5) -> tuple[Tensor, Tensor]:
+    """LCM's boundary-condition scalings ``(c_skip, c_out)`` at timestep ``t`` (float64 tensors shaped like ``t``).
+
+    ``c_skip = sd^2 / ((lam t)^2 + sd^2)``, ``c_out = lam t / sqrt((lam t)^2 + sd^2)`` with ``sd = sigma_data``
+    (0.5) and ``lam = timestep_scaling`` (diffusers' ``LCMScheduler`` default 10; MCM's scripts use 4). The
+    consistency function is ``f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)``: ``f(x, 0) = x`` exactly. Shared
+    by :func:`lcm_sample` and the consistency-distillation loss.
+    """
+    lt = torch.as_tensor(t, dtype=torch.float64) * float(timestep_scaling)
+    sd2 = float(sigma_data) ** 2
+    return sd2 / (lt * lt + sd2), lt / torch.sqrt(lt * lt + sd2)
+
+
+def consistency_solver_timesteps(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> list[int]:
+    """The skipping-DDIM solver grid of latent consistency distillation, ascending:
+    ``tau_i = k (i + 1) - 1`` for ``i = 0..N-1`` with ``k = T // N`` (T = 1000, N = 50: ``19, 39, ..., 999``)."""
+    N = int(num_ddim_timesteps)
+    if not 1 <= N <= int(num_train_timesteps):
+        raise UserError(f"original_steps / num_ddim_timesteps must lie in [1, {num_train_timesteps}], got {N}")
+    k = int(num_train_timesteps) // N
+    return [k * (i + 1) - 1 for i in range(N)]
+
+
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_steps: int = 50) -> list[int]:
+    """The timesteps of diffusers' ``LCMScheduler.set_timesteps(steps, original_inference_steps=original_steps)``:
+    ``steps`` entries of the descending solver grid at indices ``floor(linspace(0, N, steps, endpoint=False))``
+    (T = 1000, N = 50: 1 -> [999]; 2 -> [999, 499]; 4 -> [999, 759, 499, 259])."""
+    grid = consistency_solver_timesteps(num_train_timesteps, original_steps)[::-1]
+    n = int(steps)
+    if not 1 <= n <= len(grid):
+        raise UserError(f"LCM steps must lie in [1, original_steps={len(grid)}], got {steps}")
+    return [grid[(i * len(grid)) // n] for i in range(n)]
+
+
+@torch.no_grad()
+def lcm_sample(model, prompts_or_cond: str | Sequence[str] | TextCond, steps: int = 4, seed: int = 0,
+               num_frames: int | None = None, guidance_scale: float = 1.0,
+               timesteps: Sequence[int] | None = None, original_steps: int = 50, *,
+               timestep_scaling: float = 10.0, sigma_data: float = 0.5, negative: str | Sequence[str] | None = None,
+               clip_x0: bool = False, size: int | tuple[int, int] | None = None, callback: Callable | None = None,
+               output: str = "decoded") -> Tensor:
+    """Multistep latent-consistency sampling, step for step as diffusers' ``LCMScheduler``.
+
+    Timesteps: :func:`lcm_timesteps` (``steps`` of the 50-step skipping-DDIM grid; usually 1, 2, 4 or 8) or an
+    explicit descending list. From seeded noise, at each timestep ``t``: ``x0_hat`` = the (guided) model's
+    ``x0`` prediction (schedule conversion), ``denoised = c_skip(t) x + c_out(t) x0_hat``
+    (:func:`consistency_scalings`); then, except at the last step, re-noise to the next timestep with fresh noise
+    from :func:`noise_generator` ``(seed, 1)``: ``x = alpha(t_next) denoised + sigma(t_next) z``. Returns the last
+    ``denoised``. ``guidance_scale`` is 1 for CFG-distilled students (MCM); ``clip_x0`` clamps ``x0_hat`` to
+    [-1, 1] (diffusers' ``clip_sample``, off by default).
+    """
+    cond = _as_cond(model, prompts_or_cond, negative)
+    sched = model.schedule
+    T = int(sched.num_train_timesteps)
+    if timesteps is None:
+        ts = lcm_timesteps(steps, T, original_steps)
+    else:
+        ts = [int(t) for t in timesteps]
+        if not ts or any(b >= a for a, b in itertools.pairwise(ts)) or ts[0] >= T or ts[-1] < 0:
+            raise UserError(f"timesteps must be a non-empty strictly descending list in [0, {T - 1}], got {ts}")
+    x = _initial_noise(model, len(cond), seed, num_frames, size)
+    gen = noise_generator(seed, 1)
+    denoised = x
+    for k, t in enumerate(ts):
+        if callback is not None:
+            callback(k, t)
+        x0 = model.predict(x, t, cond, guidance_scale=guidance_scale, output="sample")
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        c_skip, c_out = consistency_scalings(t, timestep_scaling, sigma_data)
+        denoised = (float(c_out) * x0.float() + float(c_skip) * x.float()).to(x.dtype)
+        if k + 1 < len(ts):
+            x = sched.add_noise(denoised, _randn(x.shape, gen, x), ts[k + 1])
+    return _finish(model, denoised, output)
+
+
+# --------------------------------------------------------------------------------------- causal rollout
+def rollout_timesteps(schedule: NoiseSchedule, denoising_steps: Sequence[int | float],
+                      warp_denoising_step: bool = True) -> list[int | float]:
+    """Self-Forcing's ``denoising_step_list`` (values in ``(0, T]``, e.g. ``[1000, 750, 500, 250]``) as timesteps
+    in the schedule's index convention.
+
+    With ``warp_denoising_step`` (Self-Forcing's default for Wan) a step ``k`` is looked up in the shifted
+    scheduler's timestep table: its noise level is ``sigma = shift(k / T)``, which is exactly the schedule's
+    integer timestep ``k - 1`` (``[1000, 750, 500, 250]`` at shift 5 -> sigmas ``[1, 0.9375, 0.8333, 0.625]``).
+    Without warping a flow step ``k`` is a raw network timestep, ``sigma = k / T``, placed on the model's axis by
+    :meth:`NoiseSchedule.timestep_from_sigma`. Diffusion (non-flow) models always use ``k - 1``.
+    """
+    T = schedule.num_train_timesteps
+    out: list[int | float] = []
+    for k in denoising_steps:
+        k = float(k)
+        if not 0 < k <= T:
+            raise UserError(f"denoising steps must lie in (0, {T}] (Self-Forcing's convention, e.g. [1000, 750, 500, "
+                            f"250]), got {list(denoising_steps)}")
+        if schedule.is_flow and not warp_denoising_step:
+            out.append(float(schedule.timestep_from_sigma(k / T)))
+        else:
+            out.append(int(k) - 1 if k.is_integer() else k - 1)
+    if any(b >= a for a, b in itertools.pairwise(out)):
+        raise UserError(f"denoising steps must be strictly descending, got {list(denoising_steps)}")
+    return out
+
+
+def _guided_raw(model, x: Tensor, t: Tensor, cond: TextCond, guidance_scale: float) -> Tensor:
+    """Raw ``_forward`` output with CFG on the raw prediction (per-frame ``t`` ``[B, F]``)."""
+    B = x.shape[0]
+    cond = cond.expand(B).to(device=x.device)
+    if float(guidance_scale) == 1.0:
+        return model._forward(x, t, cond.embeds, None, cond.extra)
+    extra = {k: torch.cat([cond.negative_extra[k], cond.extra[k]]) for k in cond.extra if k in cond.negative_extra}
+    raw = model._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond.negative_embeds, cond.embeds]),
+                         None, extra)
+    u, c = raw[:B], raw[B:]
+    return u + float(guidance_scale) * (c - u)
+
+
+def _fallback_block_x0(model, xb: Tensor, t, cond: TextCond, context: Tensor | None, t_ctx, guidance_scale: float,
+                       ctx_gen: torch.Generator) -> Tensor:
+    """x0 of the block from a model without ``forward_block`` (see the module doc)."""
+    sched = model.schedule
+    B, f = xb.shape[0], xb.shape[2]
+    tb = _t_tensor(t, B, xb.device)
+    if context is None or context.shape[2] == 0:
+        return model.predict(xb, tb, cond, guidance_scale=guidance_scale, output="sample")
+    if getattr(model, "frame_timesteps", False):
+        Fc = context.shape[2]
+        tc = _t_tensor(t_ctx, B, xb.device)
+        dt = torch.promote_types(tb.dtype, tc.dtype)
+        t_frames = torch.cat([tc.to(dt)[:, None].expand(B, Fc), tb.to(dt)[:, None].expand(B, f)], dim=1)
+        raw = _guided_raw(model, torch.cat([context, xb], dim=2), t_frames, cond, guidance_scale)
+        return sched.convert(raw[:, :, -f:].to(xb.dtype), xb, tb, sched.prediction_type, "sample")
+    ctx = sched.add_noise(context, _randn(context.shape, ctx_gen, context), tb)
+    x0 = model.predict(torch.cat([ctx, xb], dim=2), tb, cond, guidance_scale=guidance_scale, output="sample")
+    return x0[:, :, -f:]
+
+
+def causal_block_rollout(model, cond: str | Sequence[str] | TextCond, num_frames: int | None = None,
+                         block_size: int = 3, denoising_steps: Sequence[int | float] = (1000, 750, 500, 250),
+                         seed: int = 0, context_noise: int = 0, kv_cache: Any = None,
+                         grad_exit_step: int | Sequence[int] | str | None = None, *,
+                         warp_denoising_step: bool = True, guidance_scale: float = 1.0,
+                         negative: str | Sequence[str] | None = None, context_window: int | None = None,
+                         noise: Tensor | None = None, size: int | tuple[int, int] | None = None,
+                         callback: Callable | None = None, output: str = "latents",
+                         return_trajectory: bool = False):
+    """Self-Forcing autoregressive generation: latent frames in blocks of ``block_size``, each block denoised
+    few-step conditioned on the frames already generated (see the module doc for the model protocol).
+
+    ``num_frames``: *pixel* frames as everywhere else (default: the model's clip length); the latent clip of
+    ``F' = model.latent_frames(num_frames)`` frames is cut into blocks of ``block_size`` latent frames (the last
+    block may be shorter). Each block starts from its slice of the initial noise (``noise`` ``[B,C,F',h,w]`` if
+    given, else ``model.noise(B, num_frames, size, seed)``) and runs over ``denoising_steps``
+    (:func:`rollout_timesteps`; Self-Forcing's ``[1000, 750, 500, 250]`` warped through the flow shift): at each
+    step predict ``x0``, then re-noise it to the next level with fresh noise, ``x = alpha x0 + sigma z``; the
+    block's output is the last ``x0``. ``context_noise``: the step (same convention, 0 = clean) the finished
+    frames are re-noised to before they serve as context / are written to the cache.
+
+    ``grad_exit_step`` (spec 1.3): ``None`` runs every step under ``no_grad`` (inference). An int ``k`` (or one
+    per block; ``"random"``: one index drawn from :func:`noise_generator` ``(seed, 3)``, shared by all blocks like
+    ``same_step_across_blocks``) makes every block run its steps ``0..k-1`` under ``no_grad``, then step ``k``
+    with grad enabled; that step's ``x0`` prediction is the block's output (later steps are skipped), so the graph
+    reaches the parameters only through the exit-step calls. Context and cache writes are always detached /
+    ``no_grad``. In distributed training draw the index once and broadcast it.
+
+    Returns the clean latents ``[B,C,F',h,w]`` (``output="decoded"``: decoded videos), plus, with
+    ``return_trajectory``, a list of per-call records ``{"block", "step", "t", "x_t", "x0"}`` (detached).
+    ``callback(k, t)`` runs before each denoising call (``k`` = step index within the block).
+    """
+    if not _is_video(model):
+        raise UserError("causal_block_rollout needs a video model (latents [B,C,F,h,w]); got "
+                        f"{type(model).__name__}")
+    cond = _as_cond(model, cond, negative)
+    sched = model.schedule
+    B = len(cond)
+    ts = rollout_timesteps(sched, denoising_steps, warp_denoising_step)
+    if context_noise:
+        t_ctx = rollout_timesteps(sched, [context_noise], warp_denoising_step)[0]
+    else:
+        t_ctx = 0
+    if noise is None:
+        x_all = model.noise(B, num_frames, size, seed=seed)
+    else:
+        x_all = noise.to(model.device, model.dtype)
+        if x_all.dim() != 5 or x_all.shape[0] != B:
+            raise UserError(f"noise must be [B={B},C,F,h,w] latents, got {tuple(x_all.shape)}")
+    Fl = x_all.shape[2]
+    bs = int(block_size)
+    if bs < 1:
+        raise UserError(f"block_size must be >= 1 latent frame, got {block_size}")
+    blocks = [(s, min(s + bs, Fl)) for s in range(0, Fl, bs)]
+    n_steps = len(ts)
+    if grad_exit_step is None:
+        exits = [None] * len(blocks)
+    else:
+        if isinstance(grad_exit_step, str):
+            if grad_exit_step != "random":
+                raise UserError("grad_exit_step must be an int, a list of ints, 'random' or None; got "
+                                f"{grad_exit_step!r}")
+            grad_exit_step = int(torch.randint(n_steps, (), generator=noise_generator(seed, 3)))
+        try:  # one index (int, numpy / 0-d tensor integer) for every block, or a sequence of them
+            exits = [operator.index(grad_exit_step)] * len(blocks)
+        except TypeError:
+            exits = list(grad_exit_step)
+        if len(exits) != len(blocks) or any(not 0 <= int(e) < n_steps for e in exits):
+            raise UserError(f"grad_exit_step must be one index (or one per block, {len(blocks)} blocks) in "
+                            f"[0, {n_steps - 1}], got {grad_exit_step!r}")
+        exits = [int(e) for e in exits]
+    window = None if context_window is None else int(context_window)
+    if window is not None and window < 0:
+        raise UserError(f"context_window must be >= 0 latent frames (or None for all), got {context_window}")
+
+    use_block = hasattr(model, "forward_block")
+    cache = kv_cache
+    if use_block and cache is None and hasattr(model, "init_block_cache"):
+        cache = model.init_block_cache(B, Fl, cond)
+    block_kw = {} if float(guidance_scale) == 1.0 else {"guidance_scale": float(guidance_scale)}
+    gen = noise_generator(seed, 1)
+    ctx_gen = noise_generator(seed, 2)
+    clean: list[Tensor] = []     # finished blocks, detached (what the model is conditioned on)
+    ctx_frames: list[Tensor] = []  # the same, re-noised once to context_noise (the "cache contents")
+    outputs: list[Tensor] = []
+    trajectory: list[dict] = []
+    for b, (f0, f1) in enumerate(blocks):
+        xb = x_all[:, :, f0:f1]
+        context_full = torch.cat(clean, dim=2) if clean else None
+        # the fallback's context: frames re-noised once to context_noise for per-frame-timestep models, the clean
+        # frames (re-noised to t at every call) for shared-timestep models
+        src = ctx_frames if getattr(model, "frame_timesteps", False) else clean
+        ctx = torch.cat(src, dim=2) if src else None
+        if ctx is not None and window is not None:
+            ctx = ctx[:, :, ctx.shape[2] - min(window, ctx.shape[2]):]
+        x0 = xb
+        for k, t in enumerate(ts):
+            is_exit = exits[b] is not None and k == exits[b]
+            if callback is not None:
+                callback(k, t)
+            with torch.set_grad_enabled(is_exit):
+                if use_block:
+                    x0 = model.forward_block(xb, _t_tensor(t, B, xb.device), cond, context_full, cache, **block_kw)
+                else:
+                    x0 = _fallback_block_x0(model, xb, t, cond, ctx, t_ctx, guidance_scale, ctx_gen)
+            if return_trajectory:
+                trajectory.append({"block": b, "step": k, "t": t, "x_t": xb.detach(), "x0": x0.detach()})
+            if is_exit or k + 1 == n_steps:
+                break
+            with torch.no_grad():
+                xb = sched.add_noise(x0.detach(), _randn(xb.shape, gen, xb), ts[k + 1])
+        outputs.append(x0)
+        done = x0.detach()
+        clean.append(done)
+        with torch.no_grad():
+            ctx_in = done if not context_noise else sched.add_noise(done, _randn(done.shape, ctx_gen, done), t_ctx)
+            ctx_frames.append(ctx_in)
+            if use_block:
+                model.forward_block(ctx_in, _t_tensor(t_ctx, B, done.device), cond, context_full, cache, **block_kw)
+    latents = torch.cat(outputs, dim=2)
+    result = latents if str(output).lower() == "latents" else _finish(model, latents, output)
+    return (result, trajectory) if return_trajectory else result

@@ -149,15 +149,23 @@ class NoiseSchedule:
         Handles ``beta_schedule`` in {"linear", "scaled_linear", "squaredcos_cap_v2"}, ``trained_betas``,
         ``rescale_betas_zero_snr`` and ``prediction_type`` of DDPM / DDIM / PNDM / Euler / DPM-Solver / LCM
         schedulers, and ``FlowMatchEulerDiscreteScheduler`` (-> ``"flow"`` with its ``shift``; a
-        resolution-dependent dynamic shift is not applied). ``prediction_type`` overrides the config.
+        resolution-dependent dynamic shift is not applied) or a multistep solver on flow sigmas
+        (``prediction_type="flow_prediction"`` / ``use_flow_sigmas`` with ``flow_shift``, e.g. the
+        ``UniPCMultistepScheduler`` Wan 2.1 ships). ``prediction_type`` overrides the config.
         """
         config: Mapping = scheduler if isinstance(scheduler, Mapping) else getattr(scheduler, "config", None)
         if config is None:
             raise TypeError(f"expected a diffusers scheduler or its config, got {type(scheduler).__name__}")
         cls_name = str(config.get("_class_name", type(scheduler).__name__))
         T = int(config.get("num_train_timesteps", 1000))
-        if "FlowMatch" in cls_name or (prediction_type and canonical_prediction_type(prediction_type) == "flow"):
-            return cls.flow(shift=float(config.get("shift", 1.0) or 1.0), num_train_timesteps=T)
+        if prediction_type:
+            flow = canonical_prediction_type(prediction_type) == "flow"
+        else:  # multistep solvers on flow sigmas (Wan's UniPC: prediction_type="flow_prediction", flow_shift)
+            cfg_type = str(config.get("prediction_type") or "epsilon").strip().lower()
+            flow = bool(config.get("use_flow_sigmas")) or _ALIASES.get(cfg_type) == "flow"
+        if "FlowMatch" in cls_name or flow:
+            shift = config.get("shift") or config.get("flow_shift") or 1.0
+            return cls.flow(shift=float(shift), num_train_timesteps=T)
         ptype = prediction_type or config.get("prediction_type") or "epsilon"
         trained = config.get("trained_betas")
         schedule = config.get("beta_schedule", "linear")
@@ -434,3 +442,29 @@ class NoiseSchedule:
         if not self.is_flow:
             return torch.as_tensor(t)
         return (self._coef(t, None)[1] * self.num_train_timesteps).to(torch.float32)
+
+    def timestep_from_sigma(self, sigma: Tensor | float) -> Tensor:
+        """Float timesteps ``t`` (the index convention above) with ``sigma(t) == sigma``: the inverse of
+        :meth:`sigma` on ``[sigma(0), sigma(T-1)]``, float64.
+
+        Flow schedules invert the shift analytically: ``u = sigma / (shift - (shift - 1) sigma)``,
+        ``t = T u - 1``. Variance-preserving schedules invert the piecewise-linear interpolation of the
+        (increasing) ``sigma`` table that :meth:`sigma` uses for float ``t``. Samplers use it to place a
+        noise level given as a sigma (a flow shift other than the model's, Self-Forcing's unwarped
+        timesteps) on the model's own timestep axis. A sigma outside the table raises ``ValueError``.
+        """
+        s = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu()
+        S, T = self._sigma, self.num_train_timesteps
+        lo_s, hi_s = float(S[0]), float(S[-1])
+        tol = 1e-9
+        if bool(((s < lo_s - tol) | (s > hi_s + tol)).any()):
+            raise ValueError(f"sigma must lie in [{lo_s:.6g}, {hi_s:.6g}] (the schedule's noise levels), got "
+                             f"{s.min().item():.6g}..{s.max().item():.6g}")
+        s = s.clamp(lo_s, hi_s)
+        if self.is_flow:
+            u = s / (self.shift - (self.shift - 1) * s)
+            return (u * T - 1).clamp(0, T - 1)
+        idx = torch.searchsorted(S, s.reshape(-1)).clamp(1, T - 1)
+        lo = idx - 1
+        w = (s.reshape(-1) - S[lo]) / (S[idx] - S[lo]).clamp_min(torch.finfo(torch.float64).tiny)
+        return (lo.to(torch.float64) + w).reshape(s.shape)

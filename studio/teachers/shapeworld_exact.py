@@ -54,16 +54,29 @@ def _view_of(text: str) -> int | None:
 def mixture_epsilon(x_t: Tensor, a: Tensor, s: Tensor, refs: Tensor, log_prior: Tensor, smoothing: float) -> Tensor:
     """Exact posterior-mean epsilon of ``p(x0) = sum_k pi_k N(x0; r_k, smoothing^2 I)`` at ``x_t = a x0 + s eps``.
 
-    ``x_t [B,C,H,W]``, ``a`` / ``s`` ``[B,1,1,1]``, ``refs [B,K,C,H,W]``, ``log_prior [B,K]`` (``log pi_k`` up to a
-    per-sample constant; ``-inf`` removes a reference). See the module doc for the formula.
+    ``x_t [B, ...]`` (images ``[B,C,H,W]`` or videos ``[B,C,F,H,W]``), ``a`` / ``s`` broadcastable ``[B,1,...]``,
+    ``refs`` either per sample ``[B,K, ...]`` or shared by the batch ``[K, ...]``, ``log_prior`` ``[B,K]`` or
+    ``[K]`` (``log pi_k`` up to a per-sample constant; ``-inf`` removes a reference). See the module doc for the
+    formula. The squared distances are expanded (``|x|^2 - 2 a x.r + a^2 |r|^2``, one matrix product) and
+    computed in float64, so thousands of video references cost one GEMM and no ``[B,K,D]`` temporary.
     """
-    var = a * a * smoothing**2 + s * s  # [B,1,1,1]
-    diff = x_t[:, None] - a[:, None] * refs  # [B,K,C,H,W]
-    logits = log_prior - (diff * diff).flatten(2).sum(-1) / (2 * var.flatten(1))  # [B,K]
-    w = torch.softmax(logits, dim=1)[..., None, None, None]
-    k = (a * smoothing**2 / var)[:, None]
-    x0 = (w * (refs + k * diff)).sum(1)
-    return (x_t - a * x0) / s
+    B = x_t.shape[0]
+    dt = torch.float64 if x_t.device.type != "mps" else torch.float32
+    x = x_t.reshape(B, -1).to(dt)
+    a = a.reshape(B, 1).to(dt)
+    s = s.reshape(B, 1).to(dt)
+    shared = refs.dim() == x_t.dim()
+    R = refs.reshape(refs.shape[0], -1).to(dt) if shared else refs.reshape(B, refs.shape[1], -1).to(dt)
+    dots = x @ R.T if shared else torch.einsum("bd,bkd->bk", x, R)  # [B,K]
+    rr = (R * R).sum(-1)  # [K] or [B,K]
+    sq = (x * x).sum(-1, keepdim=True) - 2 * a * dots + a * a * rr
+    var = a * a * smoothing**2 + s * s  # [B,1]
+    logits = log_prior.to(dt) - sq / (2 * var)
+    w = torch.softmax(logits, dim=-1)  # [B,K]
+    mean_r = w @ R if shared else torch.einsum("bk,bkd->bd", w, R)
+    k = a * smoothing**2 / var
+    x0 = mean_r + k * (x - a * mean_r)  # = sum_k w_k (r_k + k (x - a r_k))
+    return ((x - a * x0) / s).to(x_t.dtype).reshape(x_t.shape)
 
 
 class ShapeWorldPixelTeacher(ImageTeacher):

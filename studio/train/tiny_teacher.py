@@ -1,5 +1,6 @@
 """Helpers shared by the scripts that train ShapeWorld's tiny teachers (``scripts/train_shapeworld_*.py``):
-an EMA of weights, an atomic folder write and a PNG grid writer."""
+an atomic folder write, a PNG grid writer and the tiny UNet / scheduler builders; ``EMA`` (now in
+:mod:`studio.train.ema`) is re-exported here."""
 from __future__ import annotations
 
 import math
@@ -12,33 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-
-class EMA:
-    """Exponential moving average of the parameters of ``modules`` (warm-up ``(1+step)/(10+step)``)."""
-
-    def __init__(self, modules, decay: float):
-        self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - d)
-
-    @torch.no_grad()
-    def copy_to(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            p.copy_(s)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange the live and the EMA weights (call twice to restore)."""
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
+from .ema import EMA  # noqa: F401  (moved to studio.train.ema; re-exported for the training scripts)
 
 
 def write_folder_atomically(out: Path, write: Callable[[Path], None], keep: tuple[str, ...] = ("samples.png",
