@@ -5,6 +5,7 @@ set ``STUDIO_DEBUG=1`` to see the traceback instead.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -90,29 +91,38 @@ def app(
           open_browser=open_browser)
 
 
-def _method_config_cli(argv: list[str], prog: str, *, batch: bool):
-    """Parse ``--method/--out/--resume`` first, then the chosen method's config dataclass with tyro."""
+def _method_config_cli(argv: list[str], prog: str, *, batch: bool, kind: str = "3d", default_method: str = "sds"):
+    """Parse ``--method/--out/--resume`` first, then the chosen method's config dataclass with tyro.
+
+    ``kind="3d"``: text-to-3D (a positional PROMPT, or a prompts file with ``batch``); ``kind="video"``: video
+    distillation methods (every config field is an option)."""
     import argparse
     import dataclasses
 
     from methods.registry import get_method, method_names
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="sds")
+    pre.add_argument("--method", default=default_method)
     pre.add_argument("--out", default="outputs")
     pre.add_argument("--resume", action="store_true")
     pre.add_argument("--no-resume", dest="resume", action="store_false")
     pre.set_defaults(resume=batch)
     known, rest = pre.parse_known_args(argv)
     cls = get_method(known.method)
-    if getattr(cls, "kind", None) != "3d":
-        raise UserError(f"method {known.method!r} is not a text-to-3D method; choose one of: "
-                        f"{', '.join(method_names('3d'))}")
-    desc = (f"{cls.description} ({cls.paper}). Also: --method {{{','.join(method_names('3d'))}}} "
+    what = {"3d": "text-to-3D", "video": "video distillation"}[kind]
+    if getattr(cls, "kind", None) != kind:
+        raise UserError(f"method {known.method!r} is not a {what} method; choose one of: "
+                        f"{', '.join(method_names(kind)) or '(none installed)'}")
+    desc = (f"{cls.description} ({cls.paper}). Also: --method {{{','.join(method_names(kind))}}} "
             f"--out DIR (default outputs) {'--no-resume' if batch else '--resume'}.")
     import typing
 
     hints = typing.get_type_hints(cls.Config)
+    if kind == "video":
+        fields = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls.Config)]
+        Cfg = dataclasses.make_dataclass("DistillOptions", fields)
+        parsed = tyro.cli(Cfg, args=rest, prog=prog, description=desc)
+        return known, cls, None, cls.Config(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls.Config)})
     fields = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls.Config) if f.name != "prompt"]
     if batch:
         Cfg = dataclasses.make_dataclass("BatchOptions", [("prompts", tyro.conf.Positional[Path])] + fields)
@@ -145,16 +155,55 @@ def batch(argv: list[str]) -> None:
         raise SystemExit(1)
 
 
+def video(argv: list[str]) -> None:
+    """Text-to-video: `studio video generate PROMPT [--model M] [--steps N] [--out]`; `studio video distill --method NAME ...`."""
+    usage = ("usage: studio video generate PROMPT [--model NAME|PATH|STUDENT_DIR] [--steps N] [--sampler auto|flow|ddim|lcm] "
+             "[--guidance-scale W] [--num-videos K] [--seed S] [--out DIR]\n"
+             "       studio video distill --method NAME [--out DIR] [--resume] [method options, see --help]")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return
+    sub, rest = argv[0], list(argv[1:])
+    if sub == "generate":
+        import dataclasses
+        import typing
+
+        from .video import VideoGenerateConfig, generate_video
+
+        hints = typing.get_type_hints(VideoGenerateConfig)
+        fields = [(f.name, (tyro.conf.Positional[str] if f.name == "prompt" else hints[f.name]), f)
+                  for f in dataclasses.fields(VideoGenerateConfig)]
+        Cfg = dataclasses.make_dataclass("VideoGenerateOptions", fields + [("out", Path, dataclasses.field(
+            default=Path("outputs/video")))])
+        parsed = tyro.cli(Cfg, args=rest, prog="studio video generate",
+                          description="Sample a video from a teacher or a distilled student; writes MP4, frames, "
+                                      "metrics.json.")
+        cfg = VideoGenerateConfig(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(VideoGenerateConfig)})
+        m = generate_video(cfg, parsed.out)
+        gt = m.get("ground_truth")
+        extra = (f", motion accuracy {gt['motion_accuracy']:.2f}, frame error {gt['frame_error']:.3f}" if gt else "")
+        print(f"done in {m['seconds']:.1f}s ({m['sampler']}, {m['steps']} steps){extra}: {parsed.out}/{_slug(cfg.prompt)}/")
+        return
+    if sub == "distill":
+        known, cls, _, cfg = _method_config_cli(rest, "studio video distill", batch=False, kind="video",
+                                                default_method="lcm")
+        metrics = cls().run(cfg, Path(known.out), resume=known.resume)
+        print(json.dumps(metrics.get("headline", metrics), indent=2, default=str))
+        print(f"student: {metrics.get('student', known.out)}")
+        return
+    raise UserError(f"unknown video command {sub!r}; {usage}")
+
+
 def _slug(prompt: str) -> str:
     from .text_to_3d import slugify
 
     return slugify(prompt)
 
 
-COMMANDS = {"generate": generate, "batch": batch, "demo": demo, "render": render, "doctor": doctor,
+COMMANDS = {"generate": generate, "video": video, "batch": batch, "demo": demo, "render": render, "doctor": doctor,
             "build-ext": build_ext, "app": app}
 #: subcommands that parse their own arguments (their options depend on --method)
-_RAW = {"generate": generate, "batch": batch}
+_RAW = {"generate": generate, "batch": batch, "video": video}
 
 
 def main(argv: list[str] | None = None) -> None:

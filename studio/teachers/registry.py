@@ -178,6 +178,22 @@ register_teacher("wan2.1-t2v-1.3b",
                  "Wan 2.1 text-to-video 1.3B, 480p, 81 frames, rectified flow (Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
 
 
+def _shapeworld_video(maker: str) -> Callable[..., Any]:
+    def factory(**kw: Any):
+        from . import shapeworld_video
+        return getattr(shapeworld_video, maker)(**kw)
+    factory.is_video = True
+    return factory
+
+
+register_teacher("shapeworld-video-exact", _shapeworld_video("make_shapeworld_video_exact"),
+                 "ShapeWorld video exact optimal denoiser of the reference clips, 8 frames 32x32, rectified flow "
+                 "(text conditioned, no download)")
+register_teacher("shapeworld-video-wan", _shapeworld_video("make_shapeworld_video_wan"),
+                 "ShapeWorld tiny trained text-to-video model (Wan classes), pixel space 8x32x32, rectified flow "
+                 "(shipped in assets/)")
+
+
 def _shapeworld_exact(**kw: Any):
     from .shapeworld_exact import make_shapeworld_exact
     return make_shapeworld_exact(**kw)

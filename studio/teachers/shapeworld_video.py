@@ -112,3 +112,19 @@ class ShapeWorldVideoExactTeacher(PixelVideoMixin, VideoTeacher):
 
 def make_shapeworld_video_exact(**kw) -> ShapeWorldVideoExactTeacher:
     return ShapeWorldVideoExactTeacher(**kw).freeze()
+
+
+#: the tiny trained ShapeWorld video teacher (Wan classes, pixel space), shipped in ``assets/``
+TRAINED_NAME = "shapeworld-video-wan"
+
+
+def make_shapeworld_video_wan(**kw):
+    """``WanTeacher.from_pretrained(<assets>/shapeworld-video-wan, **kw)``: the tiny *trained* ShapeWorld video
+    model (``WanTransformer3DModel`` in pixel space, 8 frames of 32x32, rectified flow; trained by
+    ``scripts/train_shapeworld_video_teacher.py``), loaded through the same path as Wan 2.1."""
+    from .diffusers_video import WanTeacher
+    from .shapeworld_unet import shipped_model_path
+
+    teacher = WanTeacher.from_pretrained(shipped_model_path(TRAINED_NAME, "train_shapeworld_video_teacher.py"), **kw)
+    teacher.name = TRAINED_NAME
+    return teacher
