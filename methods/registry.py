@@ -17,6 +17,7 @@ _BUILTIN = {
     "sds": "methods.sds:SDSMethod",
     "vsd": "methods.vsd:VSDMethod",
     "placiddreamer": "methods.placiddreamer:PlacidDreamerMethod",
+    "lcm": "methods.video_lcm:VideoLCMMethod",
 }
 _REGISTRY: dict[str, type] = {}
 
