@@ -18,6 +18,7 @@ _BUILTIN = {
     "vsd": "methods.vsd:VSDMethod",
     "placiddreamer": "methods.placiddreamer:PlacidDreamerMethod",
     "lcm": "methods.video_lcm:VideoLCMMethod",
+    "mcm": "methods.mcm:MCMMethod",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -42,6 +42,8 @@ class ConsistencyStage:
     """One stage of (video) latent consistency distillation; subclasses add terms (MCM)."""
 
     name = "lcd"
+    #: ``(phi, phi_target)`` motion representation of the consistency distance (None: identity = video LCM)
+    motion_pair = None
 
     def __init__(self, cfg: VideoLCMConfig, teacher, student, data):
         self.cfg, self.teacher, self.student, self.data = cfg, teacher, student, data
@@ -56,7 +58,7 @@ class ConsistencyStage:
         c = self.cfg
         return latent_consistency_loss(self.student, self.teacher, x0, cond, w_range=(c.w_min, c.w_max),
                                        num_ddim_timesteps=c.num_ddim_timesteps, timestep_scaling=c.timestep_scaling,
-                                       loss=c.loss, huber_c=c.huber_c, generator=self.gen)
+                                       loss=c.loss, huber_c=c.huber_c, generator=self.gen, motion=self.motion_pair)
 
     def train_step(self, step: int, progress: float) -> StepOutput:
         x0, prompts = self.data.batch(step, self.cfg.batch_size)

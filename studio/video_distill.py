@@ -133,9 +133,11 @@ class VideoData:
                                                align_corners=False).clamp(0, 1)
 
     @torch.no_grad()
-    def batch(self, step: int, n: int) -> tuple[Tensor, list[str]]:
+    def batch(self, step: int, n: int, *, with_video: bool = False):
+        """``(x0 latents, prompts)`` for ``step``; with ``with_video`` also the pixel clips ``[n,F,3,H,W]``."""
         video, prompts = self.videos(step, n)
-        return self.teacher.encode(video.to(self.teacher.device, torch.float32)).to(self.teacher.dtype), prompts
+        x0 = self.teacher.encode(video.to(self.teacher.device, torch.float32)).to(self.teacher.dtype)
+        return (x0, prompts, video) if with_video else (x0, prompts)
 
 
 class VideoDistillMethod:
