@@ -157,10 +157,13 @@ def generate(cfg: TextTo3DConfig, method: str | TextTo3DMethod = "sds", out: str
 
 
 def _plain(d):
+    """A config as plain JSON/YAML values (dicts, lists, strings for paths)."""
     if isinstance(d, dict):
         return {k: _plain(v) for k, v in d.items()}
     if isinstance(d, (list, tuple)):
         return [_plain(v) for v in d]
+    if isinstance(d, Path):
+        return str(d)
     return d
 
 

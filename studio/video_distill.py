@@ -184,6 +184,7 @@ def distill_video(cfg: VideoDistillConfig, method: VideoDistillMethod, out_dir: 
     """Run one video distillation (module doc); returns the metrics dict (also ``metrics.json``)."""
     from .students.video_lora import VideoLoRAStudent
     from .teachers.registry import load_video_teacher
+    from .text_to_3d import _plain
     from .train.loop import Trainer, TrainerConfig
     from .video import write_student
 
@@ -221,16 +222,6 @@ def distill_video(cfg: VideoDistillConfig, method: VideoDistillMethod, out_dir: 
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_text(out / "history.json", json.dumps(history))
     return metrics
-
-
-def _plain(d):
-    if isinstance(d, dict):
-        return {k: _plain(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_plain(v) for v in d]
-    if isinstance(d, Path):
-        return str(d)
-    return d
 
 
 __all__ = ["VideoDistillConfig", "VideoDistillMethod", "VideoData", "distill_video", "evaluate_video_model",

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..students.lora_score import _seeded  # the one seeded-RNG context manager
 
 __all__ = [
     "DISC_LOSSES", "AdaptiveGPWeight", "Dinov2Backbone", "DiscHead", "FeatureBackbone", "ProjectedDiscriminator",
@@ -81,16 +82,6 @@ def _check_images(images: Tensor, what: str = "images") -> Tensor:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"{what} must be [N,3,H,W] in [0,1], got shape {tuple(images.shape)}")
     return images
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None):
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        yield
 
 
 # --------------------------------------------------------------------------------------- backbones

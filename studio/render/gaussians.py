@@ -16,26 +16,17 @@ Backends
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _common
-from ._common import TILE_SIZE, camera_centers, covariance_3d, eval_sh, project_gaussians
+from ._common import TILE_SIZE, camera_centers, covariance_3d, eval_sh, project_gaussians, warn_once
 from ._torch_impl import rasterize_to_pixels_torch
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 BACKENDS = ("auto", "torch", "native", "cuda", "gsplat")
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -108,7 +99,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 return "cuda"
             if _gsplat_available():
                 return "gsplat"
-            _warn_once("auto-cuda", "CUDA extension unavailable; falling back to the slow torch rasterizer")
+            warn_once("auto-cuda", "CUDA extension unavailable; falling back to the slow torch rasterizer")
             return "torch"
         if device.type == "cpu" and _native.available():
             return "native"
@@ -117,7 +108,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='native' runs on CPU tensors, got tensors on {device}; use backend='cuda' or 'auto'")
         if not _native.available():
-            _warn_once("native", f"native C++ rasterizer unavailable ({_native.load_error()}); using the torch backend")
+            warn_once("native", f"native C++ rasterizer unavailable ({_native.load_error()}); using the torch backend")
             return "torch"
     if backend == "cuda":
         if device.type != "cuda":

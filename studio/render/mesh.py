@@ -38,21 +38,12 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ._common import camera_centers
+from ._common import camera_centers, warn_once
 from ._mesh_torch import rasterize_screen_torch
 
 MESH_BACKENDS = ("auto", "torch", "native", "cuda")
 NORMAL_MODES = ("vertex", "face", "none")
 
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    import warnings
-
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -111,7 +102,7 @@ def resolve_mesh_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             if _mesh_ext.available("cuda"):
                 return "cuda"
-            _warn_once("mesh-auto-cuda", "CUDA mesh rasterizer unavailable "
+            warn_once("mesh-auto-cuda", "CUDA mesh rasterizer unavailable "
                        f"({_mesh_ext.load_error('cuda')}); falling back to the slow torch twin")
             return "torch"
         if device.type == "cpu" and _mesh_ext.available("native"):
@@ -121,7 +112,7 @@ def resolve_mesh_backend(backend: str, device: torch.device) -> str:
         _check(device.type == "cpu", f"backend='native' runs on CPU tensors, got tensors on {device}; "
                                      "use backend='cuda' or 'auto'")
         if not _mesh_ext.available("native"):
-            _warn_once("mesh-native", f"native mesh rasterizer unavailable ({_mesh_ext.load_error('native')}); "
+            warn_once("mesh-native", f"native mesh rasterizer unavailable ({_mesh_ext.load_error('native')}); "
                                       "using the torch backend")
             return "torch"
     if backend == "cuda":
