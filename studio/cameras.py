@@ -10,6 +10,11 @@ Conventions (one set, used everywhere):
 * ``opencv_to_opengl`` / ``opengl_to_opencv`` convert camera-to-world poses between the OpenCV frame
   and the OpenGL / Blender / NeRF frame (x right, y up, z backward); ``Cameras.to_kornia`` gives a
   ``kornia.geometry.camera.PinholeCamera``.
+* **Normals**: renderers return world-frame normals; *camera-space* normals are the same unit vectors in
+  the OpenCV camera frame (``n_cam = R n_world`` with ``R = viewmats[:, :3, :3]``), outward, so a
+  surface seen head-on is ``(0, 0, -1)``, one pointing up in the image has ``y < 0`` and one pointing
+  right ``x > 0``. ``world_to_camera_normals`` / ``camera_to_world_normals`` convert normal maps in either
+  layout (``[C,H,W,3]`` renderer outputs or ``[C,3,H,W]`` estimator outputs, via ``channel_dim``).
 """
 from __future__ import annotations
 
@@ -135,6 +140,33 @@ def opencv_to_opengl(c2w: Tensor) -> Tensor:
 
 def opengl_to_opencv(c2w: Tensor) -> Tensor:
     return c2w @ _FLIP_YZ.to(c2w)
+
+
+def _rotate_normals(normals: Tensor, R: Tensor, channel_dim: int) -> Tensor:
+    if R.dim() != 3 or R.shape[1:] != (3, 3):
+        raise ValueError(f"viewmats must have shape [C, 4, 4], got rotations of shape {tuple(R.shape)}")
+    if normals.dim() < 2 or normals.shape[0] != R.shape[0]:
+        raise ValueError(f"normals must have shape [C, ...] with C={R.shape[0]} (one camera per map), "
+                         f"got {tuple(normals.shape)}")
+    if normals.shape[channel_dim] != 3:
+        raise ValueError(f"normals must have 3 channels at dim {channel_dim}, got shape {tuple(normals.shape)}")
+    n = normals.movedim(channel_dim, -1)
+    flat = n.reshape(n.shape[0], -1, 3)
+    out = flat @ R.to(flat).transpose(-1, -2)  # row vectors: n' = R n
+    return out.reshape(n.shape).movedim(-1, channel_dim)
+
+
+def world_to_camera_normals(normals: Tensor, viewmats: Tensor, channel_dim: int = -1) -> Tensor:
+    """World-frame normals ``[C,...,3]`` (``channel_dim=-1``, e.g. ``render_mesh(...)["normal"]``) or
+    ``[C,3,H,W]`` (``channel_dim=1``) -> the OpenCV camera frame of each camera: ``n_cam = R n_world`` with
+    ``R = viewmats[:, :3, :3]`` (directions ignore the translation). Lengths are kept (zero background stays
+    zero); a surface facing camera ``c`` head-on becomes ``(0, 0, -1)``."""
+    return _rotate_normals(normals, viewmats[:, :3, :3], channel_dim)
+
+
+def camera_to_world_normals(normals: Tensor, viewmats: Tensor, channel_dim: int = -1) -> Tensor:
+    """Inverse of :func:`world_to_camera_normals`: ``n_world = R^T n_cam`` (``R`` is a rotation)."""
+    return _rotate_normals(normals, viewmats[:, :3, :3].transpose(-1, -2), channel_dim)
 
 
 def intrinsics_from_fov(fovy_deg: Tensor | float, width: int, height: int) -> Tensor:

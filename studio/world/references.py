@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..cameras import Cameras, OrbitSample, orbit_cameras
+from ..cameras import Cameras, OrbitSample, orbit_cameras, world_to_camera_normals
 from ..io.atomic import atomic_write_bytes
 from ..render.gaussians import rasterize_gaussians
 from .objects import ShapeObject, get_object
@@ -243,6 +243,5 @@ def reference_views(obj: ShapeObject | str, n_azimuth: int = 8, elevations=(0.0,
 
 def camera_normals(normals: Tensor, viewmats: Tensor) -> Tensor:
     """World-frame normal maps ``[V,H,W,3]`` -> OpenCV camera frame (x right, y down, z forward; a
-    surface facing the camera has z < 0)."""
-    R = viewmats[:, :3, :3].to(normals)
-    return torch.einsum("vij,vhwj->vhwi", R, normals)
+    surface facing the camera has z < 0); the same as ``studio.cameras.world_to_camera_normals``."""
+    return world_to_camera_normals(normals, viewmats.to(normals))
