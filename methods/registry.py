@@ -17,6 +17,7 @@ _BUILTIN = {
     "sds": "methods.sds:SDSMethod",
     "vsd": "methods.vsd:VSDMethod",
     "placiddreamer": "methods.placiddreamer:PlacidDreamerMethod",
+    "dreampolish": "methods.dreampolish:DreamPolishMethod",
     "lcm": "methods.video_lcm:VideoLCMMethod",
     "mcm": "methods.mcm:MCMMethod",
 }

@@ -168,7 +168,10 @@ def _plain(d):
 
 
 def export(stage, cfg: TextTo3DConfig, run_dir: Path) -> dict:
-    """Write the student's artefacts and, for ShapeWorld prompts, ground-truth metrics."""
+    """Write the student's artefacts and, for ShapeWorld prompts, ground-truth metrics. A final stage with
+    its own ``export(run_dir, cfg) -> dict`` (mesh stages) writes its artefacts itself."""
+    if callable(getattr(stage, "export", None)):
+        return stage.export(run_dir, cfg)
     from .world.metrics import evaluate_gaussians
     from .world.objects import find_object_for_prompt
 
