@@ -59,12 +59,15 @@ def doctor() -> None:
 def build_ext(cuda: bool = False) -> None:
     """Build (or reuse) the native C++ extensions, and the CUDA ones with --cuda on a CUDA machine."""
     from .render import _cuda, _mesh_ext, _native
+    from .students import _hashgrid_ext
 
     ok = _native.available()
     print(f"native: {'ok' if ok else 'FAILED: ' + str(_native.load_error())}")
     okm = _mesh_ext.available("native")
     print(f"native mesh: {'ok' if okm else 'FAILED: ' + str(_mesh_ext.load_error('native'))}")
-    ok = ok and okm
+    okh = _hashgrid_ext.available()
+    print(f"native hashgrid: {'ok' if okh else 'FAILED: ' + str(_hashgrid_ext.load_error())}")
+    ok = ok and okm and okh
     if cuda:
         okc = _cuda.available()
         print(f"cuda:   {'ok' if okc else 'FAILED: ' + str(_cuda.load_error())}")

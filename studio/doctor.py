@@ -18,6 +18,7 @@ def collect() -> list[tuple[str, str]]:
 
     from . import ext
     from .render import _cuda, _mesh_ext, _native
+    from .students import _hashgrid_ext
 
     rows = [("python", platform.python_version()), ("torch", torch.__version__),
             ("torch threads", str(torch.get_num_threads()))]
@@ -41,6 +42,8 @@ def collect() -> list[tuple[str, str]]:
     for kind in ("native", "cuda"):
         ok = _mesh_ext.available(kind)
         rows.append((f"{kind} mesh extension", "ok" if ok else f"unavailable: {_mesh_ext.load_error(kind)}"))
+    rows.append(("native hashgrid extension",
+                 "ok" if _hashgrid_ext.available() else f"unavailable: {_hashgrid_ext.load_error()}"))
     rows.append(("gsplat", _version("gsplat")))
     rows.append(("extension cache", str(ext.cache_dir())))
     for mod in ("diffusers", "transformers", "gradio", "decord"):

@@ -3,7 +3,7 @@
 Spec: ``specs/placiddreamer_dreampolish.md`` sections 1 and 3.3 (threestudio / DreamCraft3D
 conventions). Written from the papers' math and the spec; no code copied.
 
-* :class:`HashGridEncoding`: Instant-NGP's multi-resolution hash encoding in pure torch.
+* :class:`HashGridEncoding`: Instant-NGP's multi-resolution hash encoding (torch, or a native C++ kernel).
 * :class:`NeRFField`: hash grid + small MLPs; density with Magic3D's blob bias, colour head, normals
   from the density gradient. Renders with ``studio.render.render_field(kind="nerf")``.
 * :class:`NeuSField`: SDF MLP on a hash grid with sphere initialisation, a learnable sharpness
@@ -64,8 +64,11 @@ def _check(cond: bool, msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+_ENCODING_BACKENDS = ("auto", "torch", "native")
+
+
 class HashGridEncoding(nn.Module):
-    """Multi-resolution hash encoding (Instant-NGP, Müller et al. 2022), pure torch.
+    """Multi-resolution hash encoding (Instant-NGP, Müller et al. 2022) in torch or native C++ (``backend``).
 
     Level ``l`` (``0 .. n_levels - 1``) is a grid of ``N_l = floor(base_resolution * per_level_scale^l)``
     cells per axis over ``[0, 1]^3``, i.e. ``N_l + 1`` vertices per axis, each vertex owning a feature
@@ -82,15 +85,21 @@ class HashGridEncoding(nn.Module):
     one more level every ``update_steps`` steps after ``start_step``. Inactive levels output zeros (and so
     receive no gradient).
 
-    Speed: this is the plain torch formulation (one gather of ``8 n_levels`` rows per point). A native
-    kernel is added only if profiling shows the encoding dominates a training step; ``benchmarks/
-    fields.py`` measures encode time per 64k points against the MLPs and a full volume render.
+    Backends (``backend=``, also settable later as ``encoding.backend``): ``"torch"`` is the formulation
+    below (one gather of ``8 n_levels`` rows per point); ``"native"`` is the C++/OpenMP kernel
+    ``cuda_ext/cpu/hashgrid.cpp`` (``studio.students._hashgrid_ext``, built on first use), the same math
+    with native backward and double backward (so NeRF normal losses and NeuS's eikonal term stay native);
+    ``"auto"`` (default) uses native for CPU float32/float64 tensors when the extension builds and torch
+    otherwise (warning once if the build fails). ``"native"`` falls back to torch with a warning where it
+    cannot run (no compiler, non-float dtype); it raises for non-CPU tensors. Both give the same results
+    (parity tests in ``tests/test_hashgrid_native.py``); profiling (``benchmarks/fields.py``) showed the
+    torch encoding at ~93% of a CPU field evaluation, hence the kernel.
     """
 
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 15,
                  base_resolution: int = 16, per_level_scale: float = 1.447269237440378, *,
                  init_scale: float = 1e-4, start_level: int | None = None, start_step: int = 0,
-                 update_steps: int | None = None, seed: int = 0):
+                 update_steps: int | None = None, seed: int = 0, backend: str = "auto"):
         super().__init__()
         _check(isinstance(n_levels, int) and n_levels >= 1, f"n_levels must be an int >= 1, got {n_levels!r}")
         _check(isinstance(n_features_per_level, int) and n_features_per_level >= 1,
@@ -133,8 +142,43 @@ class HashGridEncoding(nn.Module):
         table = (torch.rand(sum(sizes), n_features_per_level, generator=g) * 2 - 1) * init_scale
         self.embeddings = nn.Parameter(table)
         self.current_level = n_levels
+        self._native_meta = (res, offsets, [int(d) for d in dense], int(log2_hashmap_size))
+        self.backend = backend
         if start_level is not None:
             self.update_step(0)
+
+    @property
+    def backend(self) -> str:
+        """``"auto"``, ``"torch"`` or ``"native"`` (see the class docstring)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        _check(value in _ENCODING_BACKENDS, f"backend must be one of {_ENCODING_BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def _use_native(self, p: Tensor) -> bool:
+        """Whether this call runs the native kernel (resolves ``backend`` for ``p``'s device and dtype)."""
+        if self._backend == "torch":
+            return False
+        from ..render._common import warn_once
+        from . import _hashgrid_ext
+
+        if self._backend == "native":
+            _check(p.device.type == "cpu", f"HashGridEncoding backend='native' runs on CPU tensors, got {p.device}; "
+                   "use backend='auto' or 'torch'")
+        elif p.device.type != "cpu":
+            return False
+        if p.dtype not in (torch.float32, torch.float64):
+            if self._backend == "native":
+                warn_once("hashgrid-native-dtype", f"native hash grid supports float32/float64, not {p.dtype}; "
+                          "using the torch encoding")
+            return False
+        if not _hashgrid_ext.available():
+            warn_once("hashgrid-native", f"native hash-grid extension unavailable ({_hashgrid_ext.load_error()}); "
+                      "using the torch encoding (slower on CPU); run `studio doctor`")
+            return False
+        return True
 
     @property
     def n_output_dims(self) -> int:
@@ -170,6 +214,11 @@ class HashGridEncoding(nn.Module):
         lead = x.shape[:-1]
         p = x.reshape(-1, 3).to(self.embeddings.dtype).clamp(0.0, 1.0)
         N, L = p.shape[0], self.n_levels
+        if self._use_native(p):
+            from ._hashgrid_ext import hash_encode
+
+            out = hash_encode(p, self.embeddings, *self._native_meta, self.current_level)
+            return out.reshape(*lead, L * self.n_features_per_level)
         res = self.resolutions
         pos = p[:, None, :] * res.to(p.dtype)[None, :, None]  # [N,L,3]
         cell = torch.minimum(pos.detach().floor().long(), (res - 1)[None, :, None])  # x = 1 -> last cell
@@ -207,7 +256,7 @@ class HashGridEncoding(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, features={self.n_features_per_level}, T=2^{self.log2_hashmap_size}, "
                 f"resolutions={self.resolutions.tolist()}, dense_levels={int(self.dense_levels.sum())}, "
-                f"active_levels={self.current_level}")
+                f"active_levels={self.current_level}, backend={self.backend}")
 
 
 def _mlp(n_in: int, hidden: int, n_out: int, n_hidden_layers: int) -> nn.Sequential:
