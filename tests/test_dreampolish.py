@@ -140,3 +140,42 @@ def test_polishing_reduces_normal_error_toward_oracle():
         opt.step()
     after = err()
     assert after < before - 1.0, (before, after)
+
+
+def test_handover_threshold_follows_rendered_silhouette():
+    """The NeRF -> NeuS level is where the renders see the surface: for a blob whose peak density sits far
+    above the old "half the peak" rule's level, the hand-over surface's silhouette is much closer to the
+    volume render's alpha-0.5 silhouette than that rule's. (The median over frontal rays biases the level
+    somewhat inward for soft fields, hence the loose bound; trained fields are sharper.)"""
+    from studio.render.volume import render_field
+    from studio.students.fields import NeRFField, extract_mesh, sdf_grid
+    from studio.train.field_stage import handover_threshold
+
+    nerf = NeRFField(n_levels=2, log2_hashmap_size=10, hidden_dim=8, blob_density=50.0, blob_radius=0.6)
+    thr = handover_threshold(nerf, resolution=16, n_views=2)
+    cams = orbit_cameras(15.0, torch.tensor([0.0, 90.0]), 3.0, 40.0, 32, 32)
+    with torch.no_grad():
+        vol = render_field(nerf, cams, n_samples=96)["opacity"][..., 0] > 0.5
+
+    def iou(level: float) -> float:
+        v, f = extract_mesh(nerf, 32, threshold=level)
+        mesh = render_mesh(v, f, cams)["alpha"][..., 0] > 0.5
+        return float((vol & mesh).sum() / (vol | mesh).sum())
+
+    new, old = iou(thr), iou(0.5 * float(sdf_grid(nerf, 32).max()))
+    assert new > 0.65 and new > old + 0.2, (new, old)
+
+
+def test_stage_learning_rates_reach_the_optimizers(tmp_path):
+    """--field-lr-mlp and --texture-lr set the rates of the parameters that actually train (the Fourier
+    texture field's MLP; the NeRF's MLPs), not only of groups that may be empty."""
+    from methods.dreampolish import DreamPolishMethod
+    from studio.text_to_3d import load_teacher_cached
+
+    cfg = DreamPolishConfig(prompt="a red cube", field_lr_mlp=0.02, texture_lr=0.004, nerf_lr=0.03, **TINY)
+    m = DreamPolishMethod()
+    m.prepare(cfg, None, tmp_path, False)
+    stages = m.stages(cfg, load_teacher_cached(cfg.teacher), {"guidance_scale": 1.0})
+    groups = {g["name"]: g["lr"] for g in stages[0].optimizers()["field"].param_groups}
+    assert groups["encoding"] == 0.03 and groups["geometry"] == groups["color"] == 0.02
+    assert stages[-1].cfg.lr_mlp == 0.004

@@ -22,6 +22,7 @@ Pieces:
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class ChainedStage:
         self.done = False
         self.result: Any = None
         self.seconds = 0.0
+        self._t0: float | None = None
         self._optim: dict[str, torch.optim.Optimizer] = {}
 
     # -- lazy build ---------------------------------------------------------------------------------
@@ -121,8 +123,12 @@ class ChainedStage:
 
     def ensure_built(self) -> bool:
         if not self.built and self.source_ready():
+            t0 = time.perf_counter()
             self.build(self.source() if self.source is not None else None)
             self.built = True
+            # the build is part of the stage (NeRF -> NeuS fit, DMTet init, loading an artefact); it runs
+            # whenever the Trainer first asks for the optimizers, outside train_step
+            self.seconds += time.perf_counter() - t0
         return self.built
 
     def build(self, upstream: Any) -> None:  # pragma: no cover - abstract
@@ -139,7 +145,8 @@ class ChainedStage:
 
     def train_step(self, step: int, progress: float) -> StepOutput:
         self.ensure_built()
-        self._t0 = time.perf_counter()
+        if self._t0 is None:  # first micro-batch of this step (or of a run of skipped non-finite steps)
+            self._t0 = time.perf_counter()
         loss, logs = self.step_loss(step, progress)
         return StepOutput(loss, logs)
 
@@ -147,8 +154,11 @@ class ChainedStage:
         raise NotImplementedError
 
     def after_step(self, step: int, out: StepOutput) -> None:
-        # wall time of the step: forward, backward and optimizer step (the Trainer calls after_step after them)
-        self.seconds += time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        # wall time of the step: every micro-batch's forward and backward and the optimizer step (the Trainer
+        # calls after_step after them; steps it skipped as non-finite are counted with the next good one)
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
         if step + 1 >= self.steps:
             self.finish()
 
@@ -295,14 +305,38 @@ class FieldDistillStage(ChainedStage):
         return torch.cat(list(out["rgb"].clamp(0, 1)), dim=1)
 
 
-def handover_threshold(nerf: NeRFField, resolution: int = 32) -> float:
-    """Density level of the NeRF -> NeuS hand-over: the field's ``isosurface_threshold`` (threestudio: 25)
-    when the density reaches it, else half the grid's maximum density (a short CPU run barely moves the
-    Magic3D blob, whose peak density is ~10; our choice, so that few-step runs still have a surface)."""
-    from ..students.fields import sdf_grid
+def handover_threshold(nerf: NeRFField, resolution: int = 32, *, n_views: int = 8, n_samples: int = 128) -> float:
+    """Density level of the NeRF -> NeuS hand-over: the density where the NeRF's *renders* put the surface.
 
-    peak = float(sdf_grid(nerf, resolution).max())
-    return float(nerf.isosurface_threshold) if peak > 1.2 * nerf.isosurface_threshold else 0.5 * peak
+    A short score-distillation run leaves a soft density field (peak ~10-20, far below threestudio's fixed
+    ``isosurface_threshold`` 25, which is tuned for 10k-step runs whose density saturates) that nonetheless
+    renders an opaque, correctly shaped object. Any fixed level (or a fraction of the peak) then extracts a
+    shrunken or empty surface. Instead we look where the renders see the surface: along the rays of
+    ``n_views`` orbit views (elevation 15 deg, radius 3, FoV 40 deg, ``resolution`` px) we find the first
+    point where the accumulated optical depth reaches ``ln 2`` (transmittance 1/2, the alpha-0.5 silhouette
+    edge, ``n_samples`` uniform samples in the box) and return the median density there over the rays whose
+    total opacity exceeds 1/2. The iso-surface at that level reproduces the rendered silhouettes (our choice;
+    DreamCraft3D's hand-over is not published). Falls back to ``nerf.isosurface_threshold`` when no ray
+    is opaque (an empty field)."""
+    from ..render.volume import ray_aabb, rays_from_cameras, sample_rays_uniform
+
+    cams = orbit_cameras(15.0, torch.arange(n_views) * (360.0 / n_views), 3.0, 40.0, resolution, resolution)
+    o, d = rays_from_cameras(cams)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    near, far, hit = ray_aabb(o, d, nerf.bbox)
+    o, d, near, far = o[hit], d[hit], near[hit], far[hit]
+    if o.shape[0] == 0:
+        return float(nerf.isosurface_threshold)
+    with torch.no_grad():
+        pts, _, deltas = sample_rays_uniform(o, d, near, far, n_samples)
+        dens = torch.cat([nerf.density(c) for c in pts.reshape(-1, 3).split(65536)]).reshape(deltas.shape)
+    depth = torch.cumsum(dens * deltas, dim=-1)  # optical depth up to the end of each interval
+    opaque = depth[:, -1] > math.log(2.0)
+    if not bool(opaque.any()):
+        return float(nerf.isosurface_threshold)
+    first = (depth[opaque] >= math.log(2.0)).float().argmax(dim=-1)
+    level = dens[opaque].gather(1, first[:, None])[:, 0]
+    return float(level.median())
 
 
 def field_source(path: str | Path) -> Source:
