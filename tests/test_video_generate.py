@@ -118,3 +118,16 @@ def test_exact_teacher_rejects_wrong_clip_shape():
     t = ShapeWorldVideoExactTeacher()
     with pytest.raises(UserError, match="num_frames"):
         t.predict(torch.zeros(1, 3, 4, 32, 32), 10, t.encode_prompt(["a red ball moving left"]))
+
+
+def test_shipped_shapeworld_video_wan_has_learned_colours():
+    """The tiny trained Wan-class teacher (assets/) loads through the Wan path and its samples have the prompt's
+    colour (its object shapes and motion are weak: see README / benchmarks/video_teachers.py)."""
+    from studio.world.video import video_prompts
+
+    teacher = load_video_teacher("shapeworld-video-wan")
+    assert teacher.schedule.is_flow and teacher.latent_shape() == (3, 8, 32, 32) and not teacher.is_latent
+    prompts = video_prompts()[::9][:6]
+    videos = flow_euler_sample(teacher, prompts, steps=8, guidance_scale=4.0, seed=0)
+    m = evaluate_videos(videos, prompts)
+    assert m["color_accuracy"] >= 0.8
