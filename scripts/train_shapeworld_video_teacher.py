@@ -51,6 +51,10 @@ from studio.world.video import video_prompts
 
 NUM_FRAMES = 8
 RESOLUTION = 32
+#: text positions of the shipped model. Known flaw: the offline BPE builder's left-to-right whole-word merges
+#: conflict for "triangle" (the "r i" merge of "right" wins), so "triangle" is spelled in letters and the six
+#: "... triangle ..., camera panning <dir>" prompts of the full set exceed 16 tokens and lose their last word.
+#: A retrain should pass --max-tokens 24.
 MAX_TOKENS = 16
 FRAME_RATE = 8
 
@@ -62,20 +66,20 @@ def vocab_words() -> list[str]:
     return sorted(words)
 
 
-def make_tokenizer(folder: Path):
+def make_tokenizer(folder: Path, max_tokens: int = MAX_TOKENS):
     from studio.teachers.offline_tokenizer import make_clip_tokenizer
 
-    return make_clip_tokenizer(folder, vocab_words(), MAX_TOKENS)
+    return make_clip_tokenizer(folder, vocab_words(), max_tokens)
 
 
-def build_models(tokenizer, seed: int, dim: int = 96, layers: int = 4):
+def build_models(tokenizer, seed: int, dim: int = 96, layers: int = 4, max_tokens: int = MAX_TOKENS):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        num_attention_heads=4, max_position_embeddings=max_tokens, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     transformer = WanTransformer3DModel(
         patch_size=(1, 4, 4), num_attention_heads=dim // 32, attention_head_dim=32, in_channels=3, out_channels=3,
@@ -139,6 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--p-empty", type=float, default=0.1)
     ap.add_argument("--fg-weight", type=float, default=1.0,
                     help="weight of object pixels in the flow-matching loss (1 = plain flow matching)")
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="text positions (see MAX_TOKENS)")
     ap.add_argument("--dim", type=int, default=96)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -154,8 +159,8 @@ def main(argv=None) -> int:
     import tempfile
 
     tok_dir = Path(tempfile.mkdtemp(prefix="swv_tok_"))
-    tokenizer = make_tokenizer(tok_dir)
-    transformer, text_encoder, scheduler = build_models(tokenizer, args.seed, args.dim, args.layers)
+    tokenizer = make_tokenizer(tok_dir, args.max_tokens)
+    transformer, text_encoder, scheduler = build_models(tokenizer, args.seed, args.dim, args.layers, args.max_tokens)
     history: list = []
     if args.init_from is not None:
         from diffusers import WanTransformer3DModel
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
         s = torch.sigmoid(torch.randn(args.batch, generator=gen)).clamp(1e-3, 1.0)
         eps = torch.randn(x0.shape, generator=gen)
         x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
-        emb = wan_text_embeddings(text_encoder, tokenizer, captions, MAX_TOKENS)  # the teacher's own rule
+        emb = wan_text_embeddings(text_encoder, tokenizer, captions, args.max_tokens)  # the teacher's own rule
         v = transformer(x_s, s * 1000, emb, return_dict=False)[0]
         err = (v - (eps - x0)).square()
         if args.fg_weight != 1.0:  # object pixels (dilated ground-truth mask) weigh fg_weight, background 1
