@@ -188,7 +188,39 @@ def _as_text_list(texts: str | Sequence[str], what: str = "prompt") -> list[str]
 
 
 # --------------------------------------------------------------------------------------- teacher
-class ImageTeacher(torch.nn.Module):
+class FrozenModule(torch.nn.Module):
+    """A frozen network wrapper (teachers, normal estimators): :meth:`freeze` sets ``requires_grad=False`` on
+    every parameter, the module stays in eval mode (``train()`` is a no-op), and ``device`` / ``dtype`` read
+    its first parameter (or buffer)."""
+
+    def freeze(self):
+        """Set ``requires_grad=False`` on every parameter and switch to eval mode."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+        return self
+
+    def train(self, mode: bool = True):  # noqa: D401 - frozen modules stay in eval
+        """Frozen modules always stay in eval mode; ``train()`` is a no-op."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+
+class ImageTeacher(FrozenModule):
     """Abstract frozen image teacher (text-to-image, novel-view, ...).
 
     Subclasses set the attributes below and implement :meth:`_embed_texts`, :meth:`_forward`,
@@ -238,33 +270,6 @@ class ImageTeacher(torch.nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         """Model space ``x0`` -> images ``[B,3,H,W]`` in [0, 1]."""
         raise NotImplementedError
-
-    # ------------------------------------------------------------------ frozen module
-    def freeze(self) -> "ImageTeacher":
-        """Set ``requires_grad=False`` on every parameter and switch to eval mode."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        super().train(False)
-        return self
-
-    def train(self, mode: bool = True) -> "ImageTeacher":  # noqa: D401 - frozen teachers stay in eval
-        """Teachers always stay in eval mode; ``train()`` is a no-op."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        for b in self.buffers():
-            return b.device
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
 
     # ------------------------------------------------------------------ prompts
     def clear_prompt_cache(self) -> None:

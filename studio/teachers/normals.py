@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from .base import FrozenModule
 
 CAMERA_CONVENTION = "opencv"  # x right, y down, z forward; outward normals; head-on surface = (0, 0, -1)
 MARIGOLD_NORMALS_ID = "prs-eth/marigold-normals-v1-1"
@@ -160,7 +161,7 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ protocol
-class NormalEstimator(torch.nn.Module):
+class NormalEstimator(FrozenModule):
     """Abstract frozen normal estimator (module doc: the camera-space convention and the protocol).
 
     Subclasses implement :meth:`_estimate` (``images [B,3,H,W]`` in [0, 1] -> ``(normals [B,3,H,W]``
@@ -206,32 +207,6 @@ class NormalEstimator(torch.nn.Module):
         return self.estimate(images, seed=seed, cameras=cameras)
 
     # ------------------------------------------------------------------ frozen module
-    def freeze(self) -> NormalEstimator:
-        """``requires_grad=False`` everywhere and eval mode."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        super().train(False)
-        return self
-
-    def train(self, mode: bool = True) -> NormalEstimator:
-        """Estimators always stay in eval mode; ``train()`` is a no-op."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        for b in self.buffers():
-            return b.device
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
-
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, native_resolution={self.native_resolution}, convention={self.convention!r}"
                 + (", ablation_only=True" if self.ablation_only else ""))
