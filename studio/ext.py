@@ -73,3 +73,27 @@ def load(name: str, sources: list[str], *, cuda: bool = False, extra_cflags: lis
 
 def load_error(name: str) -> str | None:
     return _errors.get(name)
+
+
+class Extension:
+    """One native extension's loader: ``load()`` builds on first use (``RuntimeError`` with the compiler's message
+    when it cannot be built; tried once per process), ``available()`` never raises, ``load_error()`` says why it is
+    unavailable. Modules bind these as their ``_load`` / ``available`` / ``load_error``."""
+
+    def __init__(self, name: str, sources: list[str], *, extra_cflags: list[str] | None = None,
+                 extra_ldflags: list[str] | None = None) -> None:
+        self.name, self.sources = name, list(sources)
+        self.extra_cflags, self.extra_ldflags = extra_cflags, extra_ldflags
+
+    def load(self) -> ModuleType:
+        return load(self.name, self.sources, extra_cflags=self.extra_cflags, extra_ldflags=self.extra_ldflags)
+
+    def available(self) -> bool:
+        try:
+            self.load()
+            return True
+        except Exception:  # noqa: BLE001 - available() must never raise
+            return False
+
+    def load_error(self) -> str | None:
+        return load_error(self.name)

@@ -24,12 +24,13 @@ Implementation (``cuda_ext/cpu/rasterize.cpp``, one C++ call per stage for all c
 """
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from studio.ext import Extension
 
 from ._common import TILE_SIZE
 
@@ -38,39 +39,10 @@ EXT_SOURCES = ["cpu/rasterize.cpp"]
 EXT_CFLAGS = ["-O3", "-fopenmp"]
 EXT_LDFLAGS = ["-fopenmp"]
 
-_ext: ModuleType | None = None
-_error: str | None = None
-
-
-def _load() -> ModuleType:
-    """Build (first call) and return the extension; raises ``RuntimeError`` if it cannot be built."""
-    global _ext, _error
-    if _ext is not None:
-        return _ext
-    if _error is not None:
-        raise RuntimeError(_error)
-    try:
-        from studio import ext
-
-        _ext = ext.load(EXT_NAME, EXT_SOURCES, extra_cflags=EXT_CFLAGS, extra_ldflags=EXT_LDFLAGS)
-    except Exception as e:  # compiler missing, build failure, import failure, ...
-        _error = str(e) or repr(e)
-        raise RuntimeError(_error) from e
-    return _ext
-
-
-def available() -> bool:
-    """Whether the native extension builds and loads (attempted once per process; never raises)."""
-    try:
-        _load()
-        return True
-    except Exception:
-        return False
-
-
-def load_error() -> str | None:
-    """Why the extension is unavailable (``None`` if it loaded or was not tried yet)."""
-    return _error
+_EXT = Extension(EXT_NAME, EXT_SOURCES, extra_cflags=EXT_CFLAGS, extra_ldflags=EXT_LDFLAGS)
+_load = _EXT.load
+available = _EXT.available  #: whether the extension builds and loads (tried once per process; never raises)
+load_error = _EXT.load_error  #: why it is unavailable (None if it loaded or was not tried yet)
 
 
 class _RasterizeToPixels(torch.autograd.Function):

@@ -20,11 +20,11 @@ level by one thread in point order: deterministic for any thread count.
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from studio.ext import Extension
 
 EXT_NAME = "studio_native_hashgrid"
 EXT_SOURCES = ["cpu/hashgrid.cpp"]
@@ -32,41 +32,12 @@ EXT_SOURCES = ["cpu/hashgrid.cpp"]
 EXT_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 EXT_LDFLAGS = ["-fopenmp"]
 
-_ext: ModuleType | None = None
-_error: str | None = None
+_EXT = Extension(EXT_NAME, EXT_SOURCES, extra_cflags=EXT_CFLAGS, extra_ldflags=EXT_LDFLAGS)
+_load = _EXT.load
+available = _EXT.available  #: whether the extension builds and loads (tried once per process; never raises)
+load_error = _EXT.load_error  #: why it is unavailable (None if it loaded or was not tried yet)
 
 Meta = tuple[list[int], list[int], list[int], int, int]  # resolutions, offsets, dense (0/1), log2_size, n_active
-
-
-def _load() -> ModuleType:
-    """Build (first call) and return the extension; raises ``RuntimeError`` if it cannot be built."""
-    global _ext, _error
-    if _ext is not None:
-        return _ext
-    if _error is not None:
-        raise RuntimeError(_error)
-    try:
-        from studio import ext
-
-        _ext = ext.load(EXT_NAME, EXT_SOURCES, extra_cflags=EXT_CFLAGS, extra_ldflags=EXT_LDFLAGS)
-    except Exception as e:  # compiler missing, build failure, import failure, ...
-        _error = str(e) or repr(e)
-        raise RuntimeError(_error) from e
-    return _ext
-
-
-def available() -> bool:
-    """Whether the native extension builds and loads (attempted once per process; never raises)."""
-    try:
-        _load()
-        return True
-    except Exception:  # noqa: BLE001 - available() must never raise
-        return False
-
-
-def load_error() -> str | None:
-    """Why the extension is unavailable (``None`` if it loaded or was not tried yet)."""
-    return _error
 
 
 def _grad(g: Tensor | None, like: Tensor) -> Tensor:
