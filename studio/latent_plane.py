@@ -188,33 +188,22 @@ def positional_encoding(x: Tensor, n_freqs: int = 10) -> Tensor:
 
 def ray_cube_intersection(rays_o: Tensor, rays_d: Tensor, half: float = CUBE_HALF) -> tuple[Tensor, Tensor, Tensor]:
     """Slab test against ``[-half, half]^3``: ``near [...]``, ``far [...]`` (ray parameter units) and
-    ``hit [...]`` (bool). For missed rays ``near == far``, so their samples get zero spacing."""
-    d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
-    inv = 1.0 / d
-    t1 = (-half - rays_o) * inv
-    t2 = (half - rays_o) * inv
-    near = torch.minimum(t1, t2).amax(dim=-1).clamp_min(0.0)
-    far = torch.maximum(t1, t2).amin(dim=-1)
-    hit = far > near
-    far = torch.where(hit, far, near)
-    return near, far, hit
+    ``hit [...]`` (bool). For missed rays ``near == far``, so their samples get zero spacing.
+    (:func:`studio.render.volume.ray_aabb` with a centred cube.)"""
+    from .render.volume import ray_aabb
+
+    return ray_aabb(rays_o, rays_d, float(half))
 
 
 def camera_rays(cams: Cameras) -> tuple[Tensor, Tensor]:
     """Per-pixel rays of ``cams`` (row-major pixels): ``rays_o, rays_d [C, H*W, 3]`` in world
     coordinates. The directions are unnormalised with camera-space z = 1, as in the official
-    ``gen_rays``, and pass through the pixel centres (+0.5 convention of ``Cameras``)."""
-    H, W = cams.height, cams.width
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
-                            indexing="ij")
-    xs, ys = xs.reshape(-1) + 0.5, ys.reshape(-1) + 0.5
-    K = cams.Ks.float()
-    dirs = torch.stack([(xs[None] - K[:, 0, 2:3]) / K[:, 0, 0:1], (ys[None] - K[:, 1, 2:3]) / K[:, 1, 1:2],
-                        torch.ones(len(cams), H * W)], dim=-1)  # [C,HW,3] camera frame
-    c2w = torch.linalg.inv(cams.viewmats.float())
-    rays_d = dirs @ c2w[:, :3, :3].transpose(-1, -2)
-    rays_o = c2w[:, None, :3, 3].expand_as(rays_d)
-    return rays_o.contiguous(), rays_d.contiguous()
+    ``gen_rays``, and pass through the pixel centres (+0.5 convention of ``Cameras``).
+    (:func:`studio.render.volume.rays_from_cameras` with ``normalize=False``, pixels flattened.)"""
+    from .render.volume import rays_from_cameras
+
+    o, d = rays_from_cameras(cams, normalize=False)
+    return o.reshape(len(cams), -1, 3).contiguous(), d.reshape(len(cams), -1, 3).contiguous()
 
 
 def sample_along_rays(rays_o: Tensor, rays_d: Tensor, n_samples: int = 32) -> tuple[Tensor, Tensor, Tensor]:

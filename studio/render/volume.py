@@ -124,7 +124,8 @@ def normalize_bbox(bbox: Any, *, dtype=torch.float32, device=None) -> Tensor:
     _check(b.dim() == 2 and b.shape[0] == 2 and b.shape[1] in (1, 3),
            f"bbox must be a half-size r, a (lo, hi) pair or a [2,3] tensor (min, max), got shape {tuple(b.shape)}")
     b = b.expand(2, 3).clone()
-    _check(bool((b[1] > b[0]).all()), f"bbox needs max > min on every axis, got min={b[0].tolist()} max={b[1].tolist()}")
+    _check(bool(torch.isfinite(b).all() and (b[1] > b[0]).all()),
+           f"bbox needs finite max > min on every axis, got min={b[0].tolist()} max={b[1].tolist()}")
     return b
 
 

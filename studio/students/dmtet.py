@@ -57,7 +57,6 @@ Regularisers
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -65,6 +64,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..render.mesh import face_normals, mesh_edge_topology
+from ..render.volume import normalize_bbox  # the one bbox parser (re-exported)
 
 __all__ = [
     "DMTet",
@@ -87,22 +87,6 @@ TET_EDGES = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 
 
 # ----------------------------------------------------------------------------------------------- grid
-
-def normalize_bbox(bbox: float | Sequence | Tensor) -> Tensor:
-    """``bbox`` as a ``[2,3]`` float tensor ``(min, max)``: a float ``b`` means ``[-b, b]^3``; a pair of
-    3-vectors or a ``[2,3]`` tensor is taken as is. Raises ``UserError`` on an empty box."""
-    if isinstance(bbox, (int, float)):
-        if not (math.isfinite(bbox) and bbox > 0):
-            raise UserError(f"bbox must be a positive half-extent or (min xyz, max xyz), got {bbox!r}")
-        return torch.tensor([[-bbox] * 3, [bbox] * 3], dtype=torch.float32)
-    try:
-        b = torch.as_tensor(bbox, dtype=torch.float32).reshape(2, 3).clone()
-    except (RuntimeError, TypeError, ValueError):
-        raise UserError(f"bbox must be a float or (min xyz, max xyz), got {bbox!r}") from None
-    if not (torch.isfinite(b).all() and (b[1] > b[0]).all()):
-        raise UserError(f"bbox must have finite min < max on every axis, got {b.tolist()}")
-    return b
-
 
 def tet_grid(resolution: int, bbox: float | Sequence | Tensor = 1.0, *, device=None) -> tuple[Tensor, Tensor]:
     """A conforming tetrahedral grid of the box: ``(verts [(R+1)^3, 3] float32, tets [6 R^3, 4] long)``.

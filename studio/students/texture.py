@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..render.mesh import interpolate, rasterize_mesh
 from ..render.mesh_field import render_mesh_field
-from .dmtet import normalize_bbox
+from ..render.volume import normalize_bbox
 
 __all__ = [
     "TextureField",
