@@ -11,9 +11,12 @@ models). ``load_teacher("shapeworld-video-wan")`` (or the folder path) loads it 
 ``WanTeacher.from_pretrained`` path as Wan 2.1, so samplers and distillation methods run on the real code path
 with meaningful weights.
 
-Data: :func:`studio.world.video.sample_clips`, fresh random clips every step (infinite data), prompts drawn
-uniformly from the full ShapeWorld video prompt set (3 shapes x 4 colours x 7 motions x 3 cameras = 252);
-the caption is replaced by the empty string with probability 0.1 (classifier-free guidance).
+Data (``--data``): ``random`` = :func:`studio.world.video.sample_clips`, fresh random clips every step (infinite
+data), prompts drawn uniformly from the full ShapeWorld video prompt set (3 shapes x 4 colours x 7 motions x 3
+cameras = 252); ``refs`` = the fixed set of reference clips (:func:`studio.world.video.reference_clips`, 16 per
+prompt of the 63-prompt default set: 1008 clips), the very set ``shapeworld-video-exact`` denoises exactly --
+a small dataset a tiny model fits far faster than the infinite stream. The caption is replaced by the empty
+string with probability 0.1 (classifier-free guidance).
 
 Objective: rectified flow (Wan / SD3 convention), ``x_s = (1 - s) x0 + s eps``, the network predicts the
 velocity ``eps - x0`` at timestep ``1000 s``; ``s`` is drawn logit-normal(0, 1) (SD3's choice) and the
@@ -143,6 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--p-empty", type=float, default=0.1)
     ap.add_argument("--fg-weight", type=float, default=1.0,
                     help="weight of object pixels in the flow-matching loss (1 = plain flow matching)")
+    ap.add_argument("--data", choices=("random", "refs"), default="random",
+                    help="random: fresh random clips of all 252 prompts every step; refs: the fixed set of "
+                         "--refs-per-prompt reference clips of the 63 default prompts (the exact teacher's set)")
+    ap.add_argument("--refs-per-prompt", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="text positions (see MAX_TOKENS)")
     ap.add_argument("--dim", type=int, default=96)
     ap.add_argument("--layers", type=int, default=4)
@@ -184,16 +191,27 @@ def main(argv=None) -> int:
 
     prompts = video_prompts(full=True)
     gen = torch.Generator().manual_seed(args.seed)
-    from studio.world.video import sample_clips
+    from studio.world.video import reference_clips, sample_clips
+
+    fixed = None
+    if args.data == "refs":  # the exact teacher's clip set: k reference clips of every default prompt
+        sets = [reference_clips(p, args.refs_per_prompt, NUM_FRAMES, RESOLUTION) for p in video_prompts()]
+        fixed = {"video": torch.cat([r["video"] for r in sets]), "mask": torch.cat([r["mask"] for r in sets]),
+                 "prompts": [p for r in sets for p in r["prompts"]]}
 
     losses, t0 = [], time.time()
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        idx = torch.randint(len(prompts), (args.batch,), generator=gen).tolist()
-        batch_prompts = [prompts[i] for i in idx]
-        clips = sample_clips(args.batch, seed=args.seed * 1_000_003 + step, prompts=batch_prompts,
-                             num_frames=NUM_FRAMES, size=RESOLUTION)
+        if fixed is not None:  # the fixed reference-clip set
+            idx = torch.randint(len(fixed["prompts"]), (args.batch,), generator=gen)
+            batch_prompts = [fixed["prompts"][i] for i in idx.tolist()]
+            clips = {"video": fixed["video"][idx], "mask": fixed["mask"][idx]}
+        else:
+            idx = torch.randint(len(prompts), (args.batch,), generator=gen).tolist()
+            batch_prompts = [prompts[i] for i in idx]
+            clips = sample_clips(args.batch, seed=args.seed * 1_000_003 + step, prompts=batch_prompts,
+                                 num_frames=NUM_FRAMES, size=RESOLUTION)
         x0 = clips["video"].permute(0, 2, 1, 3, 4) * 2 - 1  # [B,3,F,H,W]
         drop = torch.rand(args.batch, generator=gen) < args.p_empty
         captions = ["" if d else p for d, p in zip(drop.tolist(), batch_prompts)]
