@@ -30,15 +30,23 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.video_lcm import ConsistencyStage, VideoLCMConfig
-from studio.distill.adversarial import (AdaptiveGPWeight, Dinov2Backbone, ProjectedDiscriminator,
-                                        ShapeWorldFeatureBackbone, d_loss, decode_random_frames, g_loss,
-                                        gradient_penalty, tsn_frame_indices, video_frames)
+from methods.video_lcm import ConsistencyStage, VideoLCMConfig, VideoLCMMethod
+from studio.distill.adversarial import (
+    AdaptiveGPWeight,
+    Dinov2Backbone,
+    ProjectedDiscriminator,
+    ShapeWorldFeatureBackbone,
+    d_loss,
+    decode_random_frames,
+    g_loss,
+    gradient_penalty,
+    tsn_frame_indices,
+    video_frames,
+)
 from studio.distill.consistency import mixed_trajectory_x0
 from studio.distill.motion import make_motion
 from studio.errors import UserError
 from studio.train.loop import StepOutput
-from studio.video_distill import VideoDistillMethod
 
 
 @dataclass
@@ -163,16 +171,14 @@ class MCMStage(ConsistencyStage):
             self.gp.load_state_dict(state["gp"])
 
 
-class MCMMethod(VideoDistillMethod):
+class MCMMethod(VideoLCMMethod):
+    """Inference as the video LCM (merged LoRA, LCM multistep sampling, guidance 1)."""
+
     name = "mcm"
     description = ("Motion consistency model: video consistency distillation on a motion representation + image "
                    "discriminator + mixed trajectories")
     paper = "https://arxiv.org/abs/2406.06890"
     Config = MCMConfig
-
-    def sampler(self, cfg: MCMConfig) -> dict:
-        return {"sampler": "lcm", "steps": 4, "guidance_scale": 1.0, "timestep_scaling": cfg.timestep_scaling,
-                "original_steps": cfg.num_ddim_timesteps}
 
     def stages(self, cfg: MCMConfig, teacher, student, data) -> list:
         return [MCMStage(cfg, teacher, student, data)]
