@@ -33,7 +33,7 @@ from studio.render._mesh_torch import rasterize_screen_torch
 from studio.render.mesh import project_vertices
 
 CUDA_DIR = SOURCE_DIR / "cuda"
-MESH_FILES = ["mesh_math.h", "mesh_raster.h", "mesh_raster_kernels.cuh", "mesh_raster.cu", "mesh_emulation.h"]
+MESH_FILES = ["mesh_math.h", "mesh_raster.h", "mesh_raster_kernels.cuh", "mesh_raster.cu", "mesh_emulation.h", "emulation_io.h"]
 HAS_GPU = torch.cuda.is_available()
 
 

@@ -28,6 +28,8 @@
 #include <string>
 #include <vector>
 
+#include "emulation_io.h"
+
 #include "raster.h"  // cuda_runtime_api.h: types (dim3, cudaError_t) and host_defines.h
 
 // Replace the CUDA decorations with host meanings. Blocks run one at a time, so `static` storage
@@ -242,33 +244,8 @@ void launch_serial(int64_t n, int block, F&& body) {
     }
 }
 
-template <typename T>
-std::vector<T> read_file(const std::string& path, size_t count) {
-    std::vector<T> v(count);
-    if (count == 0) return v;
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) {
-        std::fprintf(stderr, "cannot open %s\n", path.c_str());
-        std::exit(2);
-    }
-    if (std::fread(v.data(), sizeof(T), count, f) != count) {
-        std::fprintf(stderr, "short read %s\n", path.c_str());
-        std::exit(2);
-    }
-    std::fclose(f);
-    return v;
-}
-
-template <typename T>
-void write_file(const std::string& path, const std::vector<T>& v) {
-    FILE* f = std::fopen(path.c_str(), "wb");
-    if (!f) {
-        std::fprintf(stderr, "cannot write %s\n", path.c_str());
-        std::exit(2);
-    }
-    if (!v.empty()) std::fwrite(v.data(), sizeof(T), v.size(), f);
-    std::fclose(f);
-}
+using studio_emu_io::read_file;
+using studio_emu_io::write_file;
 
 // dir/meta.txt: "C N D W H tile_size has_bg has_v_alphas bytes_per_float"; inputs means2d conics colors
 // opacities radii(int32) depths [backgrounds] v_render [v_alphas] as raw .bin; writes render alphas

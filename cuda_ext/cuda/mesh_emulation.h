@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "emulation_io.h"
+
 #include "mesh_raster.h"  // cuda_runtime_api.h: dim3, uint3, cudaError_t
 
 #undef __global__
@@ -86,29 +88,8 @@ void launch(int64_t n, int block, int64_t max_blocks, F&& body) {
     }
 }
 
-template <typename T>
-std::vector<T> read_file(const std::string& path, size_t count) {
-    std::vector<T> v(count);
-    if (count == 0) return v;
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f || std::fread(v.data(), sizeof(T), count, f) != count) {
-        std::fprintf(stderr, "cannot read %s\n", path.c_str());
-        std::exit(2);
-    }
-    std::fclose(f);
-    return v;
-}
-
-template <typename T>
-void write_file(const std::string& path, const std::vector<T>& v) {
-    FILE* f = std::fopen(path.c_str(), "wb");
-    if (!f) {
-        std::fprintf(stderr, "cannot write %s\n", path.c_str());
-        std::exit(2);
-    }
-    if (!v.empty()) std::fwrite(v.data(), sizeof(T), v.size(), f);
-    std::fclose(f);
-}
+using studio_emu_io::read_file;
+using studio_emu_io::write_file;
 
 // dir/meta.txt: "C V F W H near far bytes_per_float"; inputs verts_screen faces(int32) g_bary g_depth as
 // raw .bin; writes face_id(int32) bary depth g_verts .bin and prints the number of (face, pixel) pairs.
