@@ -20,6 +20,7 @@ from studio.teachers.diffusers_video import (
     AnimateDiffTeacher,
     ModelScopeTeacher,
     WanTeacher,
+    read_prediction_type,
     read_video_facts,
     video_layout,
     write_video_facts,
@@ -373,6 +374,33 @@ def test_error_messages_for_missing_or_wrong_folders(paths, sd_path, tmp_path):
     assert read_video_facts({"_studio": {"resolution": 32, "note": "pixel"}}) == {"native_resolution": 32}
     with pytest.raises(UserError, match="4k \\+ 1"):
         load_teacher(str(bad))
+
+
+def test_wan_folder_records_x_prediction(paths, tmp_path):
+    """A pixel-space Wan folder trained with x-prediction (``_studio.prediction_type = "sample"``) loads as a flow
+    schedule whose model outputs x0: predict(output="sample") is the transformer's raw output and the velocity
+    follows from it; an unknown value is refused naming the folder."""
+    import json
+
+    folder = tmp_path / "wan_x0"
+    shutil.copytree(paths["wan_pixel"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.setdefault("_studio", {})["prediction_type"] = "sample"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    t = load_teacher(str(folder))
+    assert t.schedule.is_flow and t.schedule.prediction_type == "sample" and t.schedule.shift == 3.0
+    x = torch.randn(2, 3, 4, 16, 16)
+    tt = torch.tensor([250.0, 800.0])
+    cond = t.encode_prompt(["a red ball", "a cube"])
+    raw = _raw("wan_pixel", t, x, tt, cond.embeds)
+    torch.testing.assert_close(t.predict(x, tt, cond, output="sample"), raw)
+    s = t.schedule.sigma(tt).float().view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(t.predict(x, tt, cond, output="flow"), (x - raw) / s, rtol=1e-4, atol=1e-4)
+    assert read_prediction_type({}) == "flow" and read_prediction_type({"_studio": {"prediction_type": "x0"}}) == "sample"
+    index["_studio"]["prediction_type"] = "banana"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="prediction_type 'banana'"):
+        load_teacher(str(folder))
 
 
 def test_wan_hub_scheduler_config_reads_as_flow():

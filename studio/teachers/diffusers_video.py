@@ -101,7 +101,7 @@ from .diffusers_sd import (
     load_with_attempts,
     set_space_facts,
 )
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, canonical_prediction_type
 from .video import (
     PixelVideoMixin,
     VideoTeacher,
@@ -153,6 +153,21 @@ def read_video_facts(index: Mapping | None) -> dict[str, int]:
         if v is not None:
             out[k] = int(v)
     return out
+
+
+def read_prediction_type(index: Mapping | None, src: str = "the folder") -> str:
+    """What the denoiser of a flow-matching folder outputs: ``"flow"`` (the velocity, Wan's own and the default)
+    unless ``model_index.json`` records ``"_studio": {"prediction_type": ...}`` -- ``"sample"`` for a model trained
+    with x-prediction on the same noise path (JiT, arXiv 2511.13720; the pixel-space ShapeWorld teacher's choice).
+    An unknown value raises ``UserError`` naming the folder."""
+    facts = (index or {}).get(FACTS_KEY) or {}
+    value = facts.get("prediction_type") if isinstance(facts, Mapping) else None
+    if value is None:
+        return "flow"
+    try:
+        return canonical_prediction_type(value)
+    except ValueError as e:
+        raise UserError(f"{src}: model_index.json has _studio.prediction_type {value!r}: {e}") from None
 
 
 def write_video_facts(folder: str | os.PathLike, *, num_frames: int | None = None,
@@ -495,7 +510,7 @@ class WanTeacher(VideoTeacher):
         self.schedule = schedule
         self.name = name
         self._truncation_warned = False
-        if not schedule.is_flow or schedule.prediction_type != "flow":
+        if not schedule.is_flow:
             raise UserError(f"teacher {name!r}: a Wan model needs a flow-matching scheduler (FlowMatchEuler... or "
                             f"UniPC with prediction_type='flow_prediction'), got {schedule!r}")
         cfg = transformer.config
@@ -750,6 +765,9 @@ def _load_wan(src: str, dt: torch.dtype, lfo: bool, revision: str | None, varian
     tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **common)
     schedule = NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler.load_config(src, subfolder="scheduler",
                                                                                          **common))
+    ptype = read_prediction_type(index, src)
+    if ptype != "flow":  # a studio-trained model predicting x0 (or eps) on the flow noise path
+        schedule = schedule.with_prediction_type(ptype)
     return (transformer.eval(), vae, text_encoder.eval(), tokenizer, schedule), read_video_facts(index)
 
 
