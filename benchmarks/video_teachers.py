@@ -11,6 +11,7 @@ higher is better), flicker, text alignment, diversity, and seconds per clip -- a
 
     python benchmarks/video_teachers.py            # 63 prompts x 2 samples, 4/8/25/50 steps
     python benchmarks/video_teachers.py --quick    # 21 static-camera prompts x 1 sample, 4 and 50 steps
+    python benchmarks/video_teachers.py --quick --only unet --trained runs/my-teacher   # a new training run
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None,
                     help="CFG scale for every teacher (default: studio.video.DEFAULT_GUIDANCE per teacher)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of teachers: exact unet")
+    ap.add_argument("--trained", default=None, metavar="PATH",
+                    help="evaluate this saved model folder as the trained teacher (e.g. a new run of "
+                         "scripts/train_shapeworld_video_teacher.py; default: the shipped shapeworld-video-wan)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -66,7 +70,8 @@ def main() -> None:
                     "threads": args.threads, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                                          "cpu_count": os.cpu_count()},
                     "teachers": {}}
-    for key, name in TEACHERS.items():
+    teachers = dict(TEACHERS, **({"unet": args.trained} if args.trained else {}))
+    for key, name in teachers.items():
         if args.only and key not in args.only:
             continue
         try:
@@ -75,7 +80,7 @@ def main() -> None:
             result["teachers"][key] = {"name": name, "error": str(e)}
             continue
         rows = {}
-        guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[name]
+        guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE.get(name, DEFAULT_GUIDANCE[TEACHERS[key]])
         for steps in steps_list:
             rows[str(steps)] = run(model, prompts, steps, guidance, args.seed, chunk=32)
             print(f"{key} {steps} steps: {rows[str(steps)]}", file=sys.stderr, flush=True)

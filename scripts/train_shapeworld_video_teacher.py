@@ -17,8 +17,8 @@ models). ``load_teacher("shapeworld-video-wan")`` (or the folder path) loads it 
 with meaningful weights.
 
 Data (``--data``): ``random`` = :func:`studio.world.video.sample_clips`, fresh random clips every step (infinite
-data), prompts drawn uniformly from the full ShapeWorld video prompt set (3 shapes x 4 colours x 7 motions x 3
-cameras = 252); ``refs`` = the fixed set of reference clips (:func:`studio.world.video.reference_clips`, 16 per
+data), prompts drawn uniformly from ``--prompts``: ``full`` (3 shapes x 4 colours x 7 motions x 3 cameras = 252)
+or ``default`` (the 63 prompts the benchmark and the exact teacher use); ``refs`` = the fixed set of reference clips (:func:`studio.world.video.reference_clips`, 16 per
 prompt of the 63-prompt default set: 1008 clips), the very set ``shapeworld-video-exact`` denoises exactly --
 a small dataset a tiny model fits far faster than the infinite stream. The caption is replaced by the empty
 string with probability 0.1 (classifier-free guidance).
@@ -35,8 +35,8 @@ sampler and method sees an ordinary flow teacher. ``--fg-weight w`` multiplies t
 object pixels (the clip's ground-truth mask, dilated by one pixel) by ``w``: the objects cover ~7 % of a frame,
 so plain flow matching spends almost all of its loss on the striped background and learned objects (and their
 motion) slowly; a weight > 1 is a documented bias of the regression target toward object pixels (the optimum
-becomes a mask-weighted posterior mean per pixel), used for the shipped model's second round (see
-``training.json``). AdamW, linear warm-up then cosine decay, EMA of the
+becomes a mask-weighted posterior mean per pixel; tried in a continuation round, it did not bring motion).
+``--text-init`` starts the text encoder from a saved folder. AdamW, linear warm-up then cosine decay, EMA of the
 weights (the EMA weights are saved), text encoder trained jointly, seeded.
 
 The output folder gets ``model_index.json`` (``WanPipeline`` with ``vae: null``; ``_studio`` keys give the clip
@@ -217,6 +217,7 @@ def main(argv=None) -> int:
                     help="start the text encoder (and tokenizer) from this saved model folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for a long run on a GPU (data is made on the CPU)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--init-from", type=Path, default=None, help="continue from a saved model folder")
     ap.add_argument("--eval-steps", type=int, default=50)
@@ -245,8 +246,9 @@ def main(argv=None) -> int:
         text_encoder = CLIPTextModel.from_pretrained(str(args.init_from / "text_encoder"))
         prev = json.loads((args.init_from / "training.json").read_text())
         history = prev.get("rounds", [])
-    transformer.train()
-    text_encoder.train()
+    dev = torch.device(args.device)
+    transformer.to(dev).train()
+    text_encoder.to(dev).train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = EMA([transformer, text_encoder], args.ema)
@@ -285,6 +287,7 @@ def main(argv=None) -> int:
         captions = ["" if d else p for d, p in zip(drop.tolist(), batch_prompts)]
         s = torch.sigmoid(torch.randn(args.batch, generator=gen)).clamp(1e-3, 1.0)
         eps = torch.randn(x0.shape, generator=gen)
+        x0, s, eps = x0.to(dev), s.to(dev), eps.to(dev)
         x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
         emb = wan_text_embeddings(text_encoder, tokenizer, captions, args.max_tokens)  # the teacher's own rule
         out = transformer(x_s, s * 1000, emb, return_dict=False)[0]
@@ -294,7 +297,7 @@ def main(argv=None) -> int:
             v = out
         err = (v - (eps - x0)).square()
         if args.fg_weight != 1.0:  # object pixels (dilated ground-truth mask) weigh fg_weight, background 1
-            m = F.max_pool2d(clips["mask"].flatten(0, 1)[:, None].float(), 3, 1, 1).view(args.batch, 1, NUM_FRAMES,
+            m = F.max_pool2d(clips["mask"].flatten(0, 1)[:, None].float().to(dev), 3, 1, 1).view(args.batch, 1, NUM_FRAMES,
                                                                                          RESOLUTION, RESOLUTION)
             err = err * (1 + (args.fg_weight - 1) * m)
         loss = err.mean()

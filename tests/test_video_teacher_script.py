@@ -41,7 +41,7 @@ def test_tubelet_x_prediction_model_round_trips(script, tmp_path):
     # a second round continues from the folder and keeps the first round's record
     out2 = tmp_path / "model2"
     assert script.main(["--out", str(out2), "--init-from", str(out), "--prediction", "sample", "--data", "refs",
-                        "--refs-per-prompt", "1", *TOY]) == 0
+                        "--fg-weight", "3", "--refs-per-prompt", "1", *TOY]) == 0
     assert len(json.loads((out2 / "training.json").read_text())["rounds"]) == 2
     assert load_teacher(str(out2)).patch_size == (8, 4, 4)
 
