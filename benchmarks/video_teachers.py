@@ -80,7 +80,8 @@ def main() -> None:
             result["teachers"][key] = {"name": name, "error": str(e)}
             continue
         rows = {}
-        guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE.get(name, DEFAULT_GUIDANCE[TEACHERS[key]])
+        default = DEFAULT_GUIDANCE.get(name, DEFAULT_GUIDANCE[TEACHERS[key]])  # a --trained run: the shipped one's
+        guidance = args.guidance if args.guidance is not None else default
         for steps in steps_list:
             rows[str(steps)] = run(model, prompts, steps, guidance, args.seed, chunk=32)
             print(f"{key} {steps} steps: {rows[str(steps)]}", file=sys.stderr, flush=True)

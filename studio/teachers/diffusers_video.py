@@ -158,7 +158,8 @@ def read_video_facts(index: Mapping | None) -> dict[str, int]:
 def read_prediction_type(index: Mapping | None, src: str = "the folder") -> str:
     """What the denoiser of a flow-matching folder outputs: ``"flow"`` (the velocity, Wan's own and the default)
     unless ``model_index.json`` records ``"_studio": {"prediction_type": ...}`` -- ``"sample"`` for a model trained
-    with x-prediction on the same noise path (JiT, arXiv 2511.13720; the pixel-space ShapeWorld teacher's choice).
+    with x-prediction on the same noise path (JiT, arXiv 2511.13720; ``scripts/train_shapeworld_video_teacher.py
+    --prediction sample``).
     An unknown value raises ``UserError`` naming the folder."""
     facts = (index or {}).get(FACTS_KEY) or {}
     value = facts.get("prediction_type") if isinstance(facts, Mapping) else None
