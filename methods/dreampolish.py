@@ -47,7 +47,8 @@ from typing import Literal
 from studio.distill.dsd import dsd_preset
 from studio.distill.normals import PolishCameraConfig
 from studio.errors import UserError
-from studio.text_to_3d import TextTo3DConfig, TextTo3DMethod, load_teacher_cached
+from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod, load_teacher_cached
+from studio.teachers.registry import default_guidance
 from studio.train.field_stage import (
     FieldDistillStage,
     FieldStageConfig,
@@ -65,9 +66,6 @@ from studio.train.mesh_stage import (
 )
 
 STAGES = ("nerf", "neus", "dmtet", "polish", "texture")
-#: texture-stage CFG scales of the presets per teacher (the SDS / VSD conventions of methods/sds, methods/vsd)
-TEXTURE_SDS_GUIDANCE = {"shapeworld-unet": 20.0}
-TEXTURE_VSD_GUIDANCE = {"shapeworld-unet": 4.0}
 
 
 @dataclass
@@ -126,9 +124,8 @@ def texture_lambdas(cfg: DreamPolishConfig, teacher_name: str) -> tuple[float, f
     """``(lam_base, lam_cfg, lam_var)`` of the texture stage for ``cfg.texture_preset``."""
     if cfg.texture_preset == "dsd":
         return (0.0, float(cfg.dsd_lambda_cfg), float(cfg.dsd_lambda_var))
-    if cfg.texture_preset == "sds":
-        return dsd_preset("sds", TEXTURE_SDS_GUIDANCE.get(teacher_name, 100.0))
-    return dsd_preset("vsd", TEXTURE_VSD_GUIDANCE.get(teacher_name, 7.5))
+    # the presets' CFG scale: the texture teacher's default for the role (as in methods/sds, methods/vsd)
+    return dsd_preset(cfg.texture_preset, default_guidance(teacher_name, cfg.texture_preset))
 
 
 def load_polish_estimator(name: str, prompt: str):

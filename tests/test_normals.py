@@ -245,7 +245,7 @@ def test_oracle_equals_ground_truth():
 
 # ------------------------------------------------------------------------------------------ shipped model
 def _shipped_or_skip():
-    from studio.teachers.shapeworld_unet import assets_dir
+    from studio.assets import assets_dir
 
     if not (assets_dir() / N.SHAPEWORLD_NORMALS / "normal_estimator.json").is_file():
         pytest.skip("assets/shapeworld-normals is absent: train it with "

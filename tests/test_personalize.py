@@ -264,7 +264,7 @@ def test_bad_inputs_raise_user_errors(sd_path):
 
 
 def test_shipped_shapeworld_unet_personalises_when_present(tmp_path):
-    from studio.teachers.shapeworld_unet import assets_dir
+    from studio.assets import assets_dir
 
     if not (assets_dir() / "shapeworld-unet" / "model_index.json").is_file():
         pytest.skip("shapeworld-unet weights not in assets/")

@@ -325,15 +325,10 @@ def build_shapeworld_normals_unet(resolution: int = 32, seed: int = 0, with_mask
 
 def shapeworld_normals_path() -> Path:
     """Folder of the shipped ``shapeworld-normals`` weights (``UserError`` naming the fix when missing)."""
-    from .shapeworld_unet import assets_dir
+    from ..assets import shipped_model_path
 
-    path = assets_dir() / SHAPEWORLD_NORMALS
-    if not (path / ESTIMATOR_CONFIG).is_file():
-        raise UserError(f"normal estimator {SHAPEWORLD_NORMALS!r}: its weights are missing ({path / ESTIMATOR_CONFIG} "
-                        "not found); use a source checkout of the studio (the weights ship in assets/), set "
-                        f"STUDIO_ASSETS to a folder holding {SHAPEWORLD_NORMALS}/, or retrain them with "
-                        f"`python scripts/train_shapeworld_normals.py --out assets/{SHAPEWORLD_NORMALS}`")
-    return path
+    return shipped_model_path(SHAPEWORLD_NORMALS, "train_shapeworld_normals.py", marker=ESTIMATOR_CONFIG,
+                              kind="normal estimator")
 
 
 class ShapeWorldNormalEstimator(NormalEstimator):

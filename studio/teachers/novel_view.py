@@ -419,7 +419,7 @@ SHAPEWORLD_NV_UNET = "shapeworld-nv-unet"
 
 def shapeworld_nv_unet_path() -> Path:
     """Folder of the shipped ``shapeworld-nv-unet`` weights (``UserError`` naming the fix when missing)."""
-    from .shapeworld_unet import shipped_model_path
+    from ..assets import shipped_model_path
 
     return shipped_model_path(SHAPEWORLD_NV_UNET, "train_shapeworld_nv_unet.py")
 

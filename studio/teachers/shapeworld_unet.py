@@ -10,44 +10,20 @@ and load through the ordinary :meth:`DiffusersTeacher.from_pretrained` path::
     images = ddim_sample(teacher, ["a red cube, front view"], steps=25, guidance_scale=4.0)
 
 The assets folder is ``<repo>/assets`` (next to the ``studio`` package of an editable install) or
-``$STUDIO_ASSETS`` when set.
+``$STUDIO_ASSETS`` when set (:mod:`studio.assets`). The name is registered in :mod:`studio.teachers.registry`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from ..assets import shipped_model_path
 from .sampling import ddim_sample  # noqa: F401  (re-exported: the sampler used with this teacher)
-from .registry import register_teacher
 
 NAME = "shapeworld-unet"
-
-
-def assets_dir() -> Path:
-    """The folder of shipped assets: ``$STUDIO_ASSETS`` or ``<repo root>/assets``."""
-    env = os.environ.get("STUDIO_ASSETS", "").strip()
-    if env:
-        return Path(env).expanduser()
-    import studio
-
-    return Path(studio.__file__).resolve().parents[1] / "assets"
-
-
-def shipped_model_path(name: str, script: str) -> Path:
-    """Folder ``<assets>/<name>`` of shipped weights (``UserError`` naming the fix, i.e. retraining with
-    ``scripts/<script>``, when its ``model_index.json`` is missing)."""
-    path = assets_dir() / name
-    if not (path / "model_index.json").is_file():
-        raise UserError(f"teacher {name!r}: its weights are missing ({path / 'model_index.json'} not found); "
-                        "use a source checkout of the studio (the weights ship in assets/), set STUDIO_ASSETS to "
-                        f"a folder holding {name}/, or retrain them with "
-                        f"`python scripts/{script} --out assets/{name}`")
-    return path
 
 
 def shapeworld_unet_path() -> Path:
@@ -85,7 +61,3 @@ def foreground_mean(images: Tensor, threshold: float = 0.12, background: str | f
     n = mask.sum((2, 3))
     mean = (images * mask).sum((2, 3)) / n.clamp_min(1)
     return torch.where(n > 0, mean, bg)
-
-
-register_teacher(NAME, make_shapeworld_unet,
-                 "ShapeWorld tiny trained text-to-image UNet, pixel space 32x32, epsilon (shipped in assets/)")

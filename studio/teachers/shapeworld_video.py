@@ -123,7 +123,7 @@ def make_shapeworld_video_wan(**kw):
     model (``WanTransformer3DModel`` in pixel space, 8 frames of 32x32, rectified flow; trained by
     ``scripts/train_shapeworld_video_teacher.py``), loaded through the same path as Wan 2.1."""
     from .diffusers_video import WanTeacher
-    from .shapeworld_unet import shipped_model_path
+    from ..assets import shipped_model_path
 
     teacher = WanTeacher.from_pretrained(shipped_model_path(TRAINED_NAME, "train_shapeworld_video_teacher.py"), **kw)
     teacher.name = TRAINED_NAME
