@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from studio.train.tiny_teacher import EMA, save_grid, write_folder_atomically
+from studio.students.ema import EMA
+from studio.train.tiny_teacher import save_grid, write_folder_atomically
 
 RESOLUTION = 32
 MAX_TOKENS = 32

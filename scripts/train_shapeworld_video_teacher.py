@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.teachers.diffusers_video import wan_text_embeddings
-from studio.train.ema import EMA
+from studio.students.ema import EMA
 from studio.train.tiny_teacher import save_grid, write_folder_atomically
 from studio.world.video import video_prompts
 

@@ -24,7 +24,7 @@ from studio.errors import UserError
 from studio.students.video_lora import VideoLoRAStudent
 from studio.teachers.sampling import consistency_scalings
 from studio.teachers.schedule import NoiseSchedule
-from studio.train.ema import EMA
+from studio.students.ema import EMA
 
 
 def _gauss_pair(schedule=None, gain=0.9):

@@ -16,7 +16,7 @@ from torch import nn
 
 from studio.errors import UserError
 from studio.train.checkpoint import load_checkpoint
-from studio.train.ema import EMA, unwrap_module
+from studio.students.ema import EMA, unwrap_module
 from studio.train.loop import StepOutput, Trainer, TrainerConfig, process_info
 
 REPO = Path(__file__).resolve().parents[1]

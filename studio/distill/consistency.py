@@ -213,7 +213,7 @@ def _motion_pair(motion: Any) -> tuple[Callable[[Tensor], Tensor], Callable[[Ten
 # --------------------------------------------------------------------------------------- the loss
 def _target_x0(student: Any, target: Any, x_end: Tensor, t_end: Tensor, cond: Any) -> Tensor:
     """``x0_hat`` of the target network at ``(x_end, t_end)``, no grad (see :func:`latent_consistency_loss`)."""
-    from ..train.ema import EMA
+    from ..students.ema import EMA
 
     with torch.no_grad():
         if isinstance(target, str):
@@ -270,7 +270,7 @@ def latent_consistency_loss(student: Any, teacher: Any, x0: Tensor, cond: Any, *
         loss, huber_c: distance (:func:`consistency_distance`).
         zero_terminal_snr_swap: MCM's hard swap: samples with ``n = N - 1`` (``t_start = tau_{N-1}``, 999) start
             from pure noise, ``x_start = eps`` (what inference starts from), for student, teacher and solver.
-        target: ``"stopgrad"`` (LoRA: the student itself under no-grad), an :class:`~studio.train.ema.EMA` of the
+        target: ``"stopgrad"`` (LoRA: the student itself under no-grad), an :class:`~studio.students.ema.EMA` of the
             student's parameters (full fine-tuning: its weights are swapped in for the target call), or any model
             with ``predict`` (e.g. an EMA copy).
         motion: ``None`` / a callable / ``(phi, phi_target)`` (:func:`consistency_distance`).

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..teachers.video import batch_to_frames, frames_to_batch
-from ..train.ema import EMA
+from ..students.ema import EMA
 
 __all__ = [
     "MOTIONS", "EMATarget", "FreqFilter", "LearnedMotionHead", "Motion", "Raw", "TemporalDiff",
@@ -181,7 +181,7 @@ class LearnedMotionHead(nn.Module):
 
 class EMATarget(nn.Module):
     """The EMA target ``phi^-`` of a learned head: evaluates the head's architecture with the
-    :class:`~studio.train.ema.EMA` shadow weights (``torch.func.functional_call``, no copy of the module, so it is
+    :class:`~studio.students.ema.EMA` shadow weights (``torch.func.functional_call``, no copy of the module, so it is
     always in sync with the EMA state, also after a checkpoint restore of ``ema``).
 
     The live head is held outside the module tree (its parameters are not parameters of the target: an optimizer

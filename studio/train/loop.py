@@ -107,7 +107,7 @@ from torch import nn
 
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
-from .ema import EMA, unwrap_module
+from ..students.ema import EMA, unwrap_module
 
 
 class TrainingDiverged(RuntimeError):

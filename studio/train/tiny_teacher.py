@@ -1,6 +1,6 @@
 """Helpers shared by the scripts that train ShapeWorld's tiny teachers (``scripts/train_shapeworld_*.py``):
-an atomic folder write, a PNG grid writer and the tiny UNet / scheduler builders; ``EMA`` (now in
-:mod:`studio.train.ema`) is re-exported here."""
+an atomic folder write, a PNG grid writer and the tiny UNet / scheduler builders (their weight EMA is
+:class:`studio.students.ema.EMA`)."""
 from __future__ import annotations
 
 import math
@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from .ema import EMA  # noqa: F401  (moved to studio.train.ema; re-exported for the training scripts)
 
 
 def write_folder_atomically(out: Path, write: Callable[[Path], None], keep: tuple[str, ...] = ("samples.png",
