@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from studio.errors import UserError
     from studio.video import DEFAULT_GUIDANCE, load_video_model
-    from studio.world.video import video_prompts
+    from studio.world.clips import video_prompts
 
     base = video_prompts(cameras=["static"]) if args.quick else video_prompts()
     per = args.per_prompt or (1 if args.quick else 2)

@@ -12,7 +12,7 @@ Algorithm box (spec 2.4-2.5; one training step)::
 
 Real frames for D: ``real_images="video"`` (distillation only: 2 TSN-sampled frames of the same training clips,
 with their captions) or ``"hq"`` (quality improvement: a separate high-quality image set with its own captions;
-on ShapeWorld :func:`studio.world.video.hq_images`). Inference: the merged LoRA with LCM multistep sampling, CFG
+on ShapeWorld :func:`studio.world.clips.hq_images`). Inference: the merged LoRA with LCM multistep sampling, CFG
 distilled in (guidance 1); the motion head is a training-time construct.
 
 Substitutions and reconstructed choices (documented, configurable):
@@ -121,7 +121,7 @@ class MCMStage(ConsistencyStage):
             idx = tsn_frame_indices(video.shape[1], self.cfg.frames_per_clip, self.gen)
             return video_frames(video, idx).to(self.teacher.device), pooled_text(cond).repeat_interleave(
                 self.cfg.frames_per_clip, 0)
-        from studio.world.video import hq_images
+        from studio.world.clips import hq_images
 
         images, captions = hq_images(n, seed=self.cfg.seed * 7919 + step, size=self.data.size)
         return images.to(self.teacher.device), pooled_text(self.teacher.encode_prompt(captions))

@@ -16,9 +16,9 @@ models). ``load_teacher("shapeworld-video-wan")`` (or the folder path) loads it 
 ``WanTeacher.from_pretrained`` path as Wan 2.1, so samplers and distillation methods run on the real code path
 with meaningful weights.
 
-Data (``--data``): ``random`` = :func:`studio.world.video.sample_clips`, fresh random clips every step (infinite
+Data (``--data``): ``random`` = :func:`studio.world.clips.sample_clips`, fresh random clips every step (infinite
 data), prompts drawn uniformly from ``--prompts``: ``full`` (3 shapes x 4 colours x 7 motions x 3 cameras = 252)
-or ``default`` (the 63 prompts the benchmark and the exact teacher use); ``refs`` = the fixed set of reference clips (:func:`studio.world.video.reference_clips`, 16 per
+or ``default`` (the 63 prompts the benchmark and the exact teacher use); ``refs`` = the fixed set of reference clips (:func:`studio.world.clips.reference_clips`, 16 per
 prompt of the 63-prompt default set: 1008 clips), the very set ``shapeworld-video-exact`` denoises exactly --
 a small dataset a tiny model fits far faster than the infinite stream. The caption is replaced by the empty
 string with probability 0.1 (classifier-free guidance).
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from studio.teachers.diffusers_video import wan_text_embeddings
 from studio.students.ema import EMA
 from studio.train.tiny_teacher import save_grid, write_folder_atomically
-from studio.world.video import video_prompts
+from studio.world.clips import video_prompts
 
 NUM_FRAMES = 8
 RESOLUTION = 32
@@ -162,7 +162,7 @@ def gap_to_exact(teacher, sigmas=GAP_SIGMAS, batch: int = 32, seed: int = 0) -> 
     4x4-patch models: gaps of 0.03-0.05 at s = 0.3-0.9, where a posterior concentrated on one reference clip
     leaves ~0 to learn (so samples commit to objects inconsistently across frames)."""
     from studio.teachers import load_teacher
-    from studio.world.video import parse_video_prompt, video_prompt
+    from studio.world.clips import parse_video_prompt, video_prompt
 
     exact = load_teacher("shapeworld-video-exact")
     prompts = video_prompts()
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
 
     prompts = video_prompts(full=args.prompts == "full")
     gen = torch.Generator().manual_seed(args.seed)
-    from studio.world.video import reference_clips, sample_clips
+    from studio.world.clips import reference_clips, sample_clips
 
     fixed = None
     if args.data == "refs":  # the exact teacher's clip set: k reference clips of every default prompt

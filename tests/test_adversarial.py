@@ -25,7 +25,7 @@ from studio.distill.adversarial import (
 )
 from studio.distill.consistency import latent_consistency_loss
 from studio.errors import UserError
-from studio.world.video import degrade, hq_images, sample_clips
+from studio.world.clips import degrade, hq_images, sample_clips
 
 
 def _disc(text_dim=6, seed=0):

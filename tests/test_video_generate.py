@@ -13,7 +13,7 @@ from studio.teachers.registry import load_teacher, load_video_teacher
 from studio.teachers.sampling import flow_euler_sample
 from studio.teachers.shapeworld_video import ShapeWorldVideoExactTeacher
 from studio.video import VideoGenerateConfig, generate_video, load_video_model, write_student
-from studio.world.video import reference_clips
+from studio.world.clips import reference_clips
 from studio.world.video_metrics import evaluate_videos
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -123,7 +123,7 @@ def test_exact_teacher_rejects_wrong_clip_shape():
 def test_shipped_shapeworld_video_wan_has_learned_colours():
     """The tiny trained Wan-class teacher (assets/) loads through the Wan path and its samples have the prompt's
     colour (its object shapes and motion are weak: see README / benchmarks/video_teachers.py)."""
-    from studio.world.video import video_prompts
+    from studio.world.clips import video_prompts
 
     teacher = load_video_teacher("shapeworld-video-wan")
     assert teacher.schedule.is_flow and teacher.latent_shape() == (3, 8, 32, 32) and not teacher.is_latent

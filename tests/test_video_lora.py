@@ -15,7 +15,7 @@ from studio.students.video_lora import (
 )
 from studio.teachers.sampling import causal_block_rollout, ddim_sample, lcm_sample
 from studio.teachers.schedule import NoiseSchedule
-from studio.teachers.video import VideoTeacher
+from studio.teachers.video_base import VideoTeacher
 
 
 def tiny_unet(seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from studio.errors import UserError
-from studio.world import video as V
+from studio.world import clips as V
 from studio.world import video_metrics as M
 
 

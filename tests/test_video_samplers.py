@@ -22,7 +22,7 @@ from studio.teachers.sampling import (
     rollout_timesteps,
 )
 from studio.teachers.schedule import NoiseSchedule
-from studio.teachers.video import PixelVideoMixin, VideoTeacher
+from studio.teachers.video_base import PixelVideoMixin, VideoTeacher
 
 MOMENTS = {"": (0.0, 1.0), "a": (0.6, 0.3), "b": (-0.4, 0.5)}
 

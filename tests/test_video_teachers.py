@@ -27,7 +27,7 @@ from studio.teachers.diffusers_video import (
 )
 from studio.teachers.registry import load_video_teacher
 from studio.teachers.schedule import NoiseSchedule
-from studio.teachers.video import VideoTeacher
+from studio.teachers.video_base import VideoTeacher
 
 KINDS = ("modelscope", "animatediff", "wan", "wan_pixel")
 CLASSES = {"modelscope": ModelScopeTeacher, "animatediff": AnimateDiffTeacher, "wan": WanTeacher,

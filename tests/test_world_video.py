@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from studio.errors import UserError
-from studio.world import video as V
+from studio.world import clips as V
 from studio.world.video_metrics import domain_quality
 
 

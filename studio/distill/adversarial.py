@@ -14,8 +14,8 @@ to a list of token features ``[N, C_i, L_i]``, one per "block" (``channels[i] = 
   convolutions + LeakyReLU at strides 1, 2, 2: "blocks" are scales; every pixel / feature-map cell is a token).
   Random conv features are the classic cheap baseline of projected discriminators. It is deliberately *not*
   :func:`~studio.world.video_metrics.frame_features`, which blurs away exactly the blur, noise and block artefacts
-  that separate ShapeWorld's low-quality clips (:func:`~studio.world.video.degrade`) from its high-quality images
-  (:func:`~studio.world.video.hq_images`).
+  that separate ShapeWorld's low-quality clips (:func:`~studio.world.clips.degrade`) from its high-quality images
+  (:func:`~studio.world.clips.hq_images`).
 
 **Discriminator** (:class:`ProjectedDiscriminator`, StyleGAN-T style, written from the description in spec 2.2):
 one head per block, ``head_i = Conv1d_k1 -> Residual(Conv1d_k9)`` over tokens (each conv spectrally normalised,

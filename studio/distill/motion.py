@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..teachers.video import batch_to_frames, frames_to_batch
+from ..teachers.video_base import batch_to_frames, frames_to_batch
 from ..students.ema import EMA
 
 __all__ = [

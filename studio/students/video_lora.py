@@ -13,7 +13,7 @@ weights serves both roles:
   (inside it, student calls predict as the teacher, like peft's ``disable_adapter``; inside
   ``adapter_enabled(True)`` even ``teacher.predict`` runs the student).
 
-The student satisfies the :class:`~studio.teachers.video.VideoTeacher` protocol by delegation (attributes such as
+The student satisfies the :class:`~studio.teachers.video_base.VideoTeacher` protocol by delegation (attributes such as
 ``schedule``, ``num_frames``, ``latent_channels`` read through to the teacher; ``encode_prompt`` shares the
 teacher's prompt cache; ``encode`` / ``decode`` / ``noise`` / ``latent_shape`` are the teacher's), so every sampler
 in :mod:`studio.teachers.sampling` takes a student wherever it takes a teacher.
@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..io.atomic import atomic_path
-from ..teachers.video import VideoTeacher
+from ..teachers.video_base import VideoTeacher
 from .lora_score import _adapter_names, add_lora_adapter
 
 #: MCM's LoRA targets (spec 2.2); a module gets an adapter when its name equals one or ends with "." + one

@@ -1,6 +1,6 @@
 """Text-to-video teachers from diffusers weights: ModelScope T2V, AnimateDiff and Wan 2.1.
 
-Each implements :class:`~studio.teachers.video.VideoTeacher` (latents ``[B,C,F',h,w]``, videos ``[B,F,3,H,W]``
+Each implements :class:`~studio.teachers.video_base.VideoTeacher` (latents ``[B,C,F',h,w]``, videos ``[B,F,3,H,W]``
 in [0, 1]) on the real diffusers / transformers classes and loads, like the SD teacher, from a local folder
 (the pipeline's ``save_pretrained`` layout, ``model_index.json`` at the top) or a Hugging Face id:
 
@@ -60,7 +60,7 @@ Wan 2.1
 
 Pixel-space Wan
     Without a VAE, ``x_t`` lives in pixel space: ``z0 = 2 * video - 1`` with frames behind the channels
-    (:class:`~studio.teachers.video.PixelVideoMixin`: ``latent_channels = 3``, ``vae_scale_factor = 1``,
+    (:class:`~studio.teachers.video_base.PixelVideoMixin`: ``latent_channels = 3``, ``vae_scale_factor = 1``,
     ``temporal_compression = 1``); the transformer takes and returns 3 channels. Everything else is as above.
 
 Clip facts
@@ -101,15 +101,9 @@ from .diffusers_sd import (
     load_with_attempts,
     set_space_facts,
 )
+from ..world.clips import check_video
 from .schedule import NoiseSchedule, canonical_prediction_type
-from .video import (
-    PixelVideoMixin,
-    VideoTeacher,
-    batch_to_frames,
-    check_latents,
-    check_video,
-    frames_to_batch,
-)
+from .video_base import PixelVideoMixin, VideoTeacher, batch_to_frames, check_latents, frames_to_batch
 
 __all__ = [
     "ANIMATEDIFF_ADAPTER",

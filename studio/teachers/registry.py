@@ -173,12 +173,12 @@ def load_teacher(name_or_path: str | os.PathLike, **kw: Any):
 
 def load_video_teacher(name_or_path: str | os.PathLike, **kw: Any):
     """:func:`load_teacher` for methods that need a text-to-video teacher (a
-    :class:`~studio.teachers.video.VideoTeacher`).
+    :class:`~studio.teachers.video_base.VideoTeacher`).
 
     Raises:
         UserError: as :func:`load_teacher`, or when the teacher is an image model.
     """
-    from .video import VideoTeacher
+    from .video_base import VideoTeacher
 
     teacher = load_teacher(name_or_path, **kw)
     if not isinstance(teacher, VideoTeacher):

@@ -1,4 +1,4 @@
-"""Samplers for any :class:`~studio.teachers.base.ImageTeacher` and :class:`~studio.teachers.video.VideoTeacher`.
+"""Samplers for any :class:`~studio.teachers.base.ImageTeacher` and :class:`~studio.teachers.video_base.VideoTeacher`.
 
 One module, four samplers, all driven by the model's :class:`~studio.teachers.schedule.NoiseSchedule` (every
 noise level, noising and prediction conversion goes through it) and the teacher protocol (``predict`` with CFG,

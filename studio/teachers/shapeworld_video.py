@@ -1,7 +1,7 @@
 """``shapeworld-video-exact``: the exact optimal denoiser of ShapeWorld video, the ground-truth video teacher.
 
 Data model. For a prompt ``y`` the clean-clip distribution is the Gaussian-smoothed set of its reference clips
-(:func:`studio.world.video.reference_clips`, ``k`` fixed clips with random start positions, speeds, sizes...):
+(:func:`studio.world.clips.reference_clips`, ``k`` fixed clips with random start positions, speeds, sizes...):
 ``p(x0 | y) = 1/k sum_i N(x0; r_i, s^2 I)`` in pixel model space ``x = 2 * video - 1``, ``[3, F, H, W]``
 (8 frames of 32x32 by default). Its posterior mean at ``x_t = alpha x0 + sigma eps`` is exact
 (:func:`~studio.teachers.shapeworld_exact.mixture_epsilon`), so the teacher makes no errors of its own:
@@ -10,7 +10,7 @@ benchmarks measure a *distillation*, not a teacher.
 Conditioning. Every prompt of the ShapeWorld video grammar (``"a red ball moving left"``,
 ``"a blue cube bouncing, camera panning right"``; synonyms allowed) selects its own references; the empty
 prompt (CFG's unconditional branch) selects the references of every prompt of the default prompt set
-(:func:`studio.world.video.video_prompts`, 63 prompts; the first 4 references of each) -- the unconditional
+(:func:`studio.world.clips.video_prompts`, 63 prompts; the first 4 references of each) -- the unconditional
 data distribution -- so CFG
 pushes away from the other shapes, colours and motions. A negative prompt selects its own references.
 Anything else raises ``UserError`` naming the grammar.
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..world.video import parse_video_prompt, reference_clips, video_prompt, video_prompts
+from ..world.clips import parse_video_prompt, reference_clips, video_prompt, video_prompts
 from .schedule import NoiseSchedule
 from .shapeworld_exact import mixture_epsilon
-from .video import PixelVideoMixin, VideoTeacher
+from .video_base import PixelVideoMixin, VideoTeacher
 
 
 class ShapeWorldVideoExactTeacher(PixelVideoMixin, VideoTeacher):

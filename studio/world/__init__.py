@@ -6,20 +6,20 @@
 * ``references``: cached ground-truth renders (images, alphas, depths, normals) on training rings and
   held-out / front-back camera sets.
 * ``metrics``: PSNR, SSIM, silhouette IoU, Chamfer, saturation gap, Janus score, ``evaluate_gaussians``.
-* ``video``: ShapeWorld video, procedural 2-D clips with exact ground truth (masks, centroids, depth,
+* ``clips``: ShapeWorld video, procedural 2-D clips with exact ground truth (masks, centroids, depth,
   angles, camera): ``parse_video_prompt``, ``video_prompts``, ``ClipSpec`` / ``Clip``, ``sample_clip_specs``,
   ``render_clip(s)``, ``sample_clips``, ``reference_clips``; the low-quality ``degrade`` and high-quality
-  ``hq_images`` domains.
+  ``hq_images`` domains; ``check_video``, the shape check of pixel videos ``[B,F,3,H,W]``.
 * ``video_metrics``: ``frame_error``, ``motion_accuracy``, ``flicker``, ``text_alignment``, ``diversity``,
   ``domain_quality``, ``clip_score`` and ``evaluate_videos`` (all of them at once) for generated videos.
 """
+from .clips import (Clip, ClipSpec, degrade, hq_images, parse_video_prompt, reference_clips, render_clip, render_clips,
+                    sample_clip_specs, sample_clips, video_prompt, video_prompts)
 from .metrics import (chamfer_to_surface, evaluate_gaussians, janus_score, psnr, saturation_gap, silhouette_iou,
                       ssim)
 from .objects import OBJECTS, ShapeObject, find_object_for_prompt, get_object, list_objects
 from .references import (front_back_cameras, held_out_cameras, reference_cameras, reference_gaussians,
                          reference_views, render_gaussian_views, render_reference)
-from .video import (Clip, ClipSpec, degrade, hq_images, parse_video_prompt, reference_clips, render_clip, render_clips,
-                    sample_clip_specs, sample_clips, video_prompt, video_prompts)
 from .video_metrics import (analyze_videos, classify_videos, clip_score, diversity, domain_quality, evaluate_videos,
                             flicker, frame_error, motion_accuracy, text_alignment)
 

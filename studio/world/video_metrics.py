@@ -13,7 +13,7 @@ objects are saturated, so the *chroma* ``c = max(RGB) - min(RGB)`` separates the
 * solid mask ``m = clamp((c - 0.1) / (0.45 c_ref - 0.1), 0, 1)`` (stripe included) for shape and colour;
 * centroid = ``o``-weighted mean pixel position (frame units, y down, as ``ClipSpec``);
 * orientation from the k-th angular moment ``M_k = sum o (dx - i dy)^k`` about the centroid, ``k`` the
-  shape's :data:`~studio.world.video.ORIENTATION_ORDER` (2: stripe, 4: square, 3: triangle):
+  shape's :data:`~studio.world.clips.ORIENTATION_ORDER` (2: stripe, 4: square, 3: triangle):
   ``theta = arg(M_k) / k`` modulo ``2 pi / k``; frame-to-frame rotation ``wrap(dphi) / k`` (ShapeWorld spins
   stay below half the symmetry angle per frame); ``nu_k = |M_k| / sum o |z|^k`` says how reliable it is;
 * camera pan from the background: each frame's column profile of luminance over background pixels
@@ -55,13 +55,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .video import (
+from .clips import (
     CAMERAS,
     COLORS,
     MOTIONS,
     ORIENTATION_ORDER,
     SHAPES,
     block_size,
+    check_video,
     gaussian_blur,
     parse_video_prompt,
     reference_clips,
@@ -90,8 +91,6 @@ _SHIFT_STEP = 0.05    # camera shift search step, pixels
 
 
 def _videos(videos: Tensor, what: str = "videos") -> Tensor:
-    from ..teachers.video import check_video  # lazy: studio.teachers imports studio.world
-
     v = check_video(videos, what).detach().float().cpu()
     return torch.nan_to_num(v, nan=0.0).clamp(0, 1)
 
@@ -502,10 +501,10 @@ def domain_quality(frames: Tensor, *, components: bool = False, per_image: bool 
     * ``clean``: noise level from the median absolute response of Immerkaer's Laplacian-difference kernel
       (zero on edges along one axis and on the x-only background texture), ``1 - ramp(sigma, 0.006, 0.02)``;
     * ``no_watermark``: mean luminance darkening of the bounding box of
-      :func:`~studio.world.video.watermark_pattern` versus the rows just above and below it in the same
+      :func:`~studio.world.clips.watermark_pattern` versus the rows just above and below it in the same
       columns (achromatic pixels only; the background texture depends on x only, and blur / block averaging
       keep box means), ``1 - ramp(., 0.015, 0.045)``;
-    * ``no_blocks``: mean absolute step across :func:`~studio.world.video.block_size` block borders versus
+    * ``no_blocks``: mean absolute step across :func:`~studio.world.clips.block_size` block borders versus
       inside blocks, ``1 - ramp(ratio, 1.3, 2.0)``;
     * ``shading``: lighting inside the object as in the HQ domain (light from the top left): the luminance
       slope of a plane fit over the eroded solid mask, projected on the direction towards the top left and

@@ -12,7 +12,8 @@ Everything else is inherited unchanged from :class:`ImageTeacher`: prompt encodi
 caching, CFG (``predict``, epsilon space, ``w = 1`` runs one branch), both branches at once
 (``predict_branches``), and the :class:`NoiseSchedule` that does all alpha / sigma / flow arithmetic and
 prediction conversions (it broadcasts over any number of trailing dimensions, so it serves 5-D latents
-as is). A video teacher's ``encode`` / ``decode`` take videos and latents in the shapes above.
+as is). A video teacher's ``encode`` / ``decode`` take videos and latents in the shapes above (pixel videos
+are checked by :func:`studio.world.clips.check_video`).
 
 Subclasses set :attr:`num_frames` (the clip length the model was trained on),
 :attr:`temporal_compression` and the :class:`ImageTeacher` attributes, and implement ``_embed_texts``,
@@ -23,18 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..world.clips import check_video
 from .base import ImageTeacher
-
-
-def check_video(video: Tensor, what: str = "video") -> Tensor:
-    """Validate a pixel video ``[B,F,3,H,W]`` (a single clip ``[F,3,H,W]`` gets a batch axis)."""
-    if not isinstance(video, Tensor):
-        raise TypeError(f"{what} must be a tensor [B,F,3,H,W] in [0,1], got {type(video).__name__}")
-    if video.dim() == 4:
-        video = video[None]
-    if video.dim() != 5 or video.shape[2] != 3:
-        raise ValueError(f"{what} must have shape [B,F,3,H,W] (frames, then RGB channels), got {tuple(video.shape)}")
-    return video
 
 
 def check_latents(latents: Tensor, channels: int, what: str = "latents") -> Tensor:

@@ -125,6 +125,18 @@ _SYNONYMS = {
 }
 
 
+# ------------------------------------------------------------------------------------- the video convention
+def check_video(video: Tensor, what: str = "video") -> Tensor:
+    """Validate a pixel video ``[B,F,3,H,W]`` (a single clip ``[F,3,H,W]`` gets a batch axis)."""
+    if not isinstance(video, Tensor):
+        raise TypeError(f"{what} must be a tensor [B,F,3,H,W] in [0,1], got {type(video).__name__}")
+    if video.dim() == 4:
+        video = video[None]
+    if video.dim() != 5 or video.shape[2] != 3:
+        raise ValueError(f"{what} must have shape [B,F,3,H,W] (frames, then RGB channels), got {tuple(video.shape)}")
+    return video
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 
 def video_prompt(shape: str, color: str, motion: str, camera: str = "static") -> str:
