@@ -46,8 +46,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from methods.mcm import MCMConfig, MCMMethod
     from methods.video_lcm import VideoLCMConfig, VideoLCMMethod
-    from studio.video import DEFAULT_GUIDANCE, load_video_model
-    from studio.video_distill import evaluate_video_model, resolve_prompts
+    from studio.runs.video_generate import load_video_model
+    from studio.teachers.registry import default_guidance
+    from studio.runs.video_distill import evaluate_video_model, resolve_prompts
 
     train_steps = args.train_steps or (60 if args.quick else 300)
     n_eval = 7 if args.quick else 21
@@ -59,7 +60,7 @@ def main() -> None:
                     "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                 "cpu_count": os.cpu_count()}, "runs": {}}
     teacher, _ = load_video_model(TEACHER)
-    g = DEFAULT_GUIDANCE[TEACHER]
+    g = default_guidance(TEACHER, "sample_video")
     result["teacher_rows"] = evaluate_video_model(teacher, prompts, (4, 50), {"sampler": "flow", "guidance_scale": g})
     print(f"teacher: {result['teacher_rows']}", file=sys.stderr, flush=True)
     common = dict(teacher=TEACHER, prompts="static", steps=train_steps, batch_size=args.batch_size, seed=0,

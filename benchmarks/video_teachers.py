@@ -28,7 +28,7 @@ TEACHERS = {"exact": "shapeworld-video-exact", "unet": "shapeworld-video-wan"}
 
 
 def run(model, prompts: list[str], steps: int, guidance: float, seed: int, chunk: int) -> dict:
-    from studio.video import sample_videos
+    from studio.runs.video_generate import sample_videos
     from studio.world.video_metrics import evaluate_videos
 
     videos, t0 = [], time.perf_counter()
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=None)
     ap.add_argument("--per-prompt", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None,
-                    help="CFG scale for every teacher (default: studio.video.DEFAULT_GUIDANCE per teacher)")
+                    help="CFG scale for every teacher (default: each teacher's registered "sample_video" guidance)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of teachers: exact unet")
     ap.add_argument("--trained", default=None, metavar="PATH",
                     help="evaluate this saved model folder as the trained teacher (e.g. a new run of "
@@ -58,7 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from studio.errors import UserError
-    from studio.video import DEFAULT_GUIDANCE, load_video_model
+    from studio.runs.video_generate import load_video_model
+    from studio.teachers.registry import default_guidance
     from studio.world.clips import video_prompts
 
     base = video_prompts(cameras=["static"]) if args.quick else video_prompts()
@@ -80,7 +81,8 @@ def main() -> None:
             result["teachers"][key] = {"name": name, "error": str(e)}
             continue
         rows = {}
-        default = DEFAULT_GUIDANCE.get(name, DEFAULT_GUIDANCE[TEACHERS[key]])  # a --trained run: the shipped one's
+        # a --trained run folder: the shipped teacher's guidance
+        default = default_guidance(name if name in TEACHERS.values() else TEACHERS[key], "sample_video")
         guidance = args.guidance if args.guidance is not None else default
         for steps in steps_list:
             rows[str(steps)] = run(model, prompts, steps, guidance, args.seed, chunk=32)

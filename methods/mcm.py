@@ -175,6 +175,7 @@ class MCMMethod(VideoLCMMethod):
     """Inference as the video LCM (merged LoRA, LCM multistep sampling, guidance 1)."""
 
     name = "mcm"
+    default_for_verb = False
     description = ("Motion consistency model: video consistency distillation on a motion representation + image "
                    "discriminator + mixed trajectories")
     paper = "https://arxiv.org/abs/2406.06890"

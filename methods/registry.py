@@ -1,12 +1,12 @@
-"""The method registry: built-in methods register here; third-party ones through the
-``studio.methods`` entry point group (``name = "package.module:MethodClass"``), as nerfstudio does.
+"""The method registry: built-in methods register here; third-party ones through the ``studio.methods`` entry
+point group (``name = "package.module:MethodClass"``), as nerfstudio's do.
 
-A method is a class with ``name``, ``description``, ``paper`` (URL), ``kind`` ("3d", "4d", "video",
-"image"), a ``Config`` dataclass (the CLI and the app generate their options from it) and
-``run(cfg, out_dir, *, teacher=None, callbacks=None, resume=False) -> dict`` (metrics).
+A method follows the one protocol of :mod:`studio.runs.protocol` (name, kind, paper, description, ``Config``,
+``input``, ``run``); the CLI, ``studio batch``, the app and :func:`methods.run` call only that.
 """
 from __future__ import annotations
 
+import warnings
 from importlib import import_module
 from importlib.metadata import entry_points
 
@@ -18,6 +18,7 @@ _BUILTIN = {
     "vsd": "methods.vsd:VSDMethod",
     "placiddreamer": "methods.placiddreamer:PlacidDreamerMethod",
     "dreampolish": "methods.dreampolish:DreamPolishMethod",
+    "video-sample": "studio.runs.video_generate:VideoGenerateMethod",
     "lcm": "methods.video_lcm:VideoLCMMethod",
     "mcm": "methods.mcm:MCMMethod",
 }
@@ -35,23 +36,23 @@ def _discover() -> dict[str, str]:
     try:
         for ep in entry_points(group="studio.methods"):
             found.setdefault(ep.name, ep.value)
-    except Exception:  # broken third-party metadata must not break the studio
+    except Exception:  # noqa: BLE001 - broken third-party metadata must not break the studio
         pass
-    return found
+    return {**found, **{n: "" for n in _REGISTRY if n not in found}}
 
 
 def method_names(kind: str | None = None) -> list[str]:
-    names = sorted(_discover())
-    if kind is None:
-        return names
-    out = []
-    for n in names:
-        try:
-            if getattr(get_method(n), "kind", None) == kind:
-                out.append(n)
-        except Exception as e:  # a broken plugin is reported, not fatal
-            import warnings
+    """Registered method names (of one ``kind``); a method that fails to load is warned about and left out."""
+    return [cls.name for cls in method_classes() if kind is None or cls.kind == kind]
 
+
+def method_classes() -> list[type]:
+    """Every loadable method class, sorted by name (a broken plugin is reported, not fatal)."""
+    out = []
+    for n in sorted(_discover()):
+        try:
+            out.append(get_method(n))
+        except Exception as e:  # noqa: BLE001
             warnings.warn(f"method {n!r} could not be loaded: {e}", RuntimeWarning, stacklevel=2)
     return out
 
@@ -66,3 +67,11 @@ def get_method(name: str) -> type:
     cls = getattr(import_module(mod), attr)
     _REGISTRY[name] = cls
     return cls
+
+
+def method_for_config(cfg) -> type:
+    """The method whose ``Config`` is exactly ``type(cfg)``."""
+    for cls in method_classes():
+        if type(cfg) is cls.Config:
+            return cls
+    raise UserError(f"no registered method takes a {type(cfg).__name__}; name the method")

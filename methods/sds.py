@@ -14,7 +14,7 @@ from typing import Literal
 from studio.distill.sds import sds
 from studio.train.gaussian_stage import GaussianDistillStage, ScoreContext
 
-from studio.text_to_3d import TextTo3DConfig, TextTo3DMethod
+from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod
 
 
 @dataclass
@@ -25,6 +25,7 @@ class SDSConfig(TextTo3DConfig):
 
 
 class SDSMethod(TextTo3DMethod):
+    default_for_verb = True
     name = "sds"
     description = "Score Distillation Sampling (DreamFusion) into 3D Gaussians"
     paper = "https://arxiv.org/abs/2209.14988"

@@ -22,7 +22,7 @@ import torch
 
 from studio.distill.consistency import latent_consistency_loss
 from studio.train.loop import StepOutput
-from studio.video_distill import VideoDistillConfig, VideoDistillMethod
+from studio.runs.video_distill import VideoDistillConfig, VideoDistillMethod
 
 
 @dataclass
@@ -87,6 +87,7 @@ class ConsistencyStage:
 
 
 class VideoLCMMethod(VideoDistillMethod):
+    default_for_verb = True
     name = "lcm"
     description = "Video latent consistency distillation into a LoRA student (LCM / MCM's raw baseline)"
     paper = "https://arxiv.org/abs/2310.04378"

@@ -20,13 +20,9 @@ from typing import Literal
 from studio.distill.vsd import c2w_from_cameras, check_lora_base, vsd
 from studio.errors import UserError
 from studio.students.lora_score import LoRAScore
-from studio.text_to_3d import TextTo3DConfig, TextTo3DMethod, load_teacher_cached
+from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod, load_teacher_cached
 from studio.train.gaussian_stage import GaussianDistillStage, ScoreContext
 
-#: CFG of the teacher in VSD: ProlificDreamer's 7.5 for real models; for ShapeWorld the scale its
-#: samples are drawn with (the trained UNet samples well at 4; the exact denoiser needs no guidance).
-VSD_GUIDANCE = {"shapeworld-exact": 1.0, "shapeworld-unet": 4.0}
-REAL_TEACHER_VSD_GUIDANCE = 7.5
 SHAPEWORLD_LORA_BASE = "shapeworld-unet"
 
 
@@ -77,8 +73,9 @@ class VSDMethod(TextTo3DMethod):
     paper = "https://arxiv.org/abs/2305.16213"
     Config = VSDConfig
 
-    def default_guidance(self, teacher_name: str) -> float:
-        return VSD_GUIDANCE.get(teacher_name, REAL_TEACHER_VSD_GUIDANCE)
+    #: CFG of the teacher in VSD (its registration's "vsd" value: ProlificDreamer's 7.5 for real models; for
+    #: ShapeWorld the scale its samples are drawn with)
+    guidance_role = "vsd"
 
     def stages(self, cfg: VSDConfig, teacher, stage_kwargs: dict) -> list:
         if cfg.lora_rank < 1 or cfg.lora_steps_per_step < 1 or cfg.lora_lr <= 0:

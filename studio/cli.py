@@ -1,11 +1,18 @@
-"""The ``studio`` command. Subcommands are generated from typed functions with tyro.
+"""The ``studio`` command.
 
-User errors (``UserError`` / ``ValueError`` / missing files) print one message and exit with code 2;
-set ``STUDIO_DEBUG=1`` to see the traceback instead.
+Runs are generated from the method registry, with no code per kind: ``studio run METHOD [INPUT] [options]`` runs
+any method (plugins included); a kind's ``verb`` is a shortcut that runs its methods (``studio generate PROMPT``,
+``studio video generate PROMPT``, ``studio video distill``), ``studio batch PROMPTS.txt`` runs any method whose
+input is a prompt. Each method's options come from its ``Config`` dataclass (tyro); ``--method``, ``--out``,
+``--resume`` and ``--overwrite`` are common to all. The other commands (demo, render, doctor, build-ext, app) are
+typed functions.
+
+User errors (``UserError`` / ``ValueError`` / missing files) print one message (cut to a readable length) and exit
+with code 2; set ``STUDIO_DEBUG=1`` to see the traceback instead. SIGTERM stops a run like Ctrl-C (checkpoint
+kept, exit 130); a closed output pipe (``studio generate --help | head``) ends quietly.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -94,137 +101,205 @@ def app(
           open_browser=open_browser)
 
 
-def _method_config_cli(argv: list[str], prog: str, *, batch: bool, kind: str = "3d", default_method: str = "sds"):
-    """Parse ``--method/--out/--resume`` first, then the chosen method's config dataclass with tyro.
+# -- runs, generated from the registry ----------------------------------------------------------------
+COMMON = "--method NAME  --out DIR  --resume / --no-resume  --overwrite"
+MAX_MESSAGE = 1000
 
-    ``kind="3d"``: text-to-3D (a positional PROMPT, or a prompts file with ``batch``); ``kind="video"``: video
-    distillation methods (every config field is an option)."""
+
+def _verbs() -> dict[tuple[str, ...], list[type]]:
+    """Each registered verb and the method classes it runs."""
+    from methods.registry import method_classes
+
+    verbs: dict[tuple[str, ...], list[type]] = {}
+    for cls in method_classes():
+        if cls.verb:
+            verbs.setdefault(tuple(cls.verb), []).append(cls)
+    return verbs
+
+
+def _default_method(classes: list[type]) -> type:
+    marked = [c for c in classes if c.default_for_verb]
+    return (marked or classes)[0]
+
+
+def _parse_common(argv: list[str], *, batch: bool):
     import argparse
-    import dataclasses
-
-    from methods.registry import get_method, method_names
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default=default_method)
-    pre.add_argument("--out", default="outputs")
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--out", default=None)
     pre.add_argument("--resume", action="store_true")
     pre.add_argument("--no-resume", dest="resume", action="store_false")
+    pre.add_argument("--overwrite", action="store_true")
     pre.set_defaults(resume=batch)
-    known, rest = pre.parse_known_args(argv)
-    cls = get_method(known.method)
-    what = {"3d": "text-to-3D", "video": "video distillation"}[kind]
-    if getattr(cls, "kind", None) != kind:
-        raise UserError(f"method {known.method!r} is not a {what} method; choose one of: "
-                        f"{', '.join(method_names(kind)) or '(none installed)'}")
-    desc = (f"{cls.description} ({cls.paper}). Also: --method {{{','.join(method_names(kind))}}} "
-            f"--out DIR (default outputs) {'--no-resume' if batch else '--resume'}.")
+    return pre.parse_known_args(argv)
+
+
+def _config_from_cli(cls: type, rest: list[str], prog: str, *, batch: bool, choices: list[type]):
+    """Parse ``cls.Config`` with tyro: the method's input positional (a prompts file with ``batch``)."""
+    import dataclasses
     import typing
 
     hints = typing.get_type_hints(cls.Config)
-    if kind == "video":
-        fields = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls.Config)]
-        Cfg = dataclasses.make_dataclass("DistillOptions", fields)
-        parsed = tyro.cli(Cfg, args=rest, prog=prog, description=desc)
-        return known, cls, None, cls.Config(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls.Config)})
-    fields = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls.Config) if f.name != "prompt"]
+    names = ", ".join(c.name for c in choices)
+    desc = f"{cls.description}" + (f" ({cls.paper})" if cls.paper else "") + f". Methods here: {names}. Also: {COMMON}."
+    fields = []
+    for f in dataclasses.fields(cls.Config):
+        if f.name == cls.input:
+            if batch:
+                continue
+            fields.append((f.name, tyro.conf.Positional[hints[f.name]], f))
+        else:
+            fields.append((f.name, hints[f.name], f))
     if batch:
-        Cfg = dataclasses.make_dataclass("BatchOptions", [("prompts", tyro.conf.Positional[Path])] + fields)
-        parsed = tyro.cli(Cfg, args=rest, prog=prog, description=desc)
-        values = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls.Config) if f.name != "prompt"}
-        return known, cls, parsed.prompts, cls.Config(prompt="", **values)
-    Cfg = dataclasses.make_dataclass("GenerateOptions", [("prompt", tyro.conf.Positional[str])] + fields)
-    parsed = tyro.cli(Cfg, args=rest, prog=prog, description=desc)
-    return known, cls, None, cls.Config(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls.Config)})
+        fields.insert(0, ("prompts", tyro.conf.Positional[Path], dataclasses.field()))
+    Options = dataclasses.make_dataclass("Options", fields)
+    parsed = tyro.cli(Options, args=rest, prog=prog, description=desc)
+    values = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls.Config)
+              if not (batch and f.name == cls.input)}
+    if batch:
+        return cls.Config(**values), parsed.prompts
+    return cls.Config(**values), None
 
 
-def generate(argv: list[str]) -> None:
-    """Text to 3D Gaussians: studio generate PROMPT [--method sds|vsd] [--teacher shapeworld-exact|shapeworld-unet|ID|PATH] [--steps] [--resolution] [--seed] [--out]."""
-    from .text_to_3d import generate as run
+def run_command(argv: list[str], prog: str, classes: list[type], *, method: str | None = None) -> None:
+    """Parse and run one method of ``classes`` (``method`` or ``--method``, else the verb's default)."""
+    from methods.registry import get_method
 
-    known, cls, _, cfg = _method_config_cli(argv, "studio generate", batch=False)
-    metrics = run(cfg, known.method, known.out, resume=known.resume)
-    gt = metrics.get("ground_truth")
-    extra = f", PSNR {gt['psnr']:.2f} dB, IoU {gt['iou']:.3f}" if gt else ""
-    print(f"done in {metrics['train_seconds']:.0f}s{extra}: {Path(known.out)}/{_slug(cfg.prompt)}/")
+    from .runs.skeleton import execute
+
+    known, rest = _parse_common(argv, batch=False)
+    name = method or known.method
+    cls = get_method(name) if name else _default_method(classes)
+    if cls not in classes:
+        raise UserError(f"method {name!r} does not run under '{prog}'; choose one of: "
+                        f"{', '.join(c.name for c in classes)} (or use: studio run {name} ...)")
+    cfg, _ = _config_from_cli(cls, rest, prog, batch=False, choices=classes)
+    m = cls()
+    metrics = execute(m, cfg, known.out or m.default_out, resume=known.resume, overwrite=known.overwrite)
+    print(m.summary(metrics, Path(metrics["run_dir"])))
+
+
+def run(argv: list[str]) -> None:
+    """`studio run METHOD [INPUT] [options]`: any registered method (plugins too)."""
+    from methods.registry import method_classes
+
+    classes = method_classes()
+    if not argv or argv[0].startswith("-"):
+        if argv and argv[0] in ("-h", "--help"):
+            print("usage: studio run METHOD [INPUT] [options]   (studio run METHOD --help for its options)\n")
+            print(_methods_table(classes))
+            return
+        raise UserError("studio run needs a method name; e.g. studio run sds \"a red cube\" (studio run --help "
+                        "lists them)")
+    run_command(argv[1:], f"studio run {argv[0]}", classes, method=argv[0])
 
 
 def batch(argv: list[str]) -> None:
-    """Many prompts from a text file (one per line), resumable; shard with `accelerate launch -m studio batch ...`."""
-    from .batch import read_prompts, run_batch
+    """`studio batch PROMPTS.txt [--method M] [options]`: many prompts, resumable; shard with accelerate launch."""
+    from methods.registry import get_method, method_classes
 
-    known, cls, prompts_file, cfg = _method_config_cli(argv, "studio batch", batch=True)
-    rows = run_batch(read_prompts(prompts_file), cfg, known.method, known.out, resume=known.resume)
+    from .runs.batch import read_prompts, run_batch
+
+    classes = [c for c in method_classes() if c.input == "prompt"]
+    known, rest = _parse_common(argv, batch=True)
+    cls = get_method(known.method) if known.method else _default_method([c for c in classes if c.verb == ("generate",)]
+                                                                        or classes)
+    if cls not in classes:
+        raise UserError(f"method {cls.name!r} does not take a prompt; studio batch runs: "
+                        f"{', '.join(c.name for c in classes)}")
+    base, prompts_file = _config_from_cli(cls, rest, "studio batch", batch=True, choices=classes)
+    prompts, skipped = read_prompts(prompts_file)
+    m = cls()
+    rows = run_batch(prompts, base, m, known.out or m.default_out, resume=known.resume, overwrite=known.overwrite,
+                     skipped=skipped)
     if any(r["status"] != "done" for r in rows):
         raise SystemExit(1)
 
 
-def video(argv: list[str]) -> None:
-    """Text-to-video: `studio video generate PROMPT [--model M] [--steps N] [--out]`; `studio video distill --method NAME ...`."""
-    usage = ("usage: studio video generate PROMPT [--model NAME|PATH|STUDENT_DIR] [--steps N] [--sampler auto|flow|ddim|lcm] "
-             "[--guidance-scale W] [--num-videos K] [--seed S] [--out DIR]\n"
-             "       studio video distill --method NAME [--out DIR] [--resume] [method options, see --help]")
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
+def _methods_table(classes: list[type]) -> str:
+    lines = ["methods (kind: how to run):"]
+    for c in classes:
+        how = f"studio {' '.join(c.verb)} --method {c.name}" if c.verb else f"studio run {c.name}"
+        lines.append(f"  {c.name:<14} {c.kind_title or c.kind}: {how}")
+        if c.description:
+            lines.append(f"  {'':<14} {c.description}" + (f" ({c.paper})" if c.paper else ""))
+    return "\n".join(lines)
+
+
+def _help() -> str:
+    from methods.registry import method_classes
+
+    classes = method_classes()
+    verbs = sorted({" ".join(c.verb) for c in classes if c.verb})
+    lines = ["usage: studio COMMAND [options]   (studio COMMAND --help for its options)", "",
+             "Distillation studio: 3D/4D score distillation and fast video generators.", "", "commands:",
+             "  run METHOD [INPUT]   run any method (below)"]
+    lines += [f"  {v:<20} run a {next(c for c in classes if ' '.join(c.verb) == v).kind_title or v} method"
+              for v in verbs]
+    lines += ["  batch PROMPTS.txt    one method over many prompts (resumable)"]
+    for name, fn in COMMANDS.items():
+        lines.append(f"  {name:<20} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    lines += ["", _methods_table(classes)]
+    return "\n".join(lines)
+
+
+COMMANDS = {"demo": demo, "render": render, "doctor": doctor, "build-ext": build_ext, "app": app}
+
+
+def _dispatch(args: list[str]) -> None:
+    if not args or args[0] in ("-h", "--help"):
+        print(_help())
         return
-    sub, rest = argv[0], list(argv[1:])
-    if sub == "generate":
-        import dataclasses
-        import typing
-
-        from .video import VideoGenerateConfig, generate_video
-
-        hints = typing.get_type_hints(VideoGenerateConfig)
-        fields = [(f.name, (tyro.conf.Positional[str] if f.name == "prompt" else hints[f.name]), f)
-                  for f in dataclasses.fields(VideoGenerateConfig)]
-        Cfg = dataclasses.make_dataclass("VideoGenerateOptions", fields + [("out", Path, dataclasses.field(
-            default=Path("outputs/video")))])
-        parsed = tyro.cli(Cfg, args=rest, prog="studio video generate",
-                          description="Sample a video from a teacher or a distilled student; writes MP4, frames, "
-                                      "metrics.json.")
-        cfg = VideoGenerateConfig(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(VideoGenerateConfig)})
-        m = generate_video(cfg, parsed.out)
-        gt = m.get("ground_truth")
-        extra = (f", motion accuracy {gt['motion_accuracy']:.2f}, frame error {gt['frame_error']:.3f}" if gt else "")
-        print(f"done in {m['seconds']:.1f}s ({m['sampler']}, {m['steps']} steps){extra}: {parsed.out}/{_slug(cfg.prompt)}/")
-        return
-    if sub == "distill":
-        known, cls, _, cfg = _method_config_cli(rest, "studio video distill", batch=False, kind="video",
-                                                default_method="lcm")
-        metrics = cls().run(cfg, Path(known.out), resume=known.resume)
-        print(json.dumps(metrics.get("headline", metrics), indent=2, default=str))
-        print(f"student: {metrics.get('student', known.out)}")
-        return
-    raise UserError(f"unknown video command {sub!r}; {usage}")
+    if args[0] == "run":
+        return run(args[1:])
+    if args[0] == "batch":
+        return batch(args[1:])
+    verbs = _verbs()
+    for n in (2, 1):
+        key = tuple(args[:n])
+        if key in verbs:
+            return run_command(args[n:], "studio " + " ".join(key), verbs[key])
+    groups = {v[0]: [" ".join(k) for k in verbs if k[0] == v[0]] for v in verbs if len(v) > 1}
+    if args[0] in groups:
+        usage = "usage: " + " | ".join(f"studio {v} ..." for v in groups[args[0]])
+        if len(args) == 1 or args[1] in ("-h", "--help"):
+            print(usage)
+            return
+        raise UserError(f"unknown command 'studio {args[0]} {args[1]}'; {usage}")
+    tyro.extras.subcommand_cli_from_dict(COMMANDS, args=args, prog="studio",
+                                         description="Distillation studio: 3D/4D score distillation and fast video "
+                                                     "generators (studio --help lists runs and methods).")
 
 
-def _slug(prompt: str) -> str:
-    from .text_to_3d import slugify
-
-    return slugify(prompt)
+def _shorten(msg: str, limit: int = MAX_MESSAGE) -> str:
+    return msg if len(msg) <= limit else f"{msg[:limit]}... ({len(msg) - limit} more characters cut)"
 
 
-COMMANDS = {"generate": generate, "video": video, "batch": batch, "demo": demo, "render": render, "doctor": doctor,
-            "build-ext": build_ext, "app": app}
-#: subcommands that parse their own arguments (their options depend on --method)
-_RAW = {"generate": generate, "batch": batch, "video": video}
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush does not fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
-        if args and args[0] in _RAW:
-            _RAW[args[0]](list(args[1:]))
-            return
-        tyro.extras.subcommand_cli_from_dict(COMMANDS, args=args, prog="studio",
-                                             description="Distillation studio: 3D/4D score distillation and fast video generators.")
+        try:
+            _dispatch(list(args))
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise SystemExit(0) from None
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("STUDIO_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        print(f"error: {_shorten(str(e))}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The app's logic without any UI: settings, runners per method kind, jobs in worker threads with a
-shared concurrency limit and clean cancel, teacher resolution (models folder only), upload checks,
-the gallery of past runs and result formatting. ``studio/app/ui.py`` wires it to Gradio widgets.
+"""The app's logic without any UI: settings, the methods grouped into tabs by kind, jobs (every kind through the
+one run skeleton) in worker threads with a shared concurrency limit and clean cancel, model resolution (models
+folder only; student folders also from the output folder), upload checks, the gallery of past runs and result
+formatting by artefact type. ``studio/app/ui.py`` wires it to Gradio widgets.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import queue
@@ -23,12 +23,13 @@ import yaml
 
 from ..errors import UserError
 
-#: kind -> tab title; a kind gets its tab as soon as one registered method has that kind
-KIND_TITLES = {"3d": "Text to 3D", "4d": "Text to 4D", "video": "Video", "image": "Image"}
+#: config fields that name a model (a registered name, a Hugging Face id or a local folder): resolved by the app
+MODEL_FIELDS = ("teacher", "model", "texture_teacher", "lora_base")
 #: files a run folder may hold that the app offers for download (in this order), besides other top-level files
 ARTEFACT_ORDER = ("model.ply", "model.splat", "model.glb", "model.obj", "turntable.mp4", "preview.png",
                   "config.yaml", "metrics.json", "history.json", "error.txt")
 VIEWER_ORDER = ("model.glb", "model.ply", "model.splat", "model.obj", "model.gltf", "model.stl")
+VIDEO_ORDER = ("turntable.mp4", "video.mp4")
 MAX_UPLOAD_BYTES = 1_000_000
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -48,21 +49,20 @@ class AppSettings:
             raise UserError(f"--concurrency must be >= 1, got {self.concurrency}")
 
 
-# -- methods -----------------------------------------------------------------------------------------
+# -- methods ---------------------------------------------------------------------------------------
 def methods_by_kind() -> dict[str, list[type]]:
-    """Registered methods grouped by ``kind`` (sorted by name); kinds in KIND_TITLES order, then others."""
-    from methods.registry import get_method, method_names
+    """Registered methods grouped by ``kind`` (each group sorted by name), kinds in order of their first method's
+    name; a plugin that fails to load is reported, not fatal."""
+    from methods.registry import method_classes
 
     groups: dict[str, list[type]] = {}
-    for name in method_names():
-        try:
-            cls = get_method(name)
-        except Exception as e:  # a broken plugin is reported, not fatal
-            print(f"warning: method {name!r} could not be loaded: {e}", file=sys.stderr)
-            continue
-        groups.setdefault(getattr(cls, "kind", "3d"), []).append(cls)
-    order = list(KIND_TITLES) + sorted(k for k in groups if k not in KIND_TITLES)
-    return {k: groups[k] for k in order if k in groups}
+    for cls in method_classes():
+        groups.setdefault(cls.kind, []).append(cls)
+    return groups
+
+
+def kind_title(classes: list[type]) -> str:
+    return next((c.kind_title for c in classes if c.kind_title), classes[0].kind)
 
 
 def method_markdown(cls: type) -> str:
@@ -71,34 +71,41 @@ def method_markdown(cls: type) -> str:
     return f"**{cls.name}**: {getattr(cls, 'description', '') or ''}{link}"
 
 
-def run_method(kind: str, method: str, cfg, out: Path, *, callbacks, trainer_hook) -> dict:
-    """Run one job of ``method``: text-to-3D through ``studio.text_to_3d.generate``; other kinds through
-    the method's ``run(cfg, out_dir, callbacks=..., [trainer_hook=...])`` (see ``methods/registry.py``)."""
-    if kind == "3d":
-        from ..text_to_3d import generate
-
-        return generate(cfg, method, out, callbacks=callbacks, progress=False, trainer_hook=trainer_hook)
+def run_method(method: str, cfg, out: Path, *, callbacks) -> dict:
+    """Run one job of ``method`` through the run skeleton (callbacks returning False cancel it)."""
     from methods.registry import get_method
 
-    m = get_method(method)()
-    kw: dict[str, Any] = {"callbacks": callbacks}
-    if "trainer_hook" in inspect.signature(m.run).parameters:
-        kw["trainer_hook"] = trainer_hook
-    return m.run(cfg, out, **kw)
+    from ..runs.skeleton import execute
+
+    return execute(get_method(method)(), cfg, out, callbacks=callbacks, progress=False)
 
 
-def validate_config(kind: str, cfg, settings: AppSettings) -> None:
-    """The library's own validation (same messages as the CLI), plus the app's step limit."""
-    if kind == "3d":
-        from ..text_to_3d import validate
+def validate_config(method: str, cfg, settings: AppSettings) -> None:
+    """The library's own checks (same messages as the CLI), plus the app's step limit."""
+    from methods.registry import get_method
 
-        validate(cfg)
-    elif hasattr(cfg, "prompt") and not str(getattr(cfg, "prompt") or "").strip():
-        raise UserError("the prompt is empty; give a text such as \"a red cube\"")
+    from ..runs.skeleton import prepare
+
+    prepare(get_method(method)(), cfg)
     steps = getattr(cfg, "steps", None)
     if isinstance(steps, int) and steps > settings.max_steps:
         raise UserError(f"steps must be at most {settings.max_steps} in the app (got {steps}); "
                         "start the app with a larger --max-steps or use the CLI")
+
+
+def resolve_models(cfg, settings: AppSettings):
+    """``cfg`` with every model field (:data:`MODEL_FIELDS`) resolved by :func:`resolve_teacher`; a ``model``
+    field may also name a distilled student folder inside the output folder."""
+    from ..runs.video_generate import is_student_folder
+
+    for name in MODEL_FIELDS:
+        value = getattr(cfg, name, None)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if name == "model" and is_student_folder(value) and _inside(Path(value), settings.out):
+            continue
+        setattr(cfg, name, resolve_teacher(value, settings))
+    return cfg
 
 
 # -- teachers ----------------------------------------------------------------------------------------
@@ -124,8 +131,10 @@ def teacher_markdown(name: str) -> str:
 
 
 def _inside(path: Path, root: Path) -> bool:
+    """``path`` lies in ``root`` by its name (``..`` collapsed, symlinks not followed: an administrator may link
+    a model into the models folder, as its message suggests)."""
     try:
-        path.resolve().relative_to(root.resolve())
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
         return True
     except ValueError:
         return False
@@ -159,19 +168,18 @@ def resolve_teacher(name: str, settings: AppSettings) -> str:
                         f"models only from there (copy or link the model into it, or start the app with "
                         f"--models-dir), or give a registered name or a Hugging Face id such as "
                         f"stabilityai/stable-diffusion-2-1-base")
-    return str(candidate.resolve())
+    return os.path.abspath(candidate)
 
 
 # -- uploads -----------------------------------------------------------------------------------------
 def parse_prompt_text(text: str) -> list[str]:
-    """One prompt per line; blank lines and ``#`` comments skipped; duplicates (same folder) dropped."""
-    from ..text_to_3d import slugify
-
+    """One prompt per line; blank lines and ``#`` comments skipped; exact duplicates dropped (prompts that differ
+    only in case or punctuation are distinct runs with distinct folders)."""
     seen, out = set(), []
     for ln in (text or "").splitlines():
         q = ln.strip()
-        if q and not q.startswith("#") and slugify(q) not in seen:
-            seen.add(slugify(q))
+        if q and not q.startswith("#") and q not in seen:
+            seen.add(q)
             out.append(q)
     return out
 
@@ -227,18 +235,16 @@ def _stamp(method: str) -> str:
 
 class RunJob:
     """One run in a worker thread. Events on ``events``: ("waiting", None), ("step", record),
-    ("done", metrics), ("cancelled", message), ("error", message)."""
+    ("done", metrics), ("cancelled", message), ("error", message). ``run_dir``: the run's folder, known once
+    it is done (``metrics["run_dir"]``)."""
 
-    def __init__(self, kind: str, method: str, cfg, out_root: Path, slots: Slots, *,
+    def __init__(self, method: str, cfg, out_root: Path, slots: Slots, *,
                  runner: Callable[..., dict] | None = None, on_step: Callable[[dict], None] | None = None):
-        from ..text_to_3d import slugify
-
-        self.kind, self.method, self.cfg, self.slots, self.runner = kind, method, cfg, slots, runner
+        self.method, self.cfg, self.slots, self.runner = method, cfg, slots, runner
         self.out_root = Path(out_root)
-        self.run_dir = self.out_root / slugify(getattr(cfg, "prompt", "") or method)
+        self.run_dir: Path | None = None
         self.events: queue.Queue = queue.Queue()
         self.cancel_event = threading.Event()
-        self.trainer = None
         self.on_step = on_step
         self.result: tuple[str, Any] | None = None
         self.thread = threading.Thread(target=self._target, name=f"studio-run-{method}", daemon=True)
@@ -248,19 +254,13 @@ class RunJob:
         return self
 
     def cancel(self) -> None:
+        """Stop after the current training step (the run keeps a checkpoint and an ``interrupted`` record)."""
         self.cancel_event.set()
-        if self.trainer is not None:
-            self.trainer.cancel()
 
     @property
     def running(self) -> bool:
         """Started and without an outcome yet (the outcome is set before the final event is posted)."""
         return self.thread.ident is not None and self.result is None
-
-    def _hook(self, trainer) -> None:
-        self.trainer = trainer
-        if self.cancel_event.is_set():
-            trainer.cancel()
 
     def _callback(self, rec: dict):
         rec = {k: v for k, v in rec.items() if k != "stage_obj"}
@@ -270,6 +270,8 @@ class RunJob:
         return not self.cancel_event.is_set()
 
     def _finish(self, kind: str, data: Any) -> None:
+        if kind == "done" and isinstance(data, dict) and data.get("run_dir"):
+            self.run_dir = Path(data["run_dir"])
         self.result = (kind, data)
         self.events.put((kind, data))
 
@@ -290,8 +292,7 @@ class RunJob:
             return "cancelled", "cancelled before it started"
         try:
             runner = self.runner or run_method  # looked up at run time (tests swap it)
-            return "done", runner(self.kind, self.method, self.cfg, self.out_root,
-                                  callbacks=[self._callback], trainer_hook=self._hook)
+            return "done", runner(self.method, self.cfg, self.out_root, callbacks=[self._callback])
         except TrainingCancelled as e:
             return "cancelled", str(e)
         except (UserError, ValueError, FileNotFoundError) as e:
@@ -311,9 +312,9 @@ class JobManager:
         self.batches: list[BatchJob] = []
         self._lock = threading.Lock()
 
-    def start_run(self, session: str, kind: str, method: str, cfg, **kw) -> RunJob:
+    def start_run(self, session: str, method: str, cfg, **kw) -> RunJob:
         out_root = self.settings.out / _stamp(method)
-        job = RunJob(kind, method, cfg, out_root, self.slots, **kw)
+        job = RunJob(method, cfg, out_root, self.slots, **kw)
         with self._lock:
             old = self.runs.get(session)
             if old is not None and old.running:
@@ -328,11 +329,11 @@ class JobManager:
         job.cancel()
         return True
 
-    def start_batch(self, kind: str, method: str, base_cfg, prompts: list[str]) -> "BatchJob":
+    def start_batch(self, method: str, base_cfg, prompts: list[str]) -> "BatchJob":
         with self._lock:
             if any(b.running for b in self.batches):
                 raise UserError("a batch is already running; cancel it or wait for it to finish")
-            job = BatchJob(kind, method, base_cfg, prompts, self.settings.out / ("batch-" + _stamp(method)), self.slots)
+            job = BatchJob(method, base_cfg, prompts, self.settings.out / ("batch-" + _stamp(method)), self.slots)
             self.batches.append(job)
         return job.start()
 
@@ -343,13 +344,11 @@ class JobManager:
 class BatchJob:
     """Prompts one after another in a background thread; one failing prompt never stops the others."""
 
-    def __init__(self, kind: str, method: str, base_cfg, prompts: list[str], out_root: Path, slots: Slots):
-        from ..text_to_3d import slugify
-
-        self.kind, self.method, self.base_cfg, self.prompts = kind, method, base_cfg, list(prompts)
+    def __init__(self, method: str, base_cfg, prompts: list[str], out_root: Path, slots: Slots):
+        self.method, self.base_cfg, self.prompts = method, base_cfg, list(prompts)
         self.out_root, self.slots = Path(out_root), slots
         self.rows = [{"prompt": p, "status": "queued", "progress": "", "seconds": None, "psnr": None, "iou": None,
-                      "message": "", "folder": str(self.out_root / slugify(p))} for p in self.prompts]
+                      "message": "", "folder": ""} for p in self.prompts]
         self.cancel_event = threading.Event()
         self.current: RunJob | None = None
         self.zip_path: Path | None = None
@@ -369,18 +368,22 @@ class BatchJob:
             self.current.cancel()
 
     def _target(self) -> None:
+        from methods.registry import get_method
+
         self.out_root.mkdir(parents=True, exist_ok=True)
+        m = get_method(self.method)()
+        errors: dict[str, str] = {}
         for row in self.rows:
             if self.cancel_event.is_set():
                 row.update(status="cancelled", message="batch cancelled")
                 continue
-            cfg = dataclasses.replace(self.base_cfg, prompt=row["prompt"])
+            cfg = dataclasses.replace(self.base_cfg, **{m.input: row["prompt"]})
             row["status"] = "waiting"
 
             def on_step(rec, row=row):
                 row.update(status="running", progress=f"{rec['step']}/{rec['steps']} ({rec['it_s']:.2f} it/s)")
 
-            job = RunJob(self.kind, self.method, cfg, self.out_root, self.slots, on_step=on_step)
+            job = RunJob(self.method, cfg, self.out_root, self.slots, on_step=on_step)
             self.current = job
             if self.cancel_event.is_set():
                 job.cancel()
@@ -391,22 +394,18 @@ class BatchJob:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             if kind == "done":
                 gt = (data or {}).get("ground_truth") or {}
-                row.update(status="done", psnr=_round(gt.get("psnr")), iou=_round(gt.get("iou"), 3), message="")
+                row.update(status="done", psnr=_round(gt.get("psnr")), iou=_round(gt.get("iou"), 3), message="",
+                           folder=str(job.run_dir or ""))
             else:
                 row.update(status="cancelled" if kind == "cancelled" else "failed", message=str(data))
-                try:
-                    job.run_dir.mkdir(parents=True, exist_ok=True)
-                    from ..io import atomic_write_text
-
-                    atomic_write_text(job.run_dir / "error.txt", str(data) + "\n")
-                except OSError:
-                    pass
+                errors[row["prompt"]] = str(data)
         self.current = None
         try:
-            from ..batch import summarize
             from ..io import atomic_write_text
+            from ..runs.batch import summarize
 
-            atomic_write_text(self.out_root / "batch_summary.json", json.dumps(summarize(self.prompts, self.out_root), indent=2))
+            atomic_write_text(self.out_root / "batch_summary.json",
+                              json.dumps(summarize(self.prompts, self.out_root, m, self.base_cfg, errors), indent=2))
             self.zip_path = make_results_zip(self.out_root)
         except OSError as e:
             print(f"warning: batch summary / zip failed: {e}", file=sys.stderr)
@@ -418,8 +417,8 @@ class BatchJob:
     def result_files(self) -> list[str]:
         files = [str(self.zip_path)] if self.zip_path and self.zip_path.exists() else []
         for r in self.rows:
-            if r["status"] == "done":
-                files += [f for f in artefacts(Path(r["folder"])) if f.endswith((".ply", ".mp4"))]
+            if r["status"] == "done" and r["folder"]:
+                files += [f for f in artefacts(Path(r["folder"])) if f.endswith((".ply", ".glb", ".mp4"))]
         return files
 
     def summary(self) -> str:
@@ -504,33 +503,41 @@ def viewer_ply(ply: Path) -> Path:
 
 
 def video_file(run_dir: Path) -> str | None:
-    p = Path(run_dir) / "turntable.mp4"
-    if p.exists():
-        return str(p)
+    """What the video player shows: a turntable or a sampled video, else the first MP4 of the run."""
+    for n in VIDEO_ORDER:
+        p = Path(run_dir) / n
+        if p.exists():
+            return str(p)
     vids = sorted(Path(run_dir).glob("*.mp4"))
     return str(vids[0]) if vids else None
 
 
-_GT_LABELS = [("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("iou", "mask IoU", 3), ("chamfer", "Chamfer", 4),
-              ("saturation_gap", "saturation gap", 3), ("janus", "Janus score", 3)]
+_GT_LABELS = {"psnr": ("PSNR (dB)", 2), "ssim": ("SSIM", 3), "iou": ("mask IoU", 3), "chamfer": ("Chamfer", 4),
+              "saturation_gap": ("saturation gap", 3), "janus": ("Janus score", 3),
+              "motion_accuracy": ("motion accuracy", 3), "frame_error": ("frame error", 4)}
 
 
 def metrics_markdown(metrics: dict | None) -> str:
+    """The metrics table of any run: its ground-truth numbers (labelled where known), then the run's facts."""
     if not metrics:
         return ""
     lines = ["| metric | value |", "|---|---|"]
     gt = metrics.get("ground_truth") or {}
-    for key, label, nd in _GT_LABELS:
+    keys = [k for k in _GT_LABELS if k in gt] + sorted(k for k in gt if k not in _GT_LABELS)
+    for key in keys:
+        label, nd = _GT_LABELS.get(key, (key.replace("_", " "), 4))
         v = gt.get(key)
-        if v is not None:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             lines.append(f"| {label} | {float(v):.{nd}f} |")
-    for key, label in (("n_gaussians", "Gaussians"), ("train_seconds", "train seconds"), ("it_s", "it/s"),
-                       ("final_loss", "final loss"), ("method", "method"), ("teacher", "teacher")):
+    for key, label in (("status", "status"), ("reason", "reason"), ("n_gaussians", "Gaussians"),
+                       ("train_seconds", "train seconds"), ("seconds", "seconds"), ("it_s", "it/s"),
+                       ("final_loss", "final loss"), ("method", "method"), ("teacher", "teacher"), ("model", "model"),
+                       ("steps", "steps")):
         v = metrics.get(key)
         if v is not None:
             lines.append(f"| {label} | {v:.4g} |" if isinstance(v, float) else f"| {label} | {v} |")
-    head = ("Ground-truth metrics against the ShapeWorld object (8 held-out views, 64 px):" if gt else
-            "No ground truth for this prompt (not a ShapeWorld object).")
+    head = ("Ground-truth metrics against ShapeWorld:" if gt else
+            "No ground truth for this prompt (not a ShapeWorld prompt).")
     return head + "\n\n" + "\n".join(lines)
 
 
@@ -552,8 +559,8 @@ class RunInfo:
     @property
     def status(self) -> str:
         if self.metrics is not None:
-            return "done"
-        return "failed" if (self.run_dir / "error.txt").exists() else "unfinished"
+            return str(self.metrics.get("status", "done"))
+        return "unfinished"
 
     @property
     def preview(self) -> str | None:

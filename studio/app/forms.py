@@ -23,7 +23,7 @@ import yaml
 from ..errors import UserError
 
 #: fields shown in the main form (when the config has them); all others go to "Advanced settings"
-PRIMARY = ("prompt", "stage.negative_prompt", "teacher", "steps", "resolution", "guidance_scale", "seed")
+PRIMARY = ("prompt", "stage.negative_prompt", "teacher", "model", "steps", "resolution", "guidance_scale", "seed")
 
 
 @dataclass(frozen=True)

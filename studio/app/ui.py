@@ -1,7 +1,9 @@
 """The Gradio layout of the studio app, built from the method and teacher registries.
 
-One tab per method *kind* that has registered methods (today "3d": Text to 3D), each generated from
-the methods' config dataclasses; a Batch tab; a Gallery of past runs. Runs execute in worker threads
+One tab per method *kind* that has registered methods (text to 3D, video generation, video distillation, and
+any kind a plugin brings), each generated from the methods' config dataclasses with no code per kind; only the
+result viewer differs by the run's artefacts (a GLB / PLY in the 3D viewer, an MP4 in the video player, PNG
+previews as images). A Batch tab (every method whose input is a prompt); a Gallery of past runs. Runs execute in worker threads
 (``studio.app.core.RunJob``) and stream progress, previews and the loss curve through generator
 handlers; all training events share one concurrency group, and a process-wide slot limit also covers
 background batches.
@@ -27,6 +29,8 @@ TRAIN = "studio-train"  # the concurrency group of every event that trains
 BATCH_HEADERS = ["prompt", "status", "progress", "seconds", "psnr", "iou", "message"]
 UPDATE_EVERY_S = 0.5
 MODEL3D_LABEL = "3D result (Gaussian splat / mesh)"
+VIDEO_LABEL = "video"
+MODEL_PICKERS = ("teacher", "model")  # fields offered as a model dropdown (registered teachers + models folder)
 
 CSS = """
 #studio-title h1 {margin-bottom: 0}
@@ -75,8 +79,8 @@ def _widget(spec: FieldSpec, elem_id: str, value: Any = None, label: str | None 
     if spec.kind == "bool":
         return gr.Checkbox(value=bool(v), label=label, info=info, elem_id=elem_id, min_width=min_width)
     if spec.kind in ("int", "float") and not spec.optional:
-        return gr.Number(value=v, label=label, info=info, precision=0 if spec.kind == "int" else None,
-                         elem_id=elem_id, min_width=min_width)
+        # No precision for ints: Gradio would round 2.5 to 2; the form's own check refuses it with a message.
+        return gr.Number(value=v, label=label, info=info, elem_id=elem_id, min_width=min_width)
     if spec.kind == "choice":
         return gr.Dropdown(choices=list(spec.choices), value=v, label=label, info=info, elem_id=elem_id,
                            min_width=min_width)
@@ -92,13 +96,15 @@ def _eid(*parts: str) -> str:
 
 
 class KindTab:
-    """The form, live view and results of one method kind (e.g. "3d"), generated from the registry."""
+    """The form, live view and results of one method kind, generated from the registry."""
 
     def __init__(self, kind: str, classes: list[type], settings: AppSettings, manager: JobManager):
         self.kind, self.settings, self.manager = kind, settings, manager
         self.classes = {c.name: c for c in classes}
         names = list(self.classes)
-        self.default_method = "sds" if "sds" in names else names[0]
+        marked = [n for n, c in self.classes.items() if c.default_for_verb]
+        self.default_method = (marked or names)[0]
+        self.input = self.classes[self.default_method].input
         self.specs = {n: {s.path: s for s in field_specs(c.Config)} for n, c in self.classes.items()}
         # Primary fields: present in any method's config; the widget uses the default method's spec first.
         primary: dict[str, FieldSpec] = {}
@@ -110,12 +116,13 @@ class KindTab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=360):
                 self.primary: dict[str, Any] = {}
-                if "prompt" in primary:
-                    self.primary["prompt"] = gr.Textbox(label="prompt", lines=2, placeholder='e.g. "a red cube"',
-                                                        elem_id=_eid(k, "prompt"))
-                    shape_prompts = _shapeworld_prompts()
-                    if shape_prompts:
-                        gr.Examples([[p] for p in shape_prompts], inputs=[self.primary["prompt"]],
+                if self.input is not None and self.input in self.specs[self.default_method]:
+                    self.primary[self.input] = gr.Textbox(label=self.input.replace("_", " "), lines=2,
+                                                          placeholder='e.g. "a red cube"' if self.input == "prompt"
+                                                          else None, elem_id=_eid(k, self.input))
+                    examples = _examples(self.classes[self.default_method])
+                    if examples:
+                        gr.Examples([[p] for p in examples], inputs=[self.primary[self.input]],
                                     label="ShapeWorld prompts (ground-truth metrics)", examples_per_page=14)
                 if "stage.negative_prompt" in primary:
                     self.primary["stage.negative_prompt"] = gr.Textbox(
@@ -125,12 +132,15 @@ class KindTab:
                                           value=self.default_method, label="method", elem_id=_eid(k, "method"))
                 self.method_md = gr.Markdown(core.method_markdown(self.classes[self.default_method]),
                                              elem_id=_eid(k, "method-info"))
-                if "teacher" in primary:
-                    teacher_default = primary["teacher"].default
-                    self.primary["teacher"] = gr.Dropdown(
+                self.picker = next((p for p in MODEL_PICKERS if p in primary), None)
+                if self.picker is not None:
+                    teacher_default = primary[self.picker].default
+                    self.primary[self.picker] = gr.Dropdown(
                         choices=core.teacher_choices(settings), value=teacher_default, allow_custom_value=True,
-                        label="teacher", elem_id=_eid(k, "teacher"),
-                        info=f"a registered teacher, a Hugging Face id (owner/name) or a model folder in {settings.models_dir}")
+                        label=self.picker, elem_id=_eid(k, self.picker),
+                        info=f"a registered model, a Hugging Face id (owner/name) or a model folder in "
+                             f"{settings.models_dir}" + (" (or a distilled student folder in the output folder)"
+                                                         if self.picker == "model" else ""))
                     self.teacher_md = gr.Markdown(core.teacher_markdown(teacher_default))
                 with gr.Row():
                     for path, label in (("steps", "steps"), ("resolution", "resolution"),
@@ -146,21 +156,23 @@ class KindTab:
                                                 for p, s in specs.items() if not s.is_primary}
                         self.adv_groups[n] = grp
                 with gr.Row():
-                    self.run_btn = gr.Button("Generate", variant="primary", elem_id=_eid(k, "generate"))
+                    self.run_btn = gr.Button("Run" if self.input is None else "Generate", variant="primary",
+                                             elem_id=_eid(k, "generate"))
                     self.cancel_btn = gr.Button("Cancel", variant="stop", interactive=False, elem_id=_eid(k, "cancel"))
                 self.status = gr.Markdown("", elem_id=_eid(k, "status"))
             with gr.Column(scale=6, min_width=420):
                 self.progress = gr.HTML(progress_html(), elem_id=_eid(k, "progress"))
                 with gr.Row():
-                    self.preview = gr.Image(label="live preview (rendered views)", type="filepath",
+                    self.preview = gr.Image(label="live preview", type="filepath",
                                             interactive=False, height=220, elem_id=_eid(k, "preview"))
                     self.loss = gr.LinePlot(loss_frame([]), x="step", y="loss", title="loss", height=220,
                                             elem_id=_eid(k, "loss"))
                 with gr.Row():
-                    self.model3d = gr.Model3D(label=MODEL3D_LABEL, interactive=False,
+                    # Shown by artefact type once a run has them (a 3D file, an MP4).
+                    self.model3d = gr.Model3D(label=MODEL3D_LABEL, interactive=False, visible=False,
                                               height=320, elem_id=_eid(k, "model3d"), clear_color=(1, 1, 1, 1))
-                    self.video = gr.Video(label="turntable", interactive=False, height=320, loop=True, autoplay=True,
-                                          elem_id=_eid(k, "video"))
+                    self.video = gr.Video(label=VIDEO_LABEL, interactive=False, height=320, loop=True, autoplay=True,
+                                          visible=False, elem_id=_eid(k, "video"))
                 self.metrics = gr.Markdown("", elem_id=_eid(k, "metrics"))
                 self.files = gr.File(label="downloads", file_count="multiple", interactive=False,
                                      elem_id=_eid(k, "files"))
@@ -170,9 +182,9 @@ class KindTab:
                                   self.metrics, self.files, self.run_btn, self.cancel_btn]
         self.method.change(self._method_changed, inputs=[self.method],
                            outputs=[self.method_md] + list(self.adv_groups.values()), queue=False)
-        if "teacher" in self.primary:
-            self.primary["teacher"].change(core.teacher_markdown, inputs=[self.primary["teacher"]],
-                                           outputs=[self.teacher_md], queue=False)
+        if self.picker is not None:
+            self.primary[self.picker].change(core.teacher_markdown, inputs=[self.primary[self.picker]],
+                                             outputs=[self.teacher_md], queue=False)
         self.run_event = self.run_btn.click(self.run, inputs=set(self.form_components), outputs=self.result_components,
                                             concurrency_limit=settings.concurrency, concurrency_id=TRAIN)
         self.cancel_btn.click(self.cancel, inputs=None, outputs=None, concurrency_limit=None, queue=False)
@@ -192,10 +204,8 @@ class KindTab:
         specs = self.specs[method]
         raw = {p: values[c] for p, c in self.primary.items() if p in specs and c in values}
         raw.update({p: values[c] for p, c in self.advanced[method].items() if c in values})
-        cfg = build_config(cls.Config, raw)
-        if hasattr(cfg, "teacher"):
-            cfg.teacher = core.resolve_teacher(cfg.teacher, self.settings)
-        core.validate_config(self.kind, cfg, self.settings)
+        cfg = core.resolve_models(build_config(cls.Config, raw), self.settings)
+        core.validate_config(method, cfg, self.settings)
         return method, cfg
 
     def cancel(self, request: gr.Request):
@@ -210,12 +220,14 @@ class KindTab:
         idle = {self.run_btn: gr.update(interactive=True), self.cancel_btn: gr.update(interactive=False)}
         try:
             method, cfg = self.config_from(values)
-            job = self.manager.start_run(session, self.kind, method, cfg)
+            job = self.manager.start_run(session, method, cfg)
         except Exception as e:  # noqa: BLE001 - bad input (UserError) or a bug: show it, stay usable
             yield {self.status: error_md(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"), **idle}
             return
-        yield {self.status: f"Running **{method}** on *{html.escape(getattr(cfg, 'prompt', ''))}* ...",
-               self.progress: progress_html(note="starting (loading the teacher)"), self.preview: None,
+        what = getattr(cfg, self.input, "") if self.input else ""
+        yield {self.status: f"Running **{method}**" + (f" on *{html.escape(str(what)[:200])}*" if what else "")
+               + " ...",
+               self.progress: progress_html(note="starting (loading the models)"), self.preview: None,
                # The 3D viewer keeps the previous model until the new one is ready: clearing a splat
                # viewer and loading another one freezes software-WebGL browsers for minutes.
                self.model3d: gr.update(label=MODEL3D_LABEL + " (previous run)"),
@@ -244,7 +256,7 @@ class KindTab:
                         yield self._live(history, preview)
                         last, dirty = time.monotonic(), False
                 elif ev == "done":
-                    yield {**self.result_updates(job.run_dir, data, history), **idle}
+                    yield {**self.result_updates(job.run_dir or job.out_root, data, history), **idle}
                     return
                 elif ev == "cancelled":
                     rec = history[-1] if history else None
@@ -278,15 +290,18 @@ class KindTab:
                 history = []
         prev = run_dir / "preview.png"
         viewer = core.viewer_file(run_dir)
-        secs = (metrics or {}).get("train_seconds")
+        video = core.video_file(run_dir)
+        secs = (metrics or {}).get("train_seconds", (metrics or {}).get("seconds"))
         done = status or (f"Done in {secs:.0f} s: `{run_dir}`" if secs is not None else f"Run `{run_dir}`")
         return {self.status: done,
                 self.progress: progress_html(history[-1] if history else None, note="done" if metrics else ""),
                 self.preview: str(prev) if prev.exists() else None,
                 self.loss: loss_frame(history),
-                self.model3d: (gr.update(value=viewer, label=MODEL3D_LABEL) if viewer else
-                               gr.update(label=MODEL3D_LABEL + " (none for this run)")),
-                self.video: core.video_file(run_dir),
+                # The 3D viewer keeps its last model when a run has none (clearing a splat viewer freezes
+                # software-WebGL browsers); it is hidden then.
+                self.model3d: (gr.update(value=viewer, label=MODEL3D_LABEL, visible=True) if viewer else
+                               gr.update(visible=False)),
+                self.video: gr.update(value=video, visible=video is not None),
                 self.metrics: core.metrics_markdown(metrics), self.files: core.artefacts(run_dir) or None}
 
     def fill_updates(self, config: dict) -> dict:
@@ -308,11 +323,9 @@ class KindTab:
         return out
 
 
-def _shapeworld_prompts() -> list[str]:
+def _examples(cls: type) -> list[str]:
     try:
-        from ..world.objects import list_objects
-
-        return [o.prompt for o in list_objects()]
+        return list(cls.examples())
     except Exception:  # noqa: BLE001 - examples are a convenience
         return []
 
@@ -322,9 +335,7 @@ class BatchTab:
 
     def __init__(self, tabs: dict[str, KindTab], settings: AppSettings, manager: JobManager):
         self.tabs, self.settings, self.manager = tabs, settings, manager
-        self.classes = {n: c for t in tabs.values() for n, c in t.classes.items()
-                        if "prompt" in {s.path for s in field_specs(c.Config)}}
-        self.kind_of = {n: k for k, t in tabs.items() for n in t.classes}
+        self.classes = {n: c for t in tabs.values() for n, c in t.classes.items() if c.input == "prompt"}
         if not self.classes:
             gr.Markdown("No method with a prompt is registered.")
             return
@@ -340,10 +351,10 @@ class BatchTab:
                 self.method = gr.Dropdown(choices=[(f"{n}: {c.description}", n) for n, c in self.classes.items()],
                                           value=default, label="method", elem_id="batch-method")
                 self.primary: dict[str, Any] = {}
-                if "teacher" in primary:
-                    self.primary["teacher"] = gr.Dropdown(choices=core.teacher_choices(settings),
-                                                          value=primary["teacher"].default, allow_custom_value=True,
-                                                          label="teacher", elem_id="batch-teacher")
+                for picker in (p for p in MODEL_PICKERS if p in primary):
+                    self.primary[picker] = gr.Dropdown(choices=core.teacher_choices(settings),
+                                                       value=primary[picker].default, allow_custom_value=True,
+                                                       label=picker, elem_id=f"batch-{picker}")
                 with gr.Row():
                     for p in ("steps", "resolution", "guidance_scale", "seed"):
                         if p in primary:
@@ -394,12 +405,9 @@ class BatchTab:
                 raise UserError(f"unknown method {method!r}; choose one of: {', '.join(self.classes)}")
             specs = {s.path for s in field_specs(cls.Config)}
             raw = {p: v for p, v in zip(self.primary, values) if p in specs}
-            cfg = build_config(cls.Config, raw)
-            if hasattr(cfg, "teacher"):
-                cfg.teacher = core.resolve_teacher(cfg.teacher, self.settings)
-            kind = self.kind_of[method]
-            core.validate_config(kind, dataclasses.replace(cfg, prompt=prompts[0]), self.settings)
-            job = self.manager.start_batch(kind, method, cfg, prompts)
+            cfg = core.resolve_models(build_config(cls.Config, raw), self.settings)
+            core.validate_config(method, dataclasses.replace(cfg, prompt=prompts[0]), self.settings)
+            job = self.manager.start_batch(method, cfg, prompts)
         except UserError as e:
             return (error_md(str(e)), *keep, gr.Timer(active=False))
         return job.summary(), job.table(), None, gr.Timer(active=True)
@@ -452,7 +460,7 @@ class GalleryTab:
                     # WebGL viewer per page keeps software-rendered browsers responsive).
                     self.preview = gr.Image(label="preview", type="filepath", interactive=False, height=300,
                                             elem_id="gallery-preview")
-                    self.video = gr.Video(label="turntable", interactive=False, height=300, loop=True,
+                    self.video = gr.Video(label=VIDEO_LABEL, interactive=False, height=300, loop=True,
                                           elem_id="gallery-video")
                 self.files = gr.File(label="downloads", file_count="multiple", interactive=False,
                                      elem_id="gallery-files")
@@ -476,8 +484,8 @@ class GalleryTab:
             return None, error_md(str(e)), "", "", None, None, None
         r = core.load_run(run_dir)
         text = (run_dir / "config.yaml").read_text(encoding="utf-8")
-        err = (run_dir / "error.txt")
-        note = f"\n\n{error_md(err.read_text(encoding='utf-8').splitlines()[0])}" if err.exists() else ""
+        reason = (r.metrics or {}).get("reason")
+        note = f"\n\n{error_md(str(reason).splitlines()[0])}" if reason and r.status != "done" else ""
         info = f"**{html.escape(r.prompt)}** · {r.method} · {r.status} · `{run_dir}`{note}"
         return (str(run_dir), info, text, core.metrics_markdown(r.metrics), r.preview,
                 core.video_file(run_dir), core.artefacts(run_dir) or None)
@@ -496,13 +504,15 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
     manager = JobManager(settings)
     groups = core.methods_by_kind()
     with gr.Blocks(title="Distillation studio", analytics_enabled=False) as demo:
-        gr.Markdown("# Distillation studio\nScore distillation into 3D students. ShapeWorld prompts run offline "
+        gr.Markdown("# Distillation studio\nScore distillation into 3D students and fast video generators: text to "
+                    "3D, video generation and video distillation (and every kind a plugin adds). ShapeWorld prompts "
+                    "run offline "
                     "with ground-truth metrics; real teachers load from a Hugging Face id or the models folder.",
                     elem_id="studio-title")
         tabs: dict[str, KindTab] = {}
         with gr.Tabs() as tab_set:
             for kind, classes in groups.items():
-                with gr.Tab(core.KIND_TITLES.get(kind, kind), id=f"tab-{kind}", elem_id=f"tab-{kind}"):
+                with gr.Tab(core.kind_title(classes), id=f"tab-{kind}", elem_id=f"tab-{kind}"):
                     tabs[kind] = KindTab(kind, classes, settings, manager)
             with gr.Tab("Batch", id="tab-batch", elem_id="tab-batch"):
                 batch = BatchTab(tabs, settings, manager)

@@ -1,12 +1,13 @@
-"""Video distillation runs: the shared config, data, method base class and ``distill_video``.
+"""Video distillation: the kind's config, data and method base class.
 
-A video distillation method (``kind = "video"``) subclasses :class:`VideoDistillMethod`, adds its fields to a
-subclass of :class:`VideoDistillConfig` and implements ``stages(cfg, teacher, student, data)``. ``distill_video``
-does the rest once for every method: teacher loading, the LoRA student on the teacher's own denoiser
+A video distillation method (``kind = "video-distill"``) subclasses :class:`VideoDistillMethod`, adds its fields to a
+subclass of :class:`VideoDistillConfig` and implements ``stages(cfg, teacher, student, data)``. The kind does
+the rest once for every method: teacher loading, the LoRA student on the teacher's own denoiser
 (:class:`~studio.students.video_lora.VideoLoRAStudent`), the training data, the one training loop
 (:class:`~studio.train.loop.Trainer`: progress, checkpoints, ``--resume``, NaN guard), the distilled student
 folder (``student/``: adapter + ``student.json``, loadable by ``studio video generate --model out/student``),
-ground-truth evaluation of the student at a few sampling steps, ``config.json`` and ``metrics.json``.
+ground-truth evaluation of the student at a few sampling steps; the run skeleton adds ``config.yaml``,
+``metrics.json`` and signals. Its run folder is ``--out`` itself (no prompt to name it by).
 
 Data (:class:`VideoData`):
 
@@ -23,7 +24,6 @@ or a text file with one prompt per line.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UserError
-from .io import atomic_write_text
+from ..errors import UserError
+from .protocol import Method
+from .skeleton import train_stages
 
 PROMPT_SETS = ("static", "default", "full")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv")
@@ -66,7 +67,7 @@ class VideoDistillConfig:
 
 def resolve_prompts(spec: str) -> list[str]:
     """The prompt list of a prompt-set name or a text file (one prompt per line)."""
-    from .world.video import video_prompts
+    from ..world.clips import video_prompts
 
     if spec in PROMPT_SETS:
         return video_prompts(cameras=["static"]) if spec == "static" else video_prompts(full=spec == "full")
@@ -101,7 +102,7 @@ class VideoData:
             if not self.files:
                 raise UserError(f"--data {folder}: no videos ({', '.join(VIDEO_SUFFIXES)}) found")
         else:
-            from .world.video import parse_video_prompt
+            from ..world.clips import parse_video_prompt
 
             for p in self.prompts:
                 parse_video_prompt(p)  # ShapeWorld clips need ShapeWorld prompts (UserError names the grammar)
@@ -113,7 +114,7 @@ class VideoData:
             idx = torch.randint(len(self.files), (n,), generator=gen).tolist()
             clips = [self._load(self.files[i][0]) for i in idx]
             return torch.stack(clips), [self.files[i][1] for i in idx]
-        from .world.video import degrade, sample_clips
+        from ..world.clips import degrade, sample_clips
 
         idx = torch.randint(len(self.prompts), (n,), generator=gen).tolist()
         prompts = [self.prompts[i] for i in idx]
@@ -124,7 +125,7 @@ class VideoData:
         return video, prompts
 
     def _load(self, path: Path) -> Tensor:
-        from .io import read_video
+        from ..io import read_video
 
         v = torch.as_tensor(read_video(path)).float()  # [T,H,W,3]
         idx = torch.linspace(0, v.shape[0] - 1, self.num_frames).round().long()
@@ -140,15 +141,18 @@ class VideoData:
         return (x0, prompts, video) if with_video else (x0, prompts)
 
 
-class VideoDistillMethod:
+class VideoDistillMethod(Method):
     """Base of video distillation methods; subclasses set ``name``, ``description``, ``paper``, ``Config`` and
     ``sampler`` (the inference defaults written into the student folder) and implement ``stages``."""
 
     name = "base"
-    kind = "video"
+    kind = "video-distill"
+    kind_title = "Video distillation"
     description = ""
     paper = ""
     Config = VideoDistillConfig
+    input = None  # a prompt set, not one prompt: the run folder is --out itself
+    verb = ("video", "distill")
 
     def sampler(self, cfg) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -156,15 +160,54 @@ class VideoDistillMethod:
     def stages(self, cfg, teacher, student, data: VideoData) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def run(self, cfg, out_dir: str | Path, *, resume: bool = False, callbacks=None, progress: bool = True) -> dict:
-        return distill_video(cfg, self, out_dir, resume=resume, callbacks=callbacks, progress=progress)
+    def validate(self, cfg: VideoDistillConfig) -> None:
+        if cfg.steps < 1 or cfg.batch_size < 1:
+            raise UserError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+        resolve_prompts(cfg.prompts)
+
+    def run(self, cfg: VideoDistillConfig, run_dir: Path, *, callbacks=None, resume: bool = False,
+            progress: bool = True) -> dict:
+        """One video distillation (module doc) into ``run_dir``; returns the metrics."""
+        from ..students.video_lora import VideoLoRAStudent
+        from ..teachers.registry import load_video_teacher
+        from .video_generate import write_student
+
+        torch.manual_seed(cfg.seed)
+        teacher = load_video_teacher(cfg.teacher)
+        prompts = resolve_prompts(cfg.prompts)
+        data = VideoData(cfg.data, teacher, prompts, cfg.seed)
+        student = VideoLoRAStudent(teacher, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+        stages = self.stages(cfg, teacher, student, data)
+        history, seconds = train_stages(stages, run_dir, seed=cfg.seed, callbacks=callbacks, resume=resume,
+                                        progress=progress, grad_accum=cfg.grad_accum,
+                                        max_grad_norm=cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every,
+                                        preview_every=max(10, cfg.steps // 10))
+        sampler = self.sampler(cfg)
+        folder = write_student(Path(run_dir) / "student", student, teacher=cfg.teacher, sampler=sampler,
+                               info={"method": self.name, "train_steps": cfg.steps})
+        metrics: dict[str, Any] = {"method": self.name, "teacher": cfg.teacher, "data": cfg.data,
+                                   "steps": cfg.steps, "train_seconds": round(seconds, 2),
+                                   "it_s": round(cfg.steps / max(seconds, 1e-9), 3),
+                                   "final_loss": history[-1]["loss"] if history else None, "student": str(folder)}
+        if cfg.eval_prompts and cfg.data in ("shapeworld", "shapeworld-lq"):
+            eval_prompts = prompts[: cfg.eval_prompts]
+            with torch.no_grad(), student.adapter_enabled(True):
+                rows = evaluate_video_model(student, eval_prompts, cfg.eval_steps, sampler, seed=cfg.seed + 10_000)
+            metrics["eval"] = {"prompts": len(eval_prompts), "rows": rows}
+            metrics["headline"] = {f"student_{s}_{k}": rows[str(s)][k] for s in cfg.eval_steps
+                                   for k in ("frame_error", "motion_accuracy", "seconds_per_clip") if str(s) in rows}
+        return metrics
+
+    def summary(self, metrics: dict, run_dir: Path) -> str:
+        head = json.dumps(metrics.get("headline", {}), indent=2, default=str) + "\n" if metrics.get("headline") else ""
+        return f"{head}done in {metrics['train_seconds']:.0f}s; student: {metrics.get('student', run_dir)}"
 
 
 def evaluate_video_model(model, prompts: list[str], steps_list, sampler: dict, seed: int = 0,
                          chunk: int = 32) -> dict:
     """Ground-truth metrics and seconds per clip of ``model`` at each number of sampling steps."""
-    from .video import sample_videos
-    from .world.video_metrics import evaluate_videos
+    from .video_generate import sample_videos
+    from ..world.video_metrics import evaluate_videos
 
     opts = {k: v for k, v in sampler.items() if k not in ("steps",)}
     rows = {}
@@ -179,50 +222,5 @@ def evaluate_video_model(model, prompts: list[str], steps_list, sampler: dict, s
     return rows
 
 
-def distill_video(cfg: VideoDistillConfig, method: VideoDistillMethod, out_dir: str | Path, *, resume: bool = False,
-                  callbacks=None, progress: bool = True) -> dict:
-    """Run one video distillation (module doc); returns the metrics dict (also ``metrics.json``)."""
-    from .students.video_lora import VideoLoRAStudent
-    from .teachers.registry import load_video_teacher
-    from .text_to_3d import _plain
-    from .train.loop import Trainer, TrainerConfig
-    from .video import write_student
-
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise UserError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    teacher = load_video_teacher(cfg.teacher)
-    prompts = resolve_prompts(cfg.prompts)
-    data = VideoData(cfg.data, teacher, prompts, cfg.seed)
-    student = VideoLoRAStudent(teacher, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-    atomic_write_text(out / "config.json", json.dumps({"method": method.name, **_plain(dataclasses.asdict(cfg))},
-                                                      indent=2))
-    stages = method.stages(cfg, teacher, student, data)
-    trainer = Trainer(TrainerConfig(out_dir=out, seed=cfg.seed, progress=progress, grad_accum=cfg.grad_accum,
-                                    max_grad_norm=cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every,
-                                    preview_every=max(10, cfg.steps // 10)), callbacks=callbacks)
-    t0 = time.perf_counter()
-    history = trainer.run(stages, resume=resume)
-    seconds = time.perf_counter() - t0
-    sampler = method.sampler(cfg)
-    folder = write_student(out / "student", student, teacher=cfg.teacher, sampler=sampler,
-                           info={"method": method.name, "train_steps": cfg.steps})
-    metrics: dict[str, Any] = {"method": method.name, "teacher": cfg.teacher, "data": cfg.data, "steps": cfg.steps,
-                               "train_seconds": round(seconds, 2), "it_s": round(cfg.steps / max(seconds, 1e-9), 3),
-                               "final_loss": history[-1]["loss"] if history else None, "student": str(folder)}
-    if cfg.eval_prompts and cfg.data in ("shapeworld", "shapeworld-lq"):
-        eval_prompts = prompts[: cfg.eval_prompts]
-        with torch.no_grad(), student.adapter_enabled(True):
-            rows = evaluate_video_model(student, eval_prompts, cfg.eval_steps, sampler, seed=cfg.seed + 10_000)
-        metrics["eval"] = {"prompts": len(eval_prompts), "rows": rows}
-        metrics["headline"] = {f"student_{s}_{k}": rows[str(s)][k] for s in cfg.eval_steps
-                               for k in ("frame_error", "motion_accuracy", "seconds_per_clip") if str(s) in rows}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    atomic_write_text(out / "history.json", json.dumps(history))
-    return metrics
-
-
-__all__ = ["VideoDistillConfig", "VideoDistillMethod", "VideoData", "distill_video", "evaluate_video_model",
-           "resolve_prompts", "PROMPT_SETS"]
+__all__ = ["VideoDistillConfig", "VideoDistillMethod", "VideoData", "evaluate_video_model", "resolve_prompts",
+           "PROMPT_SETS"]

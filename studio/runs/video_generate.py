@@ -1,9 +1,11 @@
 """Text-to-video runs: load a teacher or a distilled student, sample, write MP4 + frames + metrics.
 
-One entry point for the CLI (``studio video generate``), the app and library users::
+The ``video-sample`` method of the ``video-generate`` kind: ``studio video generate PROMPT``, the app's Video
+generation tab, and for library users::
 
-    from studio.video import VideoGenerateConfig, generate_video
-    metrics = generate_video(VideoGenerateConfig("a red ball moving left", model="shapeworld-video-exact", steps=8))
+    from methods import run
+    from studio.runs.video_generate import VideoGenerateConfig
+    metrics = run(VideoGenerateConfig("a red ball moving left", model="shapeworld-video-exact", steps=8))
 
 ``model`` is a registered video teacher (``shapeworld-video-exact``, ``shapeworld-video-wan``, ``modelscope-t2v``,
 ``animatediff``, ``wan2.1-t2v-1.3b``), a diffusers folder / Hugging Face id of a text-to-video pipeline, or the
@@ -18,11 +20,10 @@ AnimateDiff), ``lcm`` (multistep consistency sampling, for consistency-distilled
 Artefacts in ``out/<slug>/``: ``video.mp4`` (``video_<i>.mp4`` for more than one sample; small frames are
 upscaled with nearest neighbour to at least 256 px so players show them), ``frames/<i>_<f>.png`` (native
 resolution), ``metrics.json`` (seconds per clip and, for ShapeWorld prompts, the video metrics of
-:func:`studio.world.video_metrics.evaluate_videos` against ground truth) and ``config.json``.
+:func:`studio.world.video_metrics.evaluate_videos` against ground truth) and ``preview.png`` (four frames side by side); the run skeleton adds ``config.yaml``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -31,18 +32,12 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import UserError
-from .io import atomic_write_text, write_mp4, write_png
+from ..errors import UserError
+from ..io import atomic_write_text, write_mp4, write_png
+from .protocol import Method
 
 STUDENT_FILE = "student.json"
 SAMPLERS = ("auto", "flow", "ddim", "lcm")
-#: default CFG scale per registered teacher (real models: their pipelines' defaults). The exact ShapeWorld teacher
-#: is the data distribution itself, so it needs no guidance; CFG > 1 extrapolates past its clips (at 8 flow
-#: steps, CFG 4 drops its motion accuracy from 1.0 to 0.74 on the static-camera prompts).
-DEFAULT_GUIDANCE = {"shapeworld-video-exact": 1.0, "shapeworld-video-wan": 4.0, "modelscope-t2v": 9.0,
-                    "animatediff": 7.5, "wan2.1-t2v-1.3b": 5.0}
-
-
 @dataclass
 class VideoGenerateConfig:
     prompt: str = ""
@@ -82,7 +77,7 @@ def write_student(folder: str | Path, student, *, teacher: str, sampler: dict, i
 def load_video_model(name_or_path: str | Path, **kw) -> tuple[Any, dict]:
     """``(model, defaults)``: a video teacher or a merged distilled student, with its sampling defaults
     (``sampler``, ``steps``, ``guidance_scale``, and sampler options such as ``timestep_scaling``)."""
-    from .teachers.registry import load_video_teacher
+    from ..teachers.registry import default_guidance, load_video_teacher
 
     if is_student_folder(name_or_path):
         folder = Path(name_or_path)
@@ -92,7 +87,7 @@ def load_video_model(name_or_path: str | Path, **kw) -> tuple[Any, dict]:
         except (ValueError, KeyError) as e:
             raise UserError(f"student folder {folder}: {STUDENT_FILE} is unreadable ({e}); re-run the distillation "
                             f"or pass a teacher name") from e
-        from .students.video_lora import VideoLoRAStudent
+        from ..students.video_lora import VideoLoRAStudent
 
         teacher = load_video_teacher(teacher_name, **kw)
         model = VideoLoRAStudent.from_file(teacher, adapter).merge()
@@ -101,7 +96,7 @@ def load_video_model(name_or_path: str | Path, **kw) -> tuple[Any, dict]:
         return model, defaults
     model = load_video_teacher(str(name_or_path), **kw)
     sampler = "flow" if model.schedule.is_flow else "ddim"
-    return model, {"sampler": sampler, "steps": 25, "guidance_scale": DEFAULT_GUIDANCE.get(str(name_or_path), 4.0)}
+    return model, {"sampler": sampler, "steps": 25, "guidance_scale": default_guidance(str(name_or_path), "sample_video")}
 
 
 def sample_videos(model, prompts: list[str], *, sampler: str = "auto", steps: int = 25, guidance_scale: float = 4.0,
@@ -109,7 +104,7 @@ def sample_videos(model, prompts: list[str], *, sampler: str = "auto", steps: in
                   output: str = "decoded", **options) -> torch.Tensor:
     """Sample ``[B,F,3,H,W]`` videos in [0, 1] (or latents with ``output="latents"``) with the named sampler
     (``auto``: flow Euler for rectified-flow models, DDIM otherwise)."""
-    from .teachers.sampling import ddim_sample, flow_euler_sample, lcm_sample
+    from ..teachers.sampling import ddim_sample, flow_euler_sample, lcm_sample
 
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -132,8 +127,8 @@ def sample_videos(model, prompts: list[str], *, sampler: str = "auto", steps: in
 def shapeworld_metrics(videos: torch.Tensor, prompts: list[str]) -> dict | None:
     """Ground-truth video metrics when every prompt is a ShapeWorld video prompt and the clips are ShapeWorld's
     size (32 px); ``None`` otherwise."""
-    from .world.video import parse_video_prompt
-    from .world.video_metrics import evaluate_videos
+    from ..world.clips import parse_video_prompt
+    from ..world.video_metrics import evaluate_videos
 
     try:
         for p in prompts:
@@ -153,44 +148,76 @@ def _show(frames: torch.Tensor, min_side: int = 256) -> torch.Tensor:
     return frames.permute(0, 2, 3, 1)
 
 
-def generate_video(cfg: VideoGenerateConfig, out: str | Path = "outputs/video", *, model=None) -> dict:
-    """Sample ``cfg.num_videos`` clips of ``cfg.prompt`` and write the artefacts (module doc); returns the
-    metrics dict (also in ``metrics.json``). ``model``: an already loaded ``(model, defaults)`` pair."""
-    from .text_to_3d import prepare_out_dir
+class VideoGenerateMethod(Method):
+    """Sample videos from a video teacher or a distilled student folder (module doc)."""
 
-    if not cfg.prompt.strip():
-        raise UserError("the prompt is empty; e.g. studio video generate \"a red ball moving left\"")
-    if cfg.num_videos < 1:
-        raise UserError(f"--num-videos must be >= 1, got {cfg.num_videos}")
-    model, defaults = model if model is not None else load_video_model(cfg.model)
-    steps = int(cfg.steps if cfg.steps is not None else defaults["steps"])
-    sampler = cfg.sampler if cfg.sampler != "auto" else defaults.get("sampler", "auto")
-    guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else defaults["guidance_scale"])
-    options = {k: v for k, v in defaults.items() if k not in ("sampler", "steps", "guidance_scale")}
-    model.encode_prompt([cfg.prompt])  # reject prompts a ShapeWorld teacher does not know before any work
-    run_dir = prepare_out_dir(Path(out), cfg.prompt)
-    prompts = [cfg.prompt] * cfg.num_videos
-    t0 = time.perf_counter()
-    videos = sample_videos(model, prompts, sampler=sampler, steps=steps, guidance_scale=guidance, seed=cfg.seed,
-                           num_frames=cfg.num_frames, negative=cfg.negative, **options)
-    seconds = time.perf_counter() - t0
-    fps = int(cfg.fps or getattr(model, "frame_rate", 8))
-    files = []
-    for i, clip in enumerate(videos):
-        name = "video.mp4" if cfg.num_videos == 1 else f"video_{i}.mp4"
-        write_mp4(run_dir / name, _show(clip), fps=fps)
-        files.append(name)
-        for f, frame in enumerate(clip):
-            write_png(run_dir / "frames" / f"{i}_{f:03d}.png", frame.permute(1, 2, 0))
-    metrics: dict[str, Any] = {
-        "prompt": cfg.prompt, "model": str(cfg.model), "sampler": sampler, "steps": steps, "guidance_scale": guidance,
-        "seed": cfg.seed, "num_videos": cfg.num_videos, "frames": int(videos.shape[1]),
-        "size": list(videos.shape[-2:]), "seconds": round(seconds, 3),
-        "seconds_per_clip": round(seconds / cfg.num_videos, 3), "videos": files}
-    gt = shapeworld_metrics(videos, prompts)
-    if gt is not None:
-        metrics["ground_truth"] = gt
-    resolved = dataclasses.replace(cfg, steps=steps, sampler=sampler, guidance_scale=guidance)
-    atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(resolved), indent=2))
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    return metrics
+    name = "video-sample"
+    kind = "video-generate"
+    kind_title = "Video generation"
+    description = "Sample a video from a video teacher or a distilled student folder (MP4, frames, metrics)"
+    paper = ""
+    Config = VideoGenerateConfig
+    input = "prompt"
+    verb = ("video", "generate")
+    default_for_verb = True
+    default_out = "outputs/video"
+
+    @classmethod
+    def examples(cls) -> list[str]:
+        from ..world.clips import video_prompts
+
+        return video_prompts(cameras=["static"])
+
+    def validate(self, cfg: VideoGenerateConfig) -> None:
+        if not cfg.prompt.strip():
+            raise UserError("the prompt is empty; e.g. studio video generate \"a red ball moving left\"")
+        if cfg.num_videos < 1:
+            raise UserError(f"--num-videos must be >= 1, got {cfg.num_videos}")
+        if cfg.steps is not None and cfg.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {cfg.steps}")
+        if cfg.guidance_scale is not None and cfg.guidance_scale < 0:
+            raise UserError(f"--guidance-scale must be >= 0, got {cfg.guidance_scale}")
+
+    def run(self, cfg: VideoGenerateConfig, run_dir: Path, *, callbacks=None, resume: bool = False,
+            progress: bool = True) -> dict:
+        model, defaults = load_video_model(cfg.model)
+        steps = int(cfg.steps if cfg.steps is not None else defaults["steps"])
+        sampler = cfg.sampler if cfg.sampler != "auto" else defaults.get("sampler", "auto")
+        guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else defaults["guidance_scale"])
+        options = {k: v for k, v in defaults.items() if k not in ("sampler", "steps", "guidance_scale")}
+        model.encode_prompt([cfg.prompt])  # reject prompts a ShapeWorld teacher does not know before any work
+        prompts = [cfg.prompt] * cfg.num_videos
+        t0 = time.perf_counter()
+        videos = sample_videos(model, prompts, sampler=sampler, steps=steps, guidance_scale=guidance, seed=cfg.seed,
+                               num_frames=cfg.num_frames, negative=cfg.negative, **options)
+        seconds = time.perf_counter() - t0
+        fps = int(cfg.fps or getattr(model, "frame_rate", 8))
+        files = []
+        for i, clip in enumerate(videos):
+            name = "video.mp4" if cfg.num_videos == 1 else f"video_{i}.mp4"
+            write_mp4(run_dir / name, _show(clip), fps=fps)
+            files.append(name)
+            for f, frame in enumerate(clip):
+                write_png(run_dir / "frames" / f"{i}_{f:03d}.png", frame.permute(1, 2, 0))
+        write_png(run_dir / "preview.png", _strip(videos[0]))
+        metrics: dict[str, Any] = {
+            "prompt": cfg.prompt, "model": str(cfg.model), "sampler": sampler, "steps": steps,
+            "guidance_scale": guidance, "seed": cfg.seed, "num_videos": cfg.num_videos,
+            "frames": int(videos.shape[1]), "size": list(videos.shape[-2:]), "seconds": round(seconds, 3),
+            "seconds_per_clip": round(seconds / cfg.num_videos, 3), "videos": files}
+        gt = shapeworld_metrics(videos, prompts)
+        if gt is not None:
+            metrics["ground_truth"] = gt
+        return metrics
+
+    def summary(self, metrics: dict, run_dir: Path) -> str:
+        gt = metrics.get("ground_truth")
+        extra = (f", motion accuracy {gt['motion_accuracy']:.2f}, frame error {gt['frame_error']:.3f}" if gt else "")
+        return f"done in {metrics['seconds']:.1f}s ({metrics['sampler']}, {metrics['steps']} steps){extra}: {run_dir}/"
+
+
+def _strip(clip: torch.Tensor, n: int = 4) -> torch.Tensor:
+    """Up to ``n`` frames of ``[F,3,H,W]`` side by side ``[H', n W', 3]`` (the run's preview image)."""
+    idx = torch.linspace(0, clip.shape[0] - 1, min(n, clip.shape[0])).round().long()
+    frames = _show(clip[idx])  # [n,H',W',3]
+    return frames.permute(1, 0, 2, 3).reshape(frames.shape[1], -1, 3)
