@@ -5,10 +5,10 @@ here is our reconstruction:
 
 * **Host features.** ShapeWorld has no multi-view UNet, so the "UNet features" are the 8 ring views
   rendered at 32x32 on white. The feature map is RGB plus 5 fixed random-conv channels
-  (``studio.latent_plane.ShapeWorldFeatures``, ``feat_dim = 8``). As augmentation, Gaussian noise of
-  std ``0.25 t`` is added with ``t ~ U(0, 1)``, and ``t * 1000`` is passed as the plane's scalar time
-  input (sinusoidal embedding, ``time_embed_dim = 32``). This mirrors the noisy UNet features the
-  official plane reads.
+  (``methods.placiddreamer.latent_plane.networks.ShapeWorldFeatures``, ``feat_dim = 8``). As
+  augmentation, Gaussian noise of std ``0.25 t`` is added with ``t ~ U(0, 1)``, and ``t * 1000`` is
+  passed as the plane's scalar time input (sinusoidal embedding, ``time_embed_dim = 32``). This mirrors
+  the noisy UNet features the official plane reads.
 * **Scale.** Objects go into the unit cube with ``p_cube = 0.5 * p_world`` (``SHAPEWORLD_CUBE_SCALE``).
   Every ShapeWorld object lies within 0.9 world units of the origin, so within 0.45 in the cube. Each
   training scene is additionally rotated about +y by a random angle and scaled by ``U(0.85, 1.1)``.
@@ -53,9 +53,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studio.cameras import Cameras, orbit_cameras
-from studio.latent_plane import (SHAPEWORLD_CUBE_SCALE, CoarsePlane, FinePlane, LatentPlane, LatentPlaneConfig,
-                                 ShapeWorldFeatures, _transform_gaussians, camera_rays, composite, density_to_mesh,
-                                 ring_cameras, save_latent_plane)
+from methods.placiddreamer.latent_plane.gaussian_init import density_to_mesh
+from methods.placiddreamer.latent_plane.networks import (CoarsePlane, FinePlane, LatentPlane, ShapeWorldFeatures,
+                                                         composite)
+from methods.placiddreamer.latent_plane.ring import SHAPEWORLD_CUBE_SCALE, camera_rays, ring_cameras
+from methods.placiddreamer.latent_plane.shapeworld_rings import transform_gaussians
+from methods.placiddreamer.latent_plane.weights import LatentPlaneConfig, save_latent_plane
 from studio.world import get_object, render_gaussian_views
 from studio.world.metrics import chamfer_to_surface
 from studio.world.references import held_out_cameras
@@ -105,7 +108,7 @@ def random_cameras(n: int, g: torch.Generator, size: int = RES) -> Cameras:
 def make_scene(name: str, rot: float, scale: float, feats_fn: ShapeWorldFeatures, g: torch.Generator,
                n_gauss: int = 8000) -> dict:
     obj = get_object(name)
-    gs = _transform_gaussians(obj.gaussians(n_gauss, seed=0), SHAPEWORLD_CUBE_SCALE * scale, rot)
+    gs = transform_gaussians(obj.gaussians(n_gauss, seed=0), SHAPEWORLD_CUBE_SCALE * scale, rot)
     ring = render_gaussian_views(gs, ring_cameras(RES))
     held_cams = random_cameras(8, g)
     held = render_gaussian_views(gs, held_cams)
@@ -157,7 +160,7 @@ def evaluate(plane: LatentPlane, feats_fn: ShapeWorldFeatures, names: list[str],
         hv = Cameras(hv.viewmats.clone(), hv.Ks, RES, RES)
         hv.viewmats[:, :3, 3] *= SHAPEWORLD_CUBE_SCALE  # same directions, distance scaled into the cube
         obj = get_object(name)
-        gs = _transform_gaussians(obj.gaussians(20000, seed=0), SHAPEWORLD_CUBE_SCALE, 0.0)
+        gs = transform_gaussians(obj.gaussians(20000, seed=0), SHAPEWORLD_CUBE_SCALE, 0.0)
         gt_sil = render_gaussian_views(gs, hv)["alphas"][..., 0].reshape(8, -1)
         ro, rd = camera_rays(hv)
         occ = coarse.render_rays(f, ro.reshape(-1, 3), rd.reshape(-1, 3), t=0.0)["occ"][0].reshape(8, -1)

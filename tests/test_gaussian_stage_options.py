@@ -11,7 +11,7 @@ from tests.test_distill import StubTeacher
 
 
 def _placid_like(**kw):
-    from methods.placiddreamer import placid_stage
+    from methods.placiddreamer.method import placid_stage
 
     return dataclasses.replace(placid_stage(), **kw)
 

@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from studio.errors import UserError
-from studio.latent_plane import (RING_N, CoarsePlane, FinePlane, LatentPlane, camera_rays, composite, density_to_mesh,
-                                 load_latent_plane, load_official_state_dict, mesh_to_gaussian_init,
-                                 positional_encoding, project_to_ring, ring_cameras, sample_along_rays,
-                                 to_official_frame, volume_render_weights)
+from methods.placiddreamer.latent_plane.gaussian_init import density_to_mesh, mesh_to_gaussian_init
+from methods.placiddreamer.latent_plane.networks import CoarsePlane, FinePlane, LatentPlane, composite
+from methods.placiddreamer.latent_plane.official import load_official_state_dict
+from methods.placiddreamer.latent_plane.ring import (RING_N, camera_rays, positional_encoding, project_to_ring,
+                                                     ring_cameras, sample_along_rays, to_official_frame,
+                                                     volume_render_weights)
+from methods.placiddreamer.latent_plane.weights import load_latent_plane
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "latent-plane"
 
@@ -322,7 +325,7 @@ def test_load_latent_plane_missing_folder_is_clear(tmp_path):
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="assets/latent-plane not trained")
 def test_shipped_weights_reconstruct_a_held_out_object():
     from studio.cameras import Cameras
-    from studio.latent_plane import _transform_gaussians, shapeworld_ring_features
+    from methods.placiddreamer.latent_plane.shapeworld_rings import shapeworld_ring_features, transform_gaussians
     from studio.world import get_object, render_gaussian_views
     from studio.world.metrics import chamfer_to_surface, silhouette_iou
     from studio.world.references import held_out_cameras
@@ -335,7 +338,7 @@ def test_shipped_weights_reconstruct_a_held_out_object():
     hv = held_out_cameras(4, 16, seed=0).cameras
     hv = Cameras(hv.viewmats.clone(), hv.Ks, 16, 16)
     hv.viewmats[:, :3, 3] *= cfg.cube_scale
-    gt = render_gaussian_views(_transform_gaussians(get_object(name).gaussians(20000), cfg.cube_scale), hv)
+    gt = render_gaussian_views(transform_gaussians(get_object(name).gaussians(20000), cfg.cube_scale), hv)
     ro, rd = camera_rays(hv)
     with torch.no_grad():
         occ = plane.coarse.render_rays(rf["feats"], ro.reshape(-1, 3), rd.reshape(-1, 3), t=0.0)["occ"]
@@ -357,7 +360,8 @@ CHAMFER_THRESHOLD = 0.12
 
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="assets/latent-plane not trained")
 def test_init_from_ring_views_in_world_units():
-    from studio.latent_plane import init_from_ring_views, shapeworld_ring_features
+    from methods.placiddreamer.latent_plane.gaussian_init import init_from_ring_views
+    from methods.placiddreamer.latent_plane.shapeworld_rings import shapeworld_ring_features
 
     plane, feats, cfg = load_latent_plane(ASSET)
     rf = shapeworld_ring_features("penguin", feats, resolution=64, cube_scale=cfg.cube_scale)

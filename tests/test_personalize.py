@@ -1,4 +1,4 @@
-"""DreamBooth-LoRA personalisation (studio.personalize) on architecture-true tiny models loaded by path."""
+"""DreamBooth-LoRA personalisation (studio.train.personalize) on architecture-true tiny models loaded by path."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 from tiny_models import make_tiny_sd
 
 from studio.errors import UserError
-from studio.personalize import (
+from studio.train.personalize import (
     LORA_WEIGHT_NAME,
     META_NAME,
     DreamBoothConfig,

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from methods.placiddreamer import PlacidDreamerConfig, scale_schedules
+from methods.placiddreamer.method import PlacidDreamerConfig, scale_schedules
 from studio.errors import UserError
 from studio.text_to_3d import generate
 
@@ -79,25 +79,27 @@ def test_hooked_latent_plane_runs_inside_zero123_sampling(tmp_path, tiny_real, m
     (A random plane has no trained level, so the mesh is taken at the grid's median.)"""
     import torch.nn.functional as F
 
-    import studio.latent_plane as lp
+    import methods.placiddreamer.prepare as prepare
+    from methods.placiddreamer.latent_plane.networks import CoarsePlane, FinePlane, LatentPlane
+    from methods.placiddreamer.latent_plane.weights import LatentPlaneConfig, save_latent_plane
 
     sd, z123 = tiny_real
     torch.manual_seed(0)
-    coarse = lp.CoarsePlane(32, 128, latent_dim=8, time_dim=8, heads=2, dim_head=4, n_freqs=2, grid_size=8)
-    fine = lp.FinePlane(32, heads=2, dim_head=4, n_freqs=2)
-    plane_dir = lp.save_latent_plane(lp.LatentPlane(coarse, fine), tmp_path / "plane", lp.LatentPlaneConfig(
+    coarse = CoarsePlane(32, 128, latent_dim=8, time_dim=8, heads=2, dim_head=4, n_freqs=2, grid_size=8)
+    fine = FinePlane(32, heads=2, dim_head=4, n_freqs=2)
+    plane_dir = save_latent_plane(LatentPlane(coarse, fine), tmp_path / "plane", LatentPlaneConfig(
         coarse=dict(feat_dim=32, time_embed_dim=128, latent_dim=8, time_dim=8, heads=2, dim_head=4, n_freqs=2,
                     grid_size=8),
         fine=dict(feat_dim=32, heads=2, dim_head=4, n_freqs=2), host="unet", block_index=1, cube_scale=1.0))
-    calls, original = [], lp.density_to_mesh
+    calls, original = [], prepare.density_to_mesh
 
     def median_level(grid, level=15.0, **kw):
         calls.append(grid.shape)
         return original(grid, level=float(F.softplus(grid.float()).median()), **kw)
 
-    monkeypatch.setattr(lp, "density_to_mesh", median_level)
+    monkeypatch.setattr(prepare, "density_to_mesh", median_level)
     hook_calls = []
-    monkeypatch.setattr(lp.LatentPlane, "forward", lambda self, *a, _f=lp.LatentPlane.forward, **k: (
+    monkeypatch.setattr(LatentPlane, "forward", lambda self, *a, _f=LatentPlane.forward, **k: (
         hook_calls.append(1), _f(self, *a, **k))[1])
     cfg = _cfg(prompt="a red cube", teacher=str(sd), novel_view_teacher=str(z123), latent_plane=str(plane_dir),
                latent_plane_steps=3, personalize=False)

@@ -59,7 +59,7 @@ def test_rays_from_cameras_pass_through_pixel_centres():
         assert torch.allclose(pix[0], want, atol=1e-3)
         assert (z > 0).all()
     # the unnormalised variant is the Latent-Plane's camera_rays (one convention for both)
-    from studio.latent_plane import camera_rays
+    from methods.placiddreamer.latent_plane.ring import camera_rays
 
     o2, d2 = rays_from_cameras(cams, normalize=False)
     lo, ld = camera_rays(cams)

@@ -17,9 +17,10 @@ Algorithm (``../shared/specs/placiddreamer_dreampolish.md`` section 2.2):
            dL/dz = 0.1 sqrt(abar_t) (alpha* c + (1 - alpha*) s)
        plus TV (rgb, depth) and mean-scale losses; densify / prune / opacity reset.
 
-Every step before 3 writes its results into the run folder (``reference.png``, ``views.png``,
-``init_mesh.ply``, ``init.ply``, ``lora/``) and ``--resume`` reuses them; step 3 resumes from the
-training loop's checkpoint. Iteration counts of the paper's 5000-step schedule are scaled to ``--steps``.
+Steps 0-2 are :mod:`.prepare` (the Latent-Plane itself is :mod:`.latent_plane`, the DreamBooth-LoRA the
+shared :mod:`studio.train.personalize`); each writes its results into the run folder (``reference.png``,
+``views.png``, ``init_mesh.ply``, ``init.ply``, ``lora/``) and ``--resume`` reuses them; step 3 resumes
+from the training loop's checkpoint. Iteration counts of the paper's 5000-step schedule are scaled to ``--steps``.
 
 Deviations from the official code, on purpose (spec 2.7): ``lam`` is a real parameter (the official 3D
 code ignores ``--lambda_`` and hard-codes 15); the init keeps the aspect ratio (the official per-axis
@@ -38,8 +39,10 @@ from typing import Literal
 from studio.distill.bsd import bsd
 from studio.distill.sds import sds
 from studio.errors import UserError
-from studio.text_to_3d import TextTo3DConfig, TextTo3DMethod
+from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod
 from studio.train.gaussian_stage import GaussianDistillStage, GaussianStageConfig, ScoreContext
+
+from .prepare import personalise_teacher, prepare_init, reference_image
 
 #: the paper's run length; schedule fields of the stage config are given for it and scaled to --steps
 PAPER_STEPS = 5000
@@ -128,16 +131,17 @@ class PlacidDreamerMethod(TextTo3DMethod):
 
     # -- steps 0-2 ---------------------------------------------------------------------------------
     def prepare(self, cfg: PlacidDreamerConfig, teacher, run_dir: Path, resume: bool, progress: bool = True) -> dict:
-        from studio.placid import personalise_teacher, prepare_init, reference_image
-
         info: dict = {}
+        # 0. the reference image of the prompt
         t0 = time.perf_counter()
         ref = reference_image(cfg, teacher, run_dir, resume)
         info["reference_seconds"] = round(time.perf_counter() - t0, 2)
+        # 1. 8 ring views from the novel-view teacher -> Latent-Plane density -> mesh -> initial Gaussians
         t0 = time.perf_counter()
         self.init_model, views, init_info = prepare_init(cfg, ref, run_dir, resume, progress)
         info.update(init_info)
         info["multiview_seconds"] = round(time.perf_counter() - t0, 2)
+        # 2. DreamBooth-LoRA of the text-to-image teacher on the 8 views
         t0 = time.perf_counter()
         self.personal_teacher, p_info = personalise_teacher(cfg, teacher, views, run_dir, resume, progress)
         info.update(p_info)

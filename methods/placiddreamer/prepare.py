@@ -1,4 +1,4 @@
-"""PlacidDreamer's steps before the 3DGS stage (used by ``methods/placiddreamer.py``).
+"""PlacidDreamer's steps before the 3DGS stage (steps 0-2 of :mod:`.method`).
 
 * :func:`reference_image`: the reference image of the prompt (``--image`` or a teacher sample).
 * :func:`prepare_init`: 8 novel views on the Latent-Plane ring from the novel-view teacher, the
@@ -10,6 +10,7 @@ Each writes its results into the run folder and, with ``resume``, reuses them in
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UserError
-from .io import atomic_write_text, write_png
-from .io.video import make_grid
+from studio.errors import UserError
+from studio.io import atomic_write_text, write_png
+from studio.io.video import make_grid
+from studio.runs.text_to_3d import load_teacher_cached
+from studio.students.gaussians import GaussianModel
+from studio.teachers.novel_view import sample_novel_views
+from studio.teachers.registry import load_teacher
+from studio.teachers.sampling import ddim_sample
+from studio.train.personalize import DreamBoothConfig, dreambooth_lora
+
+from .latent_plane.gaussian_init import density_to_mesh, init_from_ring_views, mesh_to_gaussian_init
+from .latent_plane.ring import FOCAL_256, PRINCIPAL_256, RING_ELEVATION, RING_N, RING_RADIUS, SHAPEWORLD_CUBE_SCALE
+from .latent_plane.weights import load_latent_plane
 
 #: guidance of the reference-image sample per teacher (real text-to-image models: 7.5)
 REFERENCE_GUIDANCE = {"shapeworld-unet": 4.0, "shapeworld-exact": 1.0}
@@ -53,8 +64,6 @@ def load_image(path: str | Path, size: int | None = None) -> Tensor:
 def reference_image(cfg, teacher, run_dir: Path, resume: bool) -> Tensor:
     """Step 0: ``cfg.image`` or a DDIM sample of ``"<prompt>, front view"`` from the text-to-image teacher
     (written to ``reference.png``; reused on resume)."""
-    from .teachers.sampling import ddim_sample
-
     path = run_dir / "reference.png"
     if cfg.image:
         ref = load_image(cfg.image)
@@ -81,10 +90,6 @@ def ring_poses(nv_teacher) -> tuple[Tensor, Tensor, Tensor]:
     moving the camera to the radius with the same framing (``r tan(fovy/2)`` kept). For Zero123 the views
     are at relative elevation ``ZERO123_RELATIVE_ELEVATION`` and the input distance, as the official code.
     """
-    import math
-
-    from .latent_plane import FOCAL_256, PRINCIPAL_256, RING_ELEVATION, RING_N, RING_RADIUS, SHAPEWORLD_CUBE_SCALE
-
     az = torch.arange(RING_N, dtype=torch.float32) * (360.0 / RING_N)
     if hasattr(nv_teacher, "reference_camera"):
         half = math.atan(PRINCIPAL_256 / FOCAL_256)
@@ -99,9 +104,6 @@ def hooked_views(nv, cond, plane, lp_cfg, cfg):
     ``up_blocks[block_index]`` (conditional branch only) for the first ``cfg.latent_plane_steps`` of
     ``cfg.nv_steps`` steps; the coarse plane's 64^3 density grid of the last hooked step gives the mesh.
     Returns ``(views, mesh)``."""
-    from .latent_plane import density_to_mesh
-    from .teachers.novel_view import sample_novel_views
-
     if getattr(nv, "unet", None) is None:
         raise UserError(f"the Latent-Plane {cfg.latent_plane!r} reads UNet features, but the novel-view teacher "
                         f"{cfg.novel_view_teacher!r} has no UNet; use a Zero123 teacher (zero123-xl or a folder)")
@@ -139,9 +141,6 @@ def ring_views_and_init(cfg, ref: Tensor, progress: bool = True):
     the novel-view UNet while the views are sampled (:func:`hooked_views`). Returns
     ``(views [8,3,H,W], GaussianModel, info)`` with ``info["mesh"]`` the trimesh of the init.
     """
-    from .latent_plane import init_from_ring_views, load_latent_plane, mesh_to_gaussian_init
-    from .teachers.novel_view import sample_novel_views
-    from .text_to_3d import load_teacher_cached
 
     nv = load_teacher_cached(cfg.novel_view_teacher)
     if not hasattr(nv, "encode_view"):
@@ -179,8 +178,6 @@ def ring_views_and_init(cfg, ref: Tensor, progress: bool = True):
 def prepare_init(cfg, ref: Tensor, run_dir: Path, resume: bool, progress: bool = True):
     """Step 1: ``(GaussianModel | None, views [8,3,H,W], info)``; writes ``views.png``, ``views.pt``,
     ``init_mesh.ply`` and ``init.ply``."""
-    from .students.gaussians import GaussianModel
-
     views_path, init_path = run_dir / "views.safetensors", run_dir / "init.ply"
     if resume and views_path.is_file() and (init_path.is_file() or cfg.init == "random"):
         from safetensors.torch import load_file
@@ -210,9 +207,6 @@ def personalise_teacher(cfg, teacher, views: Tensor, run_dir: Path, resume: bool
     """Step 2: ``(personalised teacher | None, info)``. A fresh (uncached) copy of the text-to-image
     teacher gets the DreamBooth-LoRA, so shared teachers stay untouched. Teachers without a UNet
     (``shapeworld-exact``) are used as they are (reported in ``info``)."""
-    from .personalize import DreamBoothConfig, dreambooth_lora
-    from .teachers.registry import load_teacher
-
     if not cfg.personalize:
         return None, {"personalised": False, "reason": "--personalize False"}
     if getattr(teacher, "unet", None) is None:

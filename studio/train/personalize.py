@@ -1,4 +1,4 @@
-"""DreamBooth-LoRA personalisation of a text-to-image teacher (PlacidDreamer stage 2).
+"""DreamBooth-LoRA personalisation of a text-to-image teacher (PlacidDreamer stage 2, DreamSteerer).
 
 PlacidDreamer fine-tunes SD-2.1-base on the 8 enhanced multi-view images of its object with diffusers'
 ``train_dreambooth_lora.py`` and then distils from the personalised model (spec §2.2 stage 2, §2.7):
@@ -50,10 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UserError
-from .io.atomic import atomic_path, atomic_write_text
-from .students.lora_score import LORA_TARGETS, _adapter_names, add_lora_adapter
-from .train.loop import StepOutput, Trainer, TrainerConfig
+from ..errors import UserError
+from ..io.atomic import atomic_path, atomic_write_text
+from ..students.lora_score import LORA_TARGETS, _adapter_names, add_lora_adapter
+from .loop import StepOutput, Trainer, TrainerConfig
 
 __all__ = [
     "LORA_WEIGHT_NAME",
