@@ -3,10 +3,28 @@
 A method is a list of ``Stage`` objects; ``Trainer.run`` drives them in order with: seeding, a
 progress line (step, it/s, loss, ETA), previews every ``preview_every`` steps, atomic checkpoints every
 ``checkpoint_every`` steps and at the end of each stage, ``resume`` from the last checkpoint, a NaN
-guard (a step whose loss or gradients are non-finite is skipped with a warning; after
-``max_bad_steps`` consecutive bad steps training stops with ``TrainingDiverged`` and the last good
-checkpoint kept), and Ctrl-C saving a checkpoint before it exits. Callbacks receive every step's
-record (the app's live progress) and may cancel by returning ``False`` or via ``Trainer.cancel()``.
+guard, and Ctrl-C (and SIGTERM inside :func:`sigterm_as_interrupt`) saving a checkpoint before it exits.
+Callbacks receive every step's record (the app's live progress) and may cancel by returning ``False`` or
+via ``Trainer.cancel()``.
+
+Reliability
+-----------
+* The guard: a step whose loss or gradients are non-finite, or whose whole gradient is zero (nothing to
+  learn; e.g. a score function replaced non-finite values by 0), is skipped with a warning. One such step is
+  harmless; after ``max_bad_steps`` consecutive ones training stops with ``TrainingDiverged``, the message
+  saying which of the two it was, and the last good checkpoint kept.
+* Parameters are checked after every optimizer step. When a step makes one non-finite, or so large that
+  its square overflows (past ~1e19 in float32, where every norm, distance or covariance built on it is Inf:
+  a learning rate far too high), the parameters and optimizer states are put back as they were
+  before the step (when they hold at most ``RESTORE_MAX_ELEMENTS`` values, so the copy is cheap; larger
+  models are left as they are) and training stops at once with ``TrainingDiverged`` ("training diverged"),
+  before anything downstream (a renderer's input check) sees the values. Nothing is saved then: the last good
+  checkpoint stays.
+* Two checkpoints: ``checkpoints/last.safetensors`` and the one before it, ``previous.safetensors``. On
+  ``resume`` a missing or corrupt (truncated) ``last`` falls back to ``previous`` with a warning naming the
+  corrupt file; with no good one the run stops with a ``UserError`` naming the file and the fix.
+* ``Trainer.train_seconds``: training seconds summed over every segment of a resumed run (stored in each
+  checkpoint as ``train_seconds``).
 
 Several optimizers and update ratios (generator students: a LoRA student, a critic, a discriminator)
 -----------------------------------------------------------------------------------------------------
@@ -89,9 +107,12 @@ Then:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import threading
 import time
@@ -106,7 +127,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CorruptCheckpoint, checkpoint_ok, load_checkpoint, save_checkpoint
 from ..students.ema import EMA, unwrap_module
 
 
@@ -116,6 +137,52 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingCancelled(RuntimeError):
     pass
+
+
+#: Parameters (of the optimizers stepping in an iteration) up to this many values are copied, with their
+#: optimizer states, before each optimizer step, so a step that makes them non-finite can be undone.
+RESTORE_MAX_ELEMENTS = 4_000_000
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM inside :func:`sigterm_as_interrupt`: a ``KeyboardInterrupt`` (the Trainer saves a checkpoint as on
+    Ctrl-C), distinguishable by callers that exit with 143 rather than 130."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Treat SIGTERM (``timeout``, ``docker stop``, Slurm, ``kill``) as Ctrl-C inside this block: the handler raises
+    :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread, so a running ``Trainer`` saves a checkpoint
+    and re-raises. The previous handler is restored on exit. A no-op outside the main thread (only it may install
+    signal handlers: the app's worker threads) and where there is no SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """Hold SIGTERM back (delivered at the end of the block) while the Ctrl-C checkpoint is written, so a second
+    SIGTERM cannot cut that save short. Main thread on POSIX only; elsewhere a no-op."""
+    can = (threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+           and hasattr(signal, "SIGTERM"))
+    if not can:
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclass
@@ -172,7 +239,7 @@ class ProcessInfo:
         return int(base) + self.rank
 
 
-def _cpu_processes() -> bool:
+def cpu_processes() -> bool:
     """Several processes on a machine without CUDA: accelerate must be told ``cpu=True`` to join them (gloo);
     left alone it would treat each process as a separate single-process run."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -185,7 +252,7 @@ def process_info() -> ProcessInfo:
     put their data on ``device`` and seed per-rank generators with ``seed(s)``."""
     from accelerate import PartialState
 
-    s = PartialState(cpu=_cpu_processes())
+    s = PartialState(cpu=cpu_processes())
     return ProcessInfo(int(s.process_index), int(s.num_processes), torch.device(s.device))
 
 
@@ -293,7 +360,7 @@ class _Accelerated(_Plain):
                 if AcceleratorState().mixed_precision != wanted:
                     AcceleratorState._reset_state()
         self.acc = Accelerator(
-            cpu=_cpu_processes(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)], **kw)
+            cpu=cpu_processes(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)], **kw)
         self.rank, self.world = int(self.acc.process_index), int(self.acc.num_processes)
         self.is_main = bool(self.acc.is_main_process)
         self.device = self.acc.device
@@ -400,6 +467,60 @@ def _params(opt) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
 
 
+def _stack_flags(flags: list[torch.Tensor]) -> list[bool]:
+    """Scalar bool tensors (possibly on several devices) read back with one host sync per device."""
+    dev = flags[0].device
+    return [bool(v) for v in torch.stack([f.to(dev) for f in flags]).tolist()]
+
+
+def _grad_verdict(params: list[torch.Tensor]) -> tuple[bool, bool]:
+    """(every gradient finite, some gradient value non-zero) for ``params``; a missing gradient counts as zero."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True, False
+    fin = _stack_flags([torch.isfinite(g).all() for g in grads])
+    nonzero = _stack_flags([g.ne(0).any() for g in grads])
+    return all(fin), any(nonzero)
+
+
+def _sane(p: torch.Tensor) -> torch.Tensor:
+    """Whether every value of ``p`` is finite and its square is too (|x| <= sqrt(dtype max), ~1.8e19 in float32
+    and bfloat16; float16, whose square root of max is only 256, is checked for finiteness only)."""
+    if not p.is_floating_point():
+        return torch.ones((), dtype=torch.bool, device=p.device)
+    top = float(torch.finfo(p.dtype).max)
+    return p.detach().abs().le(math.sqrt(top) if top > 1e30 else top).all()  # False for NaN and Inf too
+
+
+def _all_sane(params: list[torch.Tensor]) -> bool:
+    """No parameter diverged: every value finite, and small enough that a norm or variance of it stays finite (a
+    value past ~1e19 in float32 has no finite square, so any distance, norm or renderer covariance built on it
+    overflows later, far from the step that caused it)."""
+    return not params or all(_stack_flags([_sane(p) for p in params]))
+
+
+def _snapshot(opts: list) -> tuple | None:
+    """Copies of the optimizers' parameters and states (None when they hold more than ``RESTORE_MAX_ELEMENTS``)."""
+    inner = [_inner_optimizer(o) for o in opts]
+    params = list({id(p): p for o in inner for g in o.param_groups for p in g["params"]}.values())
+    if sum(p.numel() for p in params) > RESTORE_MAX_ELEMENTS:
+        return None
+    values = [p.detach().clone() for p in params]
+    states = [{p: {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in st.items()}
+               for p, st in o.state.items()} for o in inner]
+    return params, values, inner, states
+
+
+def _restore(snap: tuple) -> None:
+    params, values, inner, states = snap
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    for o, st in zip(inner, states):
+        o.state.clear()
+        o.state.update(st)
+
+
 def _stage_modules(stage) -> dict[str, nn.Module] | None:
     fn = getattr(stage, "modules", None)
     if fn is None or not callable(fn):
@@ -435,7 +556,20 @@ class Trainer:
         self.history: list[dict] = []
         self._cancel = threading.Event()
         self.ckpt_path = Path(cfg.out_dir) / "checkpoints" / "last.safetensors"
+        self.prev_ckpt_path = self.ckpt_path.with_name("previous.safetensors")
         self._be: _Plain = _Plain()
+        self._seconds_before = 0.0  # training seconds of the segments before this one (from the checkpoint)
+        self._segment_start: float | None = None  # perf_counter at the start of this segment while running
+        self._segment_seconds = 0.0
+        self._own_last = False  # last.safetensors was written or resumed from by this run (may be rotated)
+        self._restored = False  # the last diverged step was undone
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent training this run, summed over every segment: those recorded in the checkpoint it resumed
+        from plus this ``run`` call's (live while it runs; final once it returns or raises)."""
+        seg = self._segment_seconds if self._segment_start is None else time.perf_counter() - self._segment_start
+        return self._seconds_before + seg
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -465,18 +599,68 @@ class Trainer:
             "optimizers": {s.name: {k: o.state_dict() for k, o in s.optimizers().items()} for s in stages},
             "rng": torch.get_rng_state(),
             "history": self.history[-2000:],
+            "train_seconds": float(self.train_seconds),
         }
         emas = {s.name: {k: e.state_dict() for k, e in _stage_emas(s).items()} for s in stages}
         if any(emas.values()):
             state["emas"] = {k: v for k, v in emas.items() if v}
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
+        self._keep_previous()
         save_checkpoint(self.ckpt_path, state)
+        self._own_last = True
         if collective:
             self._be.wait()  # no rank goes on (e.g. to resume from it) before the file is complete
 
-    def _load(self, stages) -> tuple[int, int]:
-        state = load_checkpoint(self.ckpt_path)
+    def _keep_previous(self) -> None:
+        """Before ``last`` is replaced: keep it as ``previous`` if this run wrote (or resumed from) it and it is
+        complete. A fresh run into a folder with an older run's checkpoints drops that run's ``previous``, so
+        a fallback never resumes another run's state."""
+        last, prev = self.ckpt_path, self.prev_ckpt_path
+        if not self._own_last:
+            with contextlib.suppress(FileNotFoundError):
+                prev.unlink()
+            return
+        if not checkpoint_ok(last):
+            return  # a corrupt last is overwritten; the good previous stays
+        tmp = prev.with_name(f".{prev.name}.tmp-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(last, tmp)  # the same bytes under a second name; last is then replaced by a new file
+        except OSError:
+            shutil.copyfile(last, tmp)  # file systems without hard links
+        os.replace(tmp, prev)
+
+    def _resume_state(self) -> tuple[dict, Path] | None:
+        """The checkpoint to resume from: ``last``, else (missing or corrupt) ``previous`` with a warning naming
+        the corrupt file; None when the run has no checkpoint. Raises ``UserError`` when none is readable."""
+        last, prev = self.ckpt_path, self.prev_ckpt_path
+        corrupt: CorruptCheckpoint | None = None
+        if last.exists():
+            try:
+                return load_checkpoint(last), last
+            except CorruptCheckpoint as e:
+                corrupt = e
+        if not prev.exists():
+            if corrupt is None:
+                return None
+            raise UserError(f"cannot resume: {corrupt.reason_text()}, and there is no previous good checkpoint "
+                            f"({prev.name}) to fall back to. Delete '{last}' and start the run again without "
+                            "--resume (training restarts from step 0)")
+        try:
+            state = load_checkpoint(prev)
+        except CorruptCheckpoint as e:
+            first = f"{corrupt.reason_text()} and " if corrupt is not None else f"'{last}' is missing and "
+            raise UserError(f"cannot resume: {first}{e.reason_text()}. Delete both and start the run again without "
+                            "--resume (training restarts from step 0)") from None
+        if self._be.is_main:
+            why = corrupt.reason_text() if corrupt is not None else f"'{last}' is missing"
+            warnings.warn(f"{why}; resuming from the previous good checkpoint '{prev}' (stage {state['stage_idx']} "
+                          f"step {state['step']}); the steps after it are trained again", RuntimeWarning, stacklevel=3)
+        return state, prev
+
+    def _load(self, stages, state: dict) -> tuple[int, int]:
         for s in stages:
             if s.name in state["stages"]:
                 s.load_state_dict(state["stages"][s.name])
@@ -502,6 +686,7 @@ class Trainer:
                               "rank from the seed, the rank and the step", RuntimeWarning, stacklevel=2)
             seed_everything(self.cfg.seed + be.rank + 1_000_003 * (int(state["step"]) + 1))
         self.history = list(state.get("history", []))
+        self._seconds_before = float(state.get("train_seconds", 0.0))
         return int(state["stage_idx"]), int(state["step"])
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -512,13 +697,21 @@ class Trainer:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed + self._be.rank)
         start_stage, start_step = 0, 0
-        if resume and self.ckpt_path.exists():
-            start_stage, start_step = self._load(stages)
-            self._log(f"resumed from {self.ckpt_path} at stage {start_stage} step {start_step}")
-        for si in range(start_stage, len(stages)):
-            first = start_step if si == start_stage else 0
-            self._run_stage(stages, si, first)
-        self._be.wait()
+        self._seconds_before, self._segment_seconds, self._own_last = 0.0, 0.0, False
+        found = self._resume_state() if resume else None
+        if found is not None:
+            start_stage, start_step = self._load(stages, found[0])
+            self._own_last = True
+            self._log(f"resumed from {found[1]} at stage {start_stage} step {start_step}")
+        self._segment_start = time.perf_counter()
+        try:
+            for si in range(start_stage, len(stages)):
+                first = start_step if si == start_stage else 0
+                self._run_stage(stages, si, first)
+            self._be.wait()
+        finally:
+            self._segment_seconds = time.perf_counter() - self._segment_start
+            self._segment_start = None
         return self.history
 
     def _prepare(self, stage) -> _StageRun:
@@ -573,7 +766,8 @@ class Trainer:
 
     def _iteration(self, stage, run: _StageRun, step: int, progress: float):
         """One optimizer step: ``grad_accum`` micro-batches, the NaN guard, clipping, the optimizer steps.
-        Returns (status, out, losses, norms) with status "ok", "bad" or "overflow"."""
+        Returns (status, out, losses, norms) with status "ok", "bad" (non-finite loss or gradient), "zero" (the
+        whole gradient is zero), "overflow" (fp16) or "diverged" (the step made parameters non-finite)."""
         cfg, be = self.cfg, self._be
         A = cfg.grad_accum
         opts = run.optimizers(stage)
@@ -605,6 +799,7 @@ class Trainer:
         stepping = list(opts) if None in losses else [n for n in opts if n in losses]
         norms: dict[str, float] = {}
         grad_ok = loss_ok
+        nonzero = True
         unscaled = False
         if loss_ok or be.world > 1:
             be.unscale([opts[n] for n in stepping])
@@ -613,14 +808,26 @@ class Trainer:
                 for n in stepping:
                     norms[n] = float(torch.nn.utils.clip_grad_norm_(_params(opts[n]), cfg.max_grad_norm))
                 grad_ok = grad_ok and all(math.isfinite(v) for v in norms.values())
+                nonzero = any(v != 0.0 for v in norms.values())
             else:
-                grad_ok = grad_ok and all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                                          for n in stepping for p in _params(opts[n]))
-        loss_ok, ok = be.all_true(loss_ok, grad_ok)
+                finite, nonzero = _grad_verdict([p for n in stepping for p in _params(opts[n])])
+                grad_ok = grad_ok and finite
+        loss_ok, ok, zero = be.all_true(loss_ok, grad_ok, not nonzero)
         status = "ok"
-        if ok:
-            be.step([opts[n] for n in stepping])
-            self._update_emas(run, stepping)
+        if ok and zero:
+            status = "zero"  # nothing to learn from: counted as a failed step, nothing steps
+        elif ok:
+            stepped = [opts[n] for n in stepping]
+            snap = _snapshot(stepped)
+            be.step(stepped)
+            (finite,) = be.all_true(_all_sane([p for o in stepped for p in _params(o)]))
+            if finite:
+                self._update_emas(run, stepping)
+            else:
+                if snap is not None:
+                    _restore(snap)
+                self._restored = snap is not None
+                status = "diverged"
         else:
             status = "bad"
             if unscaled:
@@ -659,16 +866,28 @@ class Trainer:
                                       "lowered", RuntimeWarning, stacklevel=2)
                     step += 1
                     continue
-                if status == "bad":
+                if status == "diverged":
+                    undone = ("; the parameters are back as they were before it" if self._restored else "")
+                    raise TrainingDiverged(
+                        f"{stage.name}: training diverged at step {step}: the optimizer step made parameters "
+                        f"non-finite or overflowing (NaN, Inf or beyond 1e19), most likely a learning rate far too "
+                        f"high{undone}. Stopped; "
+                        f"{self._kept()}; lower the learning rate and resume with --resume or start again")
+                if status in ("bad", "zero"):
                     bad += 1
+                    what = ("non-finite loss or gradient" if status == "bad" else
+                            "the gradient was zero (nothing to learn; e.g. non-finite values zeroed by the score)")
                     if be.is_main:
-                        warnings.warn(f"{stage.name} step {step}: non-finite loss or gradient, step skipped ({bad} "
-                                      "in a row)", RuntimeWarning, stacklevel=2)
+                        warnings.warn(f"{stage.name} step {step}: {what}, step skipped ({bad} in a row)",
+                                      RuntimeWarning, stacklevel=2)
                     if bad >= cfg.max_bad_steps:
+                        cause = ("a non-finite loss or gradient (NaN or Inf)" if status == "bad" else
+                                 "an all-zero gradient (e.g. NaN guidance or inputs whose non-finite score was "
+                                 "replaced by 0)")
                         raise TrainingDiverged(
-                            f"{stage.name}: {bad} consecutive non-finite steps at step {step}; stopped. The last good "
-                            f"checkpoint is kept at {self.ckpt_path} (resume with --resume, e.g. with a lower learning "
-                            "rate)")
+                            f"{stage.name}: {bad} failed steps in a row at step {step}, the last with {cause}; "
+                            f"stopped. {self._kept()[0].upper()}{self._kept()[1:]} (resume with --resume, e.g. with a "
+                            "lower learning rate, after checking the numbers you pass)")
                     step += 1
                     continue
                 bad = 0
@@ -695,13 +914,19 @@ class Trainer:
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stage.steps:
                     self._save(stages, si, step)
         except KeyboardInterrupt:
-            self._save(stages, si, step, collective=False)
-            self._log(f"interrupted: checkpoint saved to {self.ckpt_path}; continue with --resume")
+            with _sigterm_deferred():  # a second SIGTERM waits until the checkpoint is complete
+                self._save(stages, si, step, collective=False)
+                self._log(f"interrupted: checkpoint saved to {self.ckpt_path}; continue with --resume")
             raise
         finally:
             self._finish(run)
         # End of stage: the next stage starts at step 0.
         self._save(stages, si + 1, 0)
+
+    def _kept(self) -> str:
+        if self._own_last and self.ckpt_path.exists():
+            return f"the last good checkpoint is kept at {self.ckpt_path}"
+        return f"no checkpoint had been written yet ({self.ckpt_path} comes every checkpoint_every steps)"
 
     def _write_preview(self, stage, step: int) -> str | None:
         """Render the stage's preview into ``previews/<stage>_<step>.png``; returns the path (or None)."""
