@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.dreampolish import DreamPolishConfig
-from studio.text_to_3d import generate
+from methods import run
 from studio.world.metrics import evaluate_mesh
 from studio.world.objects import find_object_for_prompt
 
@@ -43,18 +43,18 @@ def run_prompt(prompt: str, seed: int, out: Path, kw: dict) -> dict:
     run = out / prompt.replace(" ", "-")
     res: dict = {"stage_seconds": {}}
     t0 = time.perf_counter()
-    m = generate(DreamPolishConfig(prompt=prompt, seed=seed, skip_polish=True, skip_texture=True, **kw), "dreampolish",
+    m = run(DreamPolishConfig(prompt=prompt, seed=seed, skip_polish=True, skip_texture=True, **kw), "dreampolish",
                  out, progress=False)
     res["stage_seconds"].update(m["stage_seconds"])
     res["geometry"] = {"dmtet_before_polish": _geometry(prompt, run, "dmtet")}
-    m = generate(DreamPolishConfig(prompt=prompt, seed=seed, from_stage="polish", skip_texture=True, **kw),
+    m = run(DreamPolishConfig(prompt=prompt, seed=seed, from_stage="polish", skip_texture=True, **kw),
                  "dreampolish", out, progress=False)
     res["stage_seconds"].update(m["stage_seconds"])
     res["normal_estimator"] = m.get("normal_estimator_used")
     res["geometry"]["after_polish"] = _geometry(prompt, run, "polish")
     res["texture"] = {}
     for preset in ("dsd", "sds", "vsd"):
-        m = generate(DreamPolishConfig(prompt=prompt, seed=seed, from_stage="texture", texture_preset=preset, **kw),
+        m = run(DreamPolishConfig(prompt=prompt, seed=seed, from_stage="texture", texture_preset=preset, **kw),
                      "dreampolish", out, progress=False)
         gt = m["ground_truth"]
         res["texture"][preset] = {"psnr": gt["psnr"], "saturation_gap": gt["saturation_gap"],

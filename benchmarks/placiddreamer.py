@@ -40,7 +40,8 @@ def _gt(m: dict) -> dict:
 def run_prompt(prompt: str, variants: dict, args, tmp: Path) -> dict:
     from methods.placiddreamer import PlacidDreamerConfig
     from studio.students.gaussians import GaussianModel
-    from studio.text_to_3d import generate, slugify
+    from methods import run
+    from studio.runs import slugify
     from studio.world.metrics import evaluate_gaussians
     from studio.world.objects import find_object_for_prompt
 
@@ -62,7 +63,7 @@ def run_prompt(prompt: str, variants: dict, args, tmp: Path) -> dict:
                     shutil.copy2(src, dst / f)
         cfg = dataclasses.replace(base, **overrides)
         t0 = time.perf_counter()
-        m = generate(cfg, "placiddreamer", out, progress=False, resume=first is not None)
+        m = run(cfg, "placiddreamer", out, progress=False, resume=first is not None)
         rows[name] = {**_gt(m), "wall_seconds": round(time.perf_counter() - t0, 1), "train_seconds": m["train_seconds"]}
         print(f"# {prompt} {name}: {rows[name]}", file=sys.stderr, flush=True)
         if first is None:

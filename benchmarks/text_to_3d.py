@@ -30,13 +30,13 @@ PROMPTS = ["a red cube", "a blue ball", "a green torus", "a snowman with an oran
 
 def run(method: str, prompt: str, teacher: str, steps: int, out: Path, camera: bool = True, seed: int = 0) -> dict:
     from methods.registry import get_method
-    from studio.text_to_3d import generate
+    from methods import run as run_method
 
     cls = get_method(method)
     cfg = cls.Config(prompt=prompt, teacher=teacher, steps=steps, seed=seed, turntable_frames=8, turntable_size=64)
     cfg = dataclasses.replace(cfg, stage=dataclasses.replace(cfg.stage, camera_conditioning=camera))
     t0 = time.perf_counter()
-    m = generate(cfg, method, out, progress=False)
+    m = run_method(cfg, method, out, progress=False)
     wall = time.perf_counter() - t0
     gt = m.get("ground_truth") or {}
     return {"prompt": prompt, "wall_seconds": round(wall, 1), "train_seconds": m["train_seconds"], "it_s": m["it_s"],

@@ -65,7 +65,8 @@ def doctor() -> None:
 
 def build_ext(cuda: bool = False) -> None:
     """Build (or reuse) the native C++ extensions, and the CUDA ones with --cuda on a CUDA machine."""
-    from .render import _cuda, _mesh_ext, _native
+    from .render import _mesh_ext
+    from .render._gaussians_ext import cuda as _cuda, native as _native
     from .students import _hashgrid_ext
 
     ok = _native.available()

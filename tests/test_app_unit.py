@@ -17,7 +17,10 @@ from studio.app import core
 from studio.app.core import AppSettings, BatchJob, JobManager, RunJob, Slots
 from studio.app.forms import build_config, config_values, field_specs, from_widget, to_widget
 from studio.errors import UserError
-from studio.text_to_3d import TextTo3DConfig, validate
+from studio.runs.protocol import Method
+from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod
+
+validate = TextTo3DMethod().validate
 
 
 @pytest.fixture()
@@ -81,8 +84,8 @@ def _message(fn, *a):
 def test_validation_messages_are_the_librarys(settings):
     for bad in (SDSConfig(prompt="  "), SDSConfig(prompt="a red cube", steps=0),
                 SDSConfig(prompt="a red cube", resolution=8)):
-        assert _message(core.validate_config, "3d", bad, settings) == _message(validate, bad)
-    msg = _message(core.validate_config, "3d", SDSConfig(prompt="a red cube", steps=10**6), settings)
+        assert _message(core.validate_config, "sds", bad, settings) == _message(validate, bad)
+    msg = _message(core.validate_config, "sds", SDSConfig(prompt="a red cube", steps=10**6), settings)
     assert "at most 20000" in msg and "--max-steps" in msg
 
 
@@ -93,16 +96,19 @@ def test_teacher_resolution_confines_paths_to_the_models_folder(settings, tmp_pa
     model = settings.models_dir / "tiny-sd"
     model.mkdir()
     (model / "model_index.json").write_text("{}")
-    assert core.resolve_teacher("tiny-sd", settings) == str(model.resolve())
-    assert core.resolve_teacher(str(model), settings) == str(model.resolve())
+    assert core.resolve_teacher("tiny-sd", settings) == str(model)
+    assert core.resolve_teacher(str(model), settings) == str(model)
     assert str(model) in core.teacher_choices(settings)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     for bad in (str(outside), "/etc", "../out", str(settings.models_dir / ".." / "out"), "~/"):
         assert "outside the models folder" in _message(core.resolve_teacher, bad, settings)
-    link = settings.models_dir / "sneaky"
+    # A model linked into the models folder is accepted (the message says "copy or link the model into it")
+    link = settings.models_dir / "linked"
     link.symlink_to(outside)
-    assert "outside the models folder" in _message(core.resolve_teacher, "sneaky", settings)
+    assert core.resolve_teacher("linked", settings) == str(link)
+    assert "outside the models folder" in _message(core.resolve_teacher, str(settings.models_dir / "linked" / ".." / ".."),
+                                                   settings)
     from studio.teachers.registry import load_teacher
 
     assert _message(core.resolve_teacher, "no-such-teacher", settings) == _message(load_teacher, "no-such-teacher")
@@ -138,14 +144,14 @@ class FakeTrainer:
 
 
 def fake_runner(steps=5, delay=0.0, fail_on=None):
-    """A runner with generate()'s contract: callbacks per step, trainer_hook, TrainingCancelled, artefacts."""
+    """A runner with run_method's contract: callbacks per step (False cancels), TrainingCancelled, artefacts,
+    ``run_dir`` in the metrics."""
     from studio.train.loop import TrainingCancelled
 
-    def run(kind, method, cfg, out, *, callbacks, trainer_hook):
+    def run(method, cfg, out, *, callbacks):
         if fail_on and fail_on in cfg.prompt:
             raise UserError(f"prompt {cfg.prompt!r} is not a ShapeWorld object")
         trainer = FakeTrainer()
-        trainer_hook(trainer)
         run_dir = Path(out) / cfg.prompt.replace(" ", "-")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(f"method: {method}\nprompt: {cfg.prompt}\nsteps: {steps}\n")
@@ -157,7 +163,8 @@ def fake_runner(steps=5, delay=0.0, fail_on=None):
                 if cb({"stage": "fake", "step": i, "steps": steps, "loss": 1.0 / i, "it_s": 10.0,
                        "eta_s": (steps - i) / 10, "stage_obj": object()}) is False:
                     trainer.cancel()
-        metrics = {"ground_truth": {"psnr": 20.0, "iou": 0.9}, "train_seconds": 0.1, "method": method}
+        metrics = {"ground_truth": {"psnr": 20.0, "iou": 0.9}, "train_seconds": 0.1, "method": method,
+                   "run_dir": str(run_dir)}
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
         (run_dir / "model.ply").write_text("ply")
         (run_dir / "turntable.mp4").write_bytes(b"\x00")
@@ -181,8 +188,8 @@ def _drain(job, timeout=20):
 def test_run_job_streams_steps_and_respects_the_concurrency_limit(tmp_path):
     slots = Slots(1)
     cfg = SDSConfig(prompt="a red cube", steps=5)
-    a = RunJob("3d", "sds", cfg, tmp_path / "a", slots, runner=fake_runner(steps=5, delay=0.05)).start()
-    b = RunJob("3d", "sds", cfg, tmp_path / "b", slots, runner=fake_runner(steps=3)).start()
+    a = RunJob("sds", cfg, tmp_path / "a", slots, runner=fake_runner(steps=5, delay=0.05)).start()
+    b = RunJob("sds", cfg, tmp_path / "b", slots, runner=fake_runner(steps=3)).start()
     ev_a, ev_b = _drain(a), _drain(b)
     assert [e[0] for e in ev_a] == ["step"] * 5 + ["done"]
     assert all("stage_obj" not in e[1] for e in ev_a[:-1])
@@ -192,20 +199,20 @@ def test_run_job_streams_steps_and_respects_the_concurrency_limit(tmp_path):
 
 def test_run_job_cancel_and_errors_leave_the_slot_free(tmp_path):
     slots = Slots(1)
-    job = RunJob("3d", "sds", SDSConfig(prompt="a red cube"), tmp_path, slots,
+    job = RunJob("sds", SDSConfig(prompt="a red cube"), tmp_path, slots,
                  runner=fake_runner(steps=10_000, delay=0.01)).start()
     assert job.events.get(timeout=10)[0] == "step"
     job.cancel()
     ev = _drain(job)
     assert ev[-1][0] == "cancelled" and "checkpoint saved" in ev[-1][1]
-    bad = RunJob("3d", "sds", SDSConfig(prompt="a purple elephant"), tmp_path, slots,
+    bad = RunJob("sds", SDSConfig(prompt="a purple elephant"), tmp_path, slots,
                  runner=fake_runner(fail_on="elephant")).start()
     assert _drain(bad)[-1] == ("error", "prompt 'a purple elephant' is not a ShapeWorld object")
 
     def crash(*a, **k):
         raise RuntimeError("boom")
 
-    assert _drain(RunJob("3d", "sds", SDSConfig(prompt="x"), tmp_path, slots, runner=crash).start())[-1] == \
+    assert _drain(RunJob("sds", SDSConfig(prompt="x"), tmp_path, slots, runner=crash).start())[-1] == \
         ("error", "RuntimeError: boom")
     assert slots.busy == 0
 
@@ -213,9 +220,9 @@ def test_run_job_cancel_and_errors_leave_the_slot_free(tmp_path):
 def test_job_manager_one_run_per_session(settings, monkeypatch):
     monkeypatch.setattr(core, "run_method", fake_runner(steps=10_000, delay=0.01))
     m = JobManager(settings)
-    job = m.start_run("s1", "3d", "sds", SDSConfig(prompt="a red cube"))
+    job = m.start_run("s1", "sds", SDSConfig(prompt="a red cube"))
     with pytest.raises(UserError, match="still going"):
-        m.start_run("s1", "3d", "sds", SDSConfig(prompt="a red cube"))
+        m.start_run("s1", "sds", SDSConfig(prompt="a red cube"))
     assert not m.cancel_run("other-session")
     assert m.cancel_run("s1")
     assert _drain(job)[-1][0] == "cancelled"
@@ -223,7 +230,7 @@ def test_job_manager_one_run_per_session(settings, monkeypatch):
 
 def test_batch_isolates_failures_and_zips_results(tmp_path, monkeypatch):
     monkeypatch.setattr(core, "run_method", fake_runner(steps=3, fail_on="elephant"))
-    job = BatchJob("3d", "sds", SDSConfig(steps=3), ["a red cube", "a purple elephant", "a blue ball"],
+    job = BatchJob("sds", SDSConfig(steps=3), ["a red cube", "a purple elephant", "a blue ball"],
                    tmp_path / "batch", Slots(1)).start()
     job.thread.join(30)
     status = {r["prompt"]: r["status"] for r in job.rows}
@@ -242,9 +249,9 @@ def test_batch_isolates_failures_and_zips_results(tmp_path, monkeypatch):
 
 def test_gallery_scans_runs_and_rejects_paths_outside_the_output_folder(settings, tmp_path):
     run = fake_runner(steps=2)
-    run("3d", "sds", SDSConfig(prompt="a red cube"), settings.out / "r1", callbacks=[], trainer_hook=lambda t: None)
+    run("sds", SDSConfig(prompt="a red cube"), settings.out / "r1", callbacks=[])
     time.sleep(0.02)
-    run("3d", "sds", SDSConfig(prompt="a blue ball"), settings.out / "batch-x", callbacks=[], trainer_hook=lambda t: None)
+    run("sds", SDSConfig(prompt="a blue ball"), settings.out / "batch-x", callbacks=[])
     (settings.out / "junk").mkdir()
     runs = core.scan_runs(settings.out)
     assert [r.prompt for r in runs] == ["a blue ball", "a red cube"]
@@ -336,7 +343,8 @@ def test_stream_handler_runs_reports_errors_and_stays_usable(app):
     final = out[-1]
     assert final[tab.status].startswith("Done"), final[tab.status]
     assert final[tab.model3d]["value"].endswith("model.ply")
-    assert final[tab.video].endswith("turntable.mp4") and "PSNR" in final[tab.metrics]
+    assert final[tab.video]["value"].endswith("turntable.mp4") and "PSNR" in final[tab.metrics]
+    assert final[tab.model3d]["visible"] is True and final[tab.video]["visible"] is True
     assert {Path(f).name for f in final[tab.files]} >= {"model.ply", "model.splat", "turntable.mp4", "metrics.json"}
     assert 'data-step="4"' in final[tab.progress]
     assert any(tab.loss in o and len(o[tab.loss]) > 0 for o in out)
@@ -356,8 +364,9 @@ def test_a_new_kind_gets_its_own_tab(tmp_path, monkeypatch):
     class Fake4DConfig(TextTo3DConfig):
         frames: int = 8
 
-    class Fake4D:
-        name, kind, description, paper, Config = "fake4d", "4d", "a fake 4D method", "https://example.org", Fake4DConfig
+    class Fake4D(Method):
+        name, kind, kind_title, description, paper = "fake4d", "4d", "Text to 4D", "a fake 4D method", "https://example.org"
+        Config = Fake4DConfig
 
     monkeypatch.setitem(reg._REGISTRY, "fake4d", Fake4D)
     monkeypatch.setattr(reg, "_discover", lambda: {**reg._BUILTIN, "fake4d": "unused:Fake4D"})

@@ -19,7 +19,7 @@ from studio.distill.normals import (
 from studio.errors import UserError
 from studio.render.mesh import render_mesh
 from studio.students.dmtet import DMTet, sphere_sdf
-from studio.text_to_3d import generate
+from methods import run
 
 TINY = {"nerf_steps": 1, "neus_steps": 1, "dmtet_steps": 1, "polish_steps": 1, "texture_steps": 1, "turntable_frames": 2,
             "turntable_size": 32, "texture_size": 32, "resolution": 24, "n_samples": 16, "batch_size": 1}
@@ -32,7 +32,7 @@ def _cache(tmp_path, monkeypatch):
 
 def test_end_to_end_shapeworld_and_from_stage(tmp_path):
     cfg = DreamPolishConfig(prompt="a red cube", **TINY)
-    m = generate(cfg, "dreampolish", tmp_path / "out", progress=False)
+    m = run(cfg, "dreampolish", tmp_path / "out", progress=False)
     run = tmp_path / "out" / "a-red-cube"
     for f in ("model.glb", "model.obj", "turntable.mp4", "preview.png", "metrics.json", "config.yaml"):
         assert (run / f).is_file() and (run / f).stat().st_size > 0, f
@@ -45,12 +45,12 @@ def test_end_to_end_shapeworld_and_from_stage(tmp_path):
     # --from-stage polish: G1-G3 are not rerun, their artefact is reused (the nerf file stays untouched)
     nerf_mtime = (run / "stages" / "nerf.safetensors").stat().st_mtime_ns
     cfg2 = DreamPolishConfig(prompt="a red cube", from_stage="polish", **{**TINY, "polish_steps": 2})
-    m2 = generate(cfg2, "dreampolish", tmp_path / "out", progress=False)
+    m2 = run(cfg2, "dreampolish", tmp_path / "out", progress=False)
     assert set(m2["stage_seconds"]) == {"polish", "texture"}
     assert (run / "stages" / "nerf.safetensors").stat().st_mtime_ns == nerf_mtime
     # a missing artefact is a clear user error
     with pytest.raises(UserError, match="artefact"):
-        generate(DreamPolishConfig(prompt="a blue ball", from_stage="dmtet", **TINY), "dreampolish",
+        run(DreamPolishConfig(prompt="a blue ball", from_stage="dmtet", **TINY), "dreampolish",
                  tmp_path / "out", progress=False)
 
 
@@ -73,7 +73,7 @@ def test_tiny_real_classes_every_stage(tmp_path):
     est = _tiny_estimator(tmp_path)
     cfg = DreamPolishConfig(prompt="a red cube", teacher=str(sd), texture_teacher=None, guidance_scale=7.5,
                             normal_estimator=est, **TINY)
-    m = generate(cfg, "dreampolish", tmp_path / "out", progress=False)
+    m = run(cfg, "dreampolish", tmp_path / "out", progress=False)
     assert m["teacher"] == str(sd) and set(m["stage_seconds"]) == {"nerf", "neus", "dmtet", "polish", "texture"}
     assert m["final_loss"] == m["final_loss"]  # finite, not NaN
     assert (tmp_path / "out" / "a-red-cube" / "model.glb").is_file()
@@ -170,7 +170,7 @@ def test_stage_learning_rates_reach_the_optimizers(tmp_path):
     """--field-lr-mlp and --texture-lr set the rates of the parameters that actually train (the Fourier
     texture field's MLP; the NeRF's MLPs), not only of groups that may be empty."""
     from methods.dreampolish import DreamPolishMethod
-    from studio.text_to_3d import load_teacher_cached
+    from studio.runs.text_to_3d import load_teacher_cached
 
     cfg = DreamPolishConfig(prompt="a red cube", field_lr_mlp=0.02, texture_lr=0.004, nerf_lr=0.03, **TINY)
     m = DreamPolishMethod()

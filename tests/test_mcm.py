@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods import run
 from methods.mcm import MCMConfig, MCMMethod, MCMStage, pooled_text
 from methods.video_lcm import ConsistencyStage, VideoLCMConfig
 from studio.students.video_lora import VideoLoRAStudent
 from studio.teachers.registry import load_video_teacher
-from studio.video_distill import VideoData, resolve_prompts
+from studio.runs.video_distill import VideoData, resolve_prompts
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -69,7 +70,7 @@ def test_mcm_step_losses_reach_only_their_own_parameters(tiny_wan):
 def test_mcm_trains_lora_head_and_discriminator_in_the_loop(tiny_wan, tmp_path):
     cfg = MCMConfig(teacher=str(tiny_wan), steps=3, batch_size=2, eval_prompts=0, data="shapeworld-lq",
                     real_images="hq", checkpoint_every=10)
-    m = MCMMethod().run(cfg, tmp_path, progress=False)
+    m = run(cfg, MCMMethod(), tmp_path, progress=False)
     hist = json.loads((tmp_path / "history.json").read_text())
     assert len(hist) == 3 and {"l_cd", "l_adv", "l_d", "gp"} <= set(hist[-1])
     assert Path(m["student"], "student.json").is_file()

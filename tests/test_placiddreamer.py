@@ -6,7 +6,7 @@ import torch
 
 from methods.placiddreamer.method import PlacidDreamerConfig, scale_schedules
 from studio.errors import UserError
-from studio.text_to_3d import generate
+from methods import run
 
 
 def _cfg(**kw):
@@ -23,7 +23,7 @@ def test_schedules_scale_to_the_run_length():
 
 
 def test_placiddreamer_runs_every_step_and_resumes(tmp_path):
-    m = generate(_cfg(), "placiddreamer", tmp_path, progress=False)
+    m = run(_cfg(), "placiddreamer", tmp_path, progress=False)
     run = tmp_path / "a-red-cube"
     for f in ("reference.png", "views.png", "views.safetensors", "init.ply", "init_mesh.ply", "init.json", "lora",
               "model.ply", "turntable.mp4", "metrics.json"):
@@ -34,23 +34,23 @@ def test_placiddreamer_runs_every_step_and_resumes(tmp_path):
     assert m["ground_truth"]["iou"] > 0.2
     # resume: the prepared steps are reused (no new DreamBooth run, same init)
     before = (run / "init.ply").read_bytes()
-    m2 = generate(_cfg(), "placiddreamer", tmp_path, progress=False, resume=True)
+    m2 = run(_cfg(), "placiddreamer", tmp_path, progress=False, resume=True)
     assert m2["prepare"].get("resumed") is True and (run / "init.ply").read_bytes() == before
 
 
 def test_sds_ablation_and_random_init_without_personalisation(tmp_path):
-    m = generate(_cfg(distillation="sds", init="random", personalize=False), "placiddreamer", tmp_path, progress=False)
+    m = run(_cfg(distillation="sds", init="random", personalize=False), "placiddreamer", tmp_path, progress=False)
     assert m["prepare"]["personalised"] is False
     assert not (tmp_path / "a-red-cube" / "init.ply").exists()
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="image"):
-        generate(_cfg(image=str(tmp_path / "missing.png")), "placiddreamer", tmp_path, progress=False)
+        run(_cfg(image=str(tmp_path / "missing.png")), "placiddreamer", tmp_path, progress=False)
     with pytest.raises(UserError, match="bsd-lambda"):
-        generate(_cfg(bsd_lambda=0.0), "placiddreamer", tmp_path, progress=False)
+        run(_cfg(bsd_lambda=0.0), "placiddreamer", tmp_path, progress=False)
     with pytest.raises(UserError, match="novel-view"):
-        generate(_cfg(novel_view_teacher="shapeworld-exact"), "placiddreamer", tmp_path, progress=False)
+        run(_cfg(novel_view_teacher="shapeworld-exact"), "placiddreamer", tmp_path, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_tiny_real_classes_run_every_step(tmp_path, tiny_real):
     teacher, both loaded by path: reference sample, 8 ring views, Latent-Plane init, DreamBooth-LoRA, BSD."""
     sd, z123 = tiny_real
     cfg = _cfg(prompt="a red cube", teacher=str(sd), novel_view_teacher=str(z123), guidance_scale=None)
-    m = generate(cfg, "placiddreamer", tmp_path, progress=False)
+    m = run(cfg, "placiddreamer", tmp_path, progress=False)
     prep = m["prepare"]
     assert prep["personalised"] is True and prep["novel_view_teacher"] == str(z123)
     run = tmp_path / "a-red-cube"
@@ -103,7 +103,7 @@ def test_hooked_latent_plane_runs_inside_zero123_sampling(tmp_path, tiny_real, m
         hook_calls.append(1), _f(self, *a, **k))[1])
     cfg = _cfg(prompt="a red cube", teacher=str(sd), novel_view_teacher=str(z123), latent_plane=str(plane_dir),
                latent_plane_steps=3, personalize=False)
-    m = generate(cfg, "placiddreamer", tmp_path / "out", progress=False)
+    m = run(cfg, "placiddreamer", tmp_path / "out", progress=False)
     assert m["prepare"]["latent_plane"] == "hooked into the novel-view UNet"
     assert len(hook_calls) == 3  # active in 3 of the 4 steps, conditional branch only
     assert calls and m["prepare"]["init_points"] == 800

@@ -14,7 +14,7 @@ from methods.sds import SDSConfig
 from studio.cameras import orbit_cameras
 from studio.errors import UserError
 from studio.teachers.registry import load_teacher
-from studio.text_to_3d import generate
+from methods import run
 from studio.train.gaussian_stage import GaussianStageConfig
 from studio.world.objects import get_object
 from studio.world.references import render_gaussian_views
@@ -64,7 +64,7 @@ def small_cfg(prompt, **kw):
 
 
 def test_generate_writes_all_artefacts_and_resumes(tmp_path):
-    m = generate(small_cfg("a red cube"), "sds", tmp_path, progress=False)
+    m = run(small_cfg("a red cube"), "sds", tmp_path, progress=False)
     d = tmp_path / "a-red-cube"
     for f in ("model.ply", "model.splat", "turntable.mp4", "preview.png", "config.yaml", "metrics.json"):
         assert (d / f).stat().st_size > 0, f
@@ -76,13 +76,13 @@ def test_generate_writes_all_artefacts_and_resumes(tmp_path):
     assert read_video(d / "turntable.mp4").shape[0] == 4
     # a finished run resumed does no more steps and gives the same model
     before = read_ply(d / "model.ply")["means"]
-    generate(small_cfg("a red cube"), "sds", tmp_path, resume=True, progress=False)
+    run(small_cfg("a red cube"), "sds", tmp_path, resume=True, progress=False)
     assert torch.equal(read_ply(d / "model.ply")["means"], before)
 
 
 def test_same_seed_same_result(tmp_path):
-    a = generate(small_cfg("a blue ball", steps=6), "sds", tmp_path / "a", progress=False)
-    b = generate(small_cfg("a blue ball", steps=6), "sds", tmp_path / "b", progress=False)
+    a = run(small_cfg("a blue ball", steps=6), "sds", tmp_path / "a", progress=False)
+    b = run(small_cfg("a blue ball", steps=6), "sds", tmp_path / "b", progress=False)
     assert a["ground_truth"]["psnr"] == b["ground_truth"]["psnr"]
 
 
@@ -123,7 +123,10 @@ def test_batch_continues_after_a_failure_and_resumes(tmp_path):
     assert r.returncode == 1, r.stderr  # one prompt failed
     assert "2/3 done, 1 failed" in r.stdout
     assert (tmp_path / "out" / "a-green-torus" / "metrics.json").exists()
-    assert "not a ShapeWorld object" in (tmp_path / "out" / "a-purple-elephant" / "error.txt").read_text()
+    # a prompt rejected before training leaves no folder; its reason is in the summary
+    assert not (tmp_path / "out" / "a-purple-elephant").exists()
+    rows = {r["prompt"]: r for r in json.loads((tmp_path / "out" / "batch_summary.json").read_text())}
+    assert rows["a purple elephant"]["status"] == "failed" and "not a ShapeWorld object" in rows["a purple elephant"]["error"]
     r2 = run_cli(*args)
     assert r2.stderr.count("skip (done)") == 2
 
@@ -160,6 +163,6 @@ def test_real_model_path_tiny_sd(tmp_path):
 
     path = make_tiny_sd(tmp_path / "tiny-sd", sample_size=16)
     cfg = small_cfg("a red cube", steps=3, teacher=str(path), guidance_scale=7.5)
-    m = generate(cfg, "sds", tmp_path / "out", progress=False)
+    m = run(cfg, "sds", tmp_path / "out", progress=False)
     assert m["teacher"] == str(path) and m["final_loss"] is not None and m["final_loss"] == m["final_loss"]
     assert (tmp_path / "out" / "a-red-cube" / "model.ply").exists()

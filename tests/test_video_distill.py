@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods import run
+
 from studio.errors import UserError
 from studio.teachers.registry import load_video_teacher
-from studio.video import load_video_model
-from studio.video_distill import VideoData, resolve_prompts
+from studio.runs.video_generate import load_video_model
+from studio.runs.video_distill import VideoData, resolve_prompts
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -84,14 +86,14 @@ def test_video_distill_resume_continues(tiny_wan, tmp_path):
     from methods.video_lcm import VideoLCMConfig, VideoLCMMethod
 
     cfg = VideoLCMConfig(teacher=str(tiny_wan), steps=4, batch_size=1, eval_prompts=0, checkpoint_every=2)
-    full = VideoLCMMethod().run(cfg, tmp_path / "a", progress=False)
+    full = run(cfg, VideoLCMMethod(), tmp_path / "a", progress=False)
     # a run cancelled after 2 steps (checkpoint saved), then resumed, ends with the same student
     from studio.train.loop import TrainingCancelled
 
     with pytest.raises(TrainingCancelled):
-        VideoLCMMethod().run(cfg, tmp_path / "b", progress=False, callbacks=[lambda rec: rec["step"] < 2])
+        run(cfg, VideoLCMMethod(), tmp_path / "b", progress=False, callbacks=[lambda rec: rec["step"] < 2])
     assert not (tmp_path / "b" / "student").exists()
-    resumed = VideoLCMMethod().run(cfg, tmp_path / "b", resume=True, progress=False)
+    resumed = run(cfg, VideoLCMMethod(), tmp_path / "b", resume=True, progress=False)
     a = load_video_model(tmp_path / "a" / "student")[0]
     b = load_video_model(tmp_path / "b" / "student")[0]
     x = a.noise(1, seed=1)

@@ -12,7 +12,8 @@ from studio.errors import UserError
 from studio.teachers.registry import load_teacher, load_video_teacher
 from studio.teachers.sampling import flow_euler_sample
 from studio.teachers.shapeworld_video import ShapeWorldVideoExactTeacher
-from studio.video import VideoGenerateConfig, generate_video, load_video_model, write_student
+from studio.runs.video_generate import VideoGenerateConfig, load_video_model, write_student
+from methods import run
 from studio.world.clips import reference_clips
 from studio.world.video_metrics import evaluate_videos
 
@@ -89,7 +90,7 @@ def test_studio_video_generate_cli(tmp_path, capsys):
 
 def test_student_folder_round_trip_tiny_wan(tmp_path):
     """Tier 1: a LoRA student on a tiny Wan (real classes) written as a student folder, loaded back by path,
-    merged, and sampled with its own (LCM) defaults through generate_video."""
+    merged, and sampled with its own (LCM) defaults through methods.run."""
     from tiny_video_models import make_tiny_wan
 
     from studio.students.video_lora import VideoLoRAStudent
@@ -109,7 +110,7 @@ def test_student_folder_round_trip_tiny_wan(tmp_path):
     assert defaults["sampler"] == "lcm" and defaults["steps"] == 2
     torch.testing.assert_close(model.predict(x, 500, model.encode_prompt(["a red ball"]), output="sample"), want,
                                atol=1e-4, rtol=1e-4)
-    m = generate_video(VideoGenerateConfig("a red ball", model=str(folder)), tmp_path / "out")
+    m = run(VideoGenerateConfig("a red ball", model=str(folder)), out=tmp_path / "out")
     assert m["sampler"] == "lcm" and m["steps"] == 2 and m["guidance_scale"] == 1.0
     assert (tmp_path / "out" / "a-red-ball" / "video.mp4").exists()
 

@@ -18,7 +18,7 @@ from studio.errors import UserError  # noqa: E402
 from studio.students.lora_score import LoRAScore, c2w_from_cameras  # noqa: E402
 from studio.teachers.registry import load_teacher  # noqa: E402
 from studio.teachers.schedule import NoiseSchedule  # noqa: E402
-from studio.text_to_3d import generate  # noqa: E402
+from methods import run  # noqa: E402
 from studio.train.gaussian_stage import GaussianStageConfig  # noqa: E402
 from tiny_models import make_tiny_sd  # noqa: E402
 
@@ -296,7 +296,7 @@ def _cfg(path, steps, **kw):
 def test_generate_end_to_end_and_resume_keeps_lora_state(models, tmp_path):
     from studio.train.checkpoint import load_checkpoint
 
-    m = generate(_cfg(models.eps_path, 3), "vsd", tmp_path / "a", progress=False)
+    m = run(_cfg(models.eps_path, 3), "vsd", tmp_path / "a", progress=False)
     d = tmp_path / "a" / "a-red-cube"
     for f in ("model.ply", "model.splat", "turntable.mp4", "preview.png", "config.yaml", "metrics.json"):
         assert (d / f).stat().st_size > 0, f
@@ -316,8 +316,8 @@ def test_generate_end_to_end_and_resume_keeps_lora_state(models, tmp_path):
 
     from studio.train.loop import TrainingCancelled
     with pytest.raises(TrainingCancelled):
-        generate(_cfg(models.eps_path, 3), "vsd", tmp_path / "b", progress=False, callbacks=[stop_at_2])
-    generate(_cfg(models.eps_path, 3), "vsd", tmp_path / "b", progress=False, resume=True)
+        run(_cfg(models.eps_path, 3), "vsd", tmp_path / "b", progress=False, callbacks=[stop_at_2])
+    run(_cfg(models.eps_path, 3), "vsd", tmp_path / "b", progress=False, resume=True)
     resumed = load_checkpoint(tmp_path / "b" / "a-red-cube" / "checkpoints" / "last.safetensors")
     for k, v in lora_state.items():
         assert torch.allclose(resumed["stages"]["vsd"]["extra"]["lora"][k], v, atol=1e-6), k
