@@ -136,7 +136,7 @@ def section_env():
 
 
 def section_build():
-    from studio.render import _cuda
+    from studio.render._gaussians_ext import cuda as _cuda
 
     t0 = time.time()
     ok = _cuda.available()
@@ -159,7 +159,7 @@ TWIN_SCENES = [
 def section_parity_twin():
     import torch
 
-    from studio.render import _cuda
+    from studio.render._gaussians_ext import cuda as _cuda
 
     if not SMOKE and not _cuda.available():
         return {"error": f"cuda backend unavailable: {_cuda.load_error()}"}
@@ -209,7 +209,7 @@ def section_parity_gsplat():
         import gsplat  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return {"skipped": f"gsplat not importable ({type(e).__name__}: {e})"}
-    from studio.render import _cuda
+    from studio.render._gaussians_ext import cuda as _cuda
 
     if not SMOKE and not _cuda.available():
         return {"error": f"cuda backend unavailable: {_cuda.load_error()}"}
@@ -269,9 +269,10 @@ def _time_ms(fn, warmup=2, reps=5, budget_s=20.0):
 def section_timings():
     import torch
 
-    from studio.render import _cuda, rasterize_gaussians
+    from studio.render import rasterize_gaussians
+    from studio.render._gaussians_ext import cuda as _cuda
     from studio.render._common import covariance_3d, project_gaussians
-    from studio.render._torch_impl import rasterize_to_pixels_torch
+    from studio.render._gaussians_torch import rasterize_to_pixels_torch
 
     if SMOKE:
         def blend(*a, tile_size=16):

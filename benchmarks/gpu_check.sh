@@ -33,7 +33,7 @@ echo "[gpu_check.sh] building the CUDA extension (MAX_JOBS=$MAX_JOBS) ..."
 STUDIO_EXT_VERBOSE=1 "$PY" - >"$OUT_DIR/gpu_build.log" 2>&1 <<'PYEOF'
 import time
 t0 = time.time()
-from studio.render import _cuda
+from studio.render._gaussians_ext import cuda as _cuda
 ok = _cuda.available()
 print(f"available={ok} seconds={time.time() - t0:.1f} error={_cuda.load_error()}")
 PYEOF

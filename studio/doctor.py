@@ -16,9 +16,7 @@ def _version(mod: str) -> str:
 def collect() -> list[tuple[str, str]]:
     import torch
 
-    from . import ext
-    from .render import _cuda, _mesh_ext, _native
-    from .students import _hashgrid_ext
+    from . import ext, render, students
 
     rows = [("python", platform.python_version()), ("torch", torch.__version__),
             ("torch threads", str(torch.get_num_threads()))]
@@ -37,13 +35,8 @@ def collect() -> list[tuple[str, str]]:
         rows.append(("nvcc", f"{nvcc} ({v})"))
     else:
         rows.append(("nvcc", "not found"))
-    rows.append(("native extension", "ok" if _native.available() else f"unavailable: {_native.load_error()}"))
-    rows.append(("cuda extension", "ok" if _cuda.available() else f"unavailable: {_cuda.load_error()}"))
-    for kind in ("native", "cuda"):
-        ok = _mesh_ext.available(kind)
-        rows.append((f"{kind} mesh extension", "ok" if ok else f"unavailable: {_mesh_ext.load_error(kind)}"))
-    rows.append(("native hashgrid extension",
-                 "ok" if _hashgrid_ext.available() else f"unavailable: {_hashgrid_ext.load_error()}"))
+    for name, error in {**render.extension_status(cuda=True), **students.extension_status()}.items():
+        rows.append((f"{name} extension", "ok" if error is None else f"unavailable: {error}"))
     rows.append(("gsplat", _version("gsplat")))
     rows.append(("extension cache", str(ext.cache_dir())))
     for mod in ("diffusers", "transformers", "gradio", "decord"):

@@ -1,4 +1,4 @@
-"""The CUDA rasterizer (cuda_ext/cuda, studio.render._cuda) without and with a GPU.
+"""The CUDA rasterizer (cuda_ext/cuda, studio.render._gaussians_ext.cuda) without and with a GPU.
 
 Without a GPU:
 * the kernels compile standalone with nvcc for sm_80 (skipped without nvcc) and include no torch /
@@ -8,7 +8,7 @@ Without a GPU:
 * the kernel source itself runs on the CPU through cuda_ext/cuda/host_emulation.h (one fiber per CUDA
   thread: real barriers, warp shuffles, shared memory) and matches the dense torch twin, forward and
   gradients, with early termination, several batches per tile, generic channel counts and float64;
-* ``studio.render._cuda`` reports itself unavailable without raising.
+* ``studio.render._gaussians_ext.cuda`` reports itself unavailable without raising.
 
 With a GPU (skipped otherwise): backend="cuda" against backend="torch" through rasterize_gaussians,
 forward and gradients including viewmats.
@@ -29,9 +29,9 @@ import torch
 
 from cuda_ext import SOURCE_DIR
 from studio import ext
-from studio.render import _cuda
+from studio.render._gaussians_ext import cuda as _cuda
 from studio.render._common import covariance_3d, project_gaussians
-from studio.render._torch_impl import rasterize_to_pixels_torch
+from studio.render._gaussians_torch import rasterize_to_pixels_torch
 
 CUDA_DIR = SOURCE_DIR / "cuda"
 KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -75,7 +75,7 @@ def test_sources_present():
     names = {p.name for p in KERNEL_SOURCES}
     assert {"binning.cu", "raster_fwd.cu", "raster_bwd.cu"} <= names
     assert (CUDA_DIR / "binding.cpp").exists() and (CUDA_DIR / "raster.h").exists()
-    for s in _cuda.SOURCES:
+    for s in _cuda.sources:
         assert (SOURCE_DIR / s).exists(), s
 
 

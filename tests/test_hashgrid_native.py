@@ -181,9 +181,9 @@ def test_backend_option(monkeypatch):
     enc(x)
     assert calls == [1]
     # auto falls back to torch, warning once, when the extension is unavailable
-    from studio.render import _common
+    from studio import errors
 
-    monkeypatch.setattr(_common, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     monkeypatch.setattr(_hashgrid_ext, "available", lambda: False)
     enc.backend = "auto"
     with pytest.warns(RuntimeWarning, match="native hash-grid extension unavailable"):

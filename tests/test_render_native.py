@@ -17,9 +17,10 @@ import math
 import pytest
 import torch
 
-from studio.render import _native, rasterize_gaussians
+from studio.render import rasterize_gaussians
+from studio.render._gaussians_ext import native as _native
 from studio.render._common import ALPHA_MIN
-from studio.render._torch_impl import rasterize_to_pixels_torch
+from studio.render._gaussians_torch import rasterize_to_pixels_torch
 
 pytestmark = pytest.mark.skipif(
     not _native.available(), reason=f"native rasterizer extension unavailable: {_native.load_error()}"

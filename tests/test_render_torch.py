@@ -6,7 +6,7 @@ import torch
 from studio.cameras import Cameras, intrinsics_from_fov, look_at, orbit_cameras
 from studio.render import rasterize_gaussians
 from studio.render._common import ALPHA_MAX, ALPHA_MIN, T_EPS
-from studio.render._torch_impl import rasterize_to_pixels_torch
+from studio.render._gaussians_torch import rasterize_to_pixels_torch
 
 
 def scene(n=30, seed=0, dtype=torch.float32):

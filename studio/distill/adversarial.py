@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..students.lora_score import _seeded  # the one seeded-RNG context manager
+from ..seeding import seeded
 
 __all__ = [
     "DISC_LOSSES", "AdaptiveGPWeight", "Dinov2Backbone", "DiscHead", "FeatureBackbone", "ProjectedDiscriminator",
@@ -170,7 +170,7 @@ class ShapeWorldFeatureBackbone(_Frozen):
         if not self.channels or min(self.channels) < 1:
             raise UserError(f"ShapeWorldFeatureBackbone channels must be positive, got {list(channels)}")
         convs = []
-        with _seeded(seed):
+        with seeded(seed):
             c_in = 3
             for i, c in enumerate(self.channels):
                 conv = nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1)
@@ -326,7 +326,7 @@ class ProjectedDiscriminator(nn.Module):
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.policy = str(augment)
-        with _seeded(seed):
+        with seeded(seed):
             self.heads = nn.ModuleList([DiscHead(c, int(hidden or c), text_dim, cmap_dim, virtual_bs)
                                         for c in chans])
 

@@ -32,7 +32,6 @@ The GMFlow-style correlation options (``lcor`` / ``gcor`` / ``sgcor``) are not i
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Callable
@@ -42,8 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..teachers.video_base import batch_to_frames, frames_to_batch
+from ..seeding import seeded
 from ..students.ema import EMA
+from ..teachers.video_base import batch_to_frames, frames_to_batch
 
 __all__ = [
     "MOTIONS", "EMATarget", "FreqFilter", "LearnedMotionHead", "Motion", "Raw", "TemporalDiff",
@@ -152,10 +152,7 @@ class LearnedMotionHead(nn.Module):
         self.channels, self.variant, self.hidden = int(channels), variant, int(hidden)
         k = 1 if variant == "learn" else 3
         widths = [self.channels, self.hidden] if variant == "learn" else [self.channels] + [self.hidden] * 4
-        ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-        with ctx:
-            if seed is not None:
-                torch.manual_seed(int(seed))
+        with seeded(seed):
             layers: list[nn.Module] = [nn.SiLU()]
             for a, b in itertools.pairwise(widths):
                 layers += [nn.Conv2d(a, b, k, padding=k // 2), nn.GroupNorm(int(groups), b), nn.SiLU()]

@@ -23,20 +23,8 @@ depends on the tiling); ours does not.
 """
 from __future__ import annotations
 
-
-import warnings
-
 import torch
 from torch import Tensor
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, msg: str) -> None:
-    """Warn once per process and ``key`` (a backend falling back, e.g. the native extension failing to build)."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999

@@ -1,14 +1,18 @@
-"""Native C++/OpenMP tile rasterizer (``cuda_ext/cpu``).
+"""The compiled backends of ``rasterize_to_pixels``: the native C++/OpenMP tile rasterizer (``cuda_ext/cpu``)
+and the CUDA one (``cuda_ext/cuda``), built on first use by :mod:`studio.ext`.
 
-Contract (same for ``_cuda``):
+Each backend is a :class:`Backend` handle, :data:`native` and :data:`cuda`, with one contract:
+
     available() -> bool                 builds/loads the extension on first call, never raises
     load_error() -> str | None
+    sources                             its source files, relative to ``cuda_ext/``
     rasterize_to_pixels(means2d [C,N,2], conics [C,N,3], colors [C,N,D], opacities [C,N],
                         radii [C,N,2] int32, depths [C,N], width, height, backgrounds [C,D] | None,
                         *, tile_size=16) -> (render [C,H,W,D], alphas [C,H,W,1], extra: dict)
-    differentiable w.r.t. means2d, conics, colors, opacities, backgrounds; blend rules in _common.
+    differentiable w.r.t. means2d, conics, colors, opacities, backgrounds; blend rules in ``_common``; the
+    dense reference is ``_gaussians_torch.rasterize_to_pixels_torch``.
 
-Implementation (``cuda_ext/cpu/rasterize.cpp``, one C++ call per stage for all cameras):
+**native** (``cuda_ext/cpu/rasterize.cpp``, one C++ call per stage for all cameras; CPU tensors):
 
 * ``bin_gaussians``: per camera, the visible Gaussians (both radii > 0) are stably sorted by depth
   and appended to the lists of every tile their radii box touches. The radii are conservative
@@ -18,40 +22,65 @@ Implementation (``cuda_ext/cpu/rasterize.cpp``, one C++ call per stage for all c
 * ``rasterize_backward``: analytic, back-to-front per pixel (``T_i = T_{i+1} / (1 - alpha_i)``);
   per-intersection gradient records (race free) reduced per Gaussian deterministically.
 
-``extra`` holds the binning: ``isect_offsets [C,th,tw]`` (int32 start of each tile's list in
+Its ``extra`` holds the binning: ``isect_offsets [C,th,tw]`` (int32 start of each tile's list in
 ``flatten_ids``), ``flatten_ids [M]`` (int32 ``c*N + n``, depth ordered within a tile) and
 ``tiles_per_gauss [C,N]`` (int32).
+
+**cuda** (``cuda_ext/cuda``; CUDA tensors): all cameras in one launch, tile ids offset by camera: per-Gaussian
+tile counts from the opacity-aware radii, an inclusive scan, ``tile << 32 | depth`` keys emitted in
+Gaussian-index order and sorted with CUB's stable radix sort (so depth ties keep ascending index, as in the
+torch twin), per-tile ranges, then one 16x16-thread block per tile blending front to back through shared
+memory with early termination. The backward pass walks each tile back to front, recovers the transmittance
+per pixel and accumulates per-Gaussian gradients with warp reductions and atomics. float32 and float64; any
+channel count D (1..4 register-resident, others through a generic kernel). Its ``extra`` holds ``n_isects``
+(number of Gaussian-tile intersections).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from studio.ext import Extension
+from studio import ext
 
 from ._common import TILE_SIZE
 
-EXT_NAME = "studio_native_raster"
-EXT_SOURCES = ["cpu/rasterize.cpp"]
-EXT_CFLAGS = ["-O3", "-fopenmp"]
-EXT_LDFLAGS = ["-fopenmp"]
+NATIVE_NAME = "studio_native_raster"
+NATIVE_SOURCES = ["cpu/rasterize.cpp"]
+NATIVE_CFLAGS = ["-O3", "-fopenmp"]
+NATIVE_LDFLAGS = ["-fopenmp"]
 
-_EXT = Extension(EXT_NAME, EXT_SOURCES, extra_cflags=EXT_CFLAGS, extra_ldflags=EXT_LDFLAGS)
-_load = _EXT.load
-available = _EXT.available  #: whether the extension builds and loads (tried once per process; never raises)
-load_error = _EXT.load_error  #: why it is unavailable (None if it loaded or was not tried yet)
+CUDA_NAME = "studio_cuda_raster"
+CUDA_SOURCES = ["cuda/binning.cu", "cuda/raster_fwd.cu", "cuda/raster_bwd.cu", "cuda/binding.cpp"]
+CUDA_CFLAGS = ["-O3"]  # torch adds -std and the -gencode of the visible GPUs
 
 
-class _RasterizeToPixels(torch.autograd.Function):
+@dataclass
+class Backend:
+    """One compiled backend of ``rasterize_to_pixels`` (see the module doc)."""
+
+    name: str
+    sources: list[str]
+    available: Callable[[], bool]
+    load_error: Callable[[], str | None]
+    rasterize_to_pixels: Callable[..., tuple[Tensor, Tensor, dict[str, Any]]]
+
+
+# ------------------------------------------------------------------------------------------------ native
+_NATIVE = ext.Extension(NATIVE_NAME, NATIVE_SOURCES, extra_cflags=NATIVE_CFLAGS, extra_ldflags=NATIVE_LDFLAGS)
+
+
+class _NativeRasterizeToPixels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids, width, height,
                 tile_size):
-        ext = _load()
+        lib = _NATIVE.load()
         bg = backgrounds if backgrounds is not None else means2d.new_empty((0,))
-        render, alphas, t_final, last = ext.rasterize_forward(
+        render, alphas, t_final, last = lib.rasterize_forward(
             means2d, conics, colors, opacities, bg, isect_offsets, flatten_ids, width, height, tile_size
         )
         ctx.save_for_backward(means2d, conics, colors, opacities, bg, isect_offsets, flatten_ids, t_final, last)
@@ -69,14 +98,14 @@ class _RasterizeToPixels(torch.autograd.Function):
             g_render = t_final.new_zeros(*t_final.shape, colors.shape[-1])
         g_render = g_render.to(dt).contiguous()
         g_alphas = torch.zeros_like(t_final) if g_alphas is None else g_alphas.to(dt).contiguous()
-        gm, gq, gc, go, gb = _load().rasterize_backward(
+        gm, gq, gc, go, gb = _NATIVE.load().rasterize_backward(
             means2d, conics, colors, opacities, bg, offsets, flat, t_final, last, g_render, g_alphas,
             width, height, tile_size,
         )
         return gm, gq, gc, go, (gb if ctx.has_bg else None), None, None, None, None, None
 
 
-def rasterize_to_pixels(
+def _native_rasterize_to_pixels(
     means2d: Tensor,
     conics: Tensor,
     colors: Tensor,
@@ -90,7 +119,7 @@ def rasterize_to_pixels(
     tile_size: int = TILE_SIZE,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Tile-based blend of projected Gaussians (see module docstring for shapes and ``extra``)."""
-    ext = _load()
+    lib = _NATIVE.load()
     if means2d.dim() != 3 or means2d.shape[-1] != 2:
         raise ValueError(f"means2d must have shape [C, N, 2], got {tuple(means2d.shape)}")
     C, N = means2d.shape[:2]
@@ -115,12 +144,137 @@ def rasterize_to_pixels(
         backgrounds = backgrounds.to(dt).contiguous()
     width, height, tile_size = int(width), int(height), int(tile_size)
     with torch.no_grad():
-        isect_offsets, flatten_ids, tiles_per_gauss = ext.bin_gaussians(
+        isect_offsets, flatten_ids, tiles_per_gauss = lib.bin_gaussians(
             means2d.detach(), radii.to(torch.int32).contiguous(), depths.detach().to(dt).contiguous(),
             width, height, tile_size,
         )
-    render, alphas = _RasterizeToPixels.apply(
+    render, alphas = _NativeRasterizeToPixels.apply(
         means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids, width, height, tile_size
     )
     extra = {"isect_offsets": isect_offsets, "flatten_ids": flatten_ids, "tiles_per_gauss": tiles_per_gauss}
     return render, alphas, extra
+
+
+# -------------------------------------------------------------------------------------------------- cuda
+_cuda_ext = None
+_cuda_error: str | None = None
+
+
+def _cuda_load():
+    """The compiled CUDA extension module; raises RuntimeError with the reason when unavailable."""
+    global _cuda_ext, _cuda_error
+    if _cuda_ext is not None:
+        return _cuda_ext
+    if _cuda_error is not None:
+        raise RuntimeError(_cuda_error)
+    try:
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
+        if torch.version.cuda is None:
+            raise RuntimeError("this torch build has no CUDA support")
+
+        if ext.nvcc_path() is None:
+            raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH) to build the CUDA rasterizer")
+        _cuda_ext = ext.load(CUDA_NAME, CUDA_SOURCES, cuda=True, extra_cuda_cflags=CUDA_CFLAGS)
+    except Exception as e:  # noqa: BLE001 - available() must never raise
+        _cuda_error = str(e) or repr(e)
+        raise RuntimeError(_cuda_error) from e
+    return _cuda_ext
+
+
+def _cuda_available() -> bool:
+    """True when the CUDA extension is built and loadable (builds it on first call; never raises)."""
+    try:
+        _cuda_load()
+    except Exception:
+        return False
+    return True
+
+
+def _cuda_load_error() -> str | None:
+    """Why the CUDA extension is unavailable (None when it loaded or was not tried yet)."""
+    return _cuda_error
+
+
+def _tile_size_ok(tile_size: int) -> bool:
+    return isinstance(tile_size, int) and 0 < tile_size <= 32 and (tile_size * tile_size) % 32 == 0
+
+
+class _CudaRasterizeToPixels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means2d, conics, colors, opacities, backgrounds, tile_ranges, gauss_ids, width, height,
+                tile_size):
+        lib = _cuda_load()
+        bg = backgrounds if backgrounds is not None else means2d.new_empty((0,))
+        render, alphas, final_t, last_idx = lib.rasterize_forward(
+            means2d, conics, colors, opacities, bg, tile_ranges, gauss_ids, width, height, tile_size
+        )
+        ctx.save_for_backward(means2d, conics, colors, opacities, bg, tile_ranges, gauss_ids, final_t, last_idx)
+        ctx.geometry = (width, height, tile_size)
+        ctx.has_bg = backgrounds is not None
+        return render, alphas
+
+    @staticmethod
+    def backward(ctx, v_render, v_alphas):
+        means2d, conics, colors, opacities, bg, tile_ranges, gauss_ids, final_t, last_idx = ctx.saved_tensors
+        width, height, tile_size = ctx.geometry
+        if v_render is None:
+            v_render = torch.zeros(final_t.shape + (colors.shape[-1],), device=final_t.device, dtype=final_t.dtype)
+        v_render = v_render.to(final_t.dtype).contiguous()
+        v_alphas = v_alphas.to(final_t.dtype).contiguous() if v_alphas is not None else means2d.new_empty((0,))
+        v_means2d, v_conics, v_colors, v_opacities = _cuda_load().rasterize_backward(
+            means2d, conics, colors, opacities, bg, tile_ranges, gauss_ids, final_t, last_idx, v_render, v_alphas,
+            width, height, tile_size,
+        )
+        v_bg = None
+        if ctx.has_bg and ctx.needs_input_grad[4]:
+            v_bg = (v_render * final_t[..., None]).sum(dim=(1, 2))
+        return v_means2d, v_conics, v_colors, v_opacities, v_bg, None, None, None, None, None
+
+
+def _cuda_rasterize_to_pixels(
+    means2d: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    radii: Tensor,
+    depths: Tensor,
+    width: int,
+    height: int,
+    backgrounds: Tensor | None = None,
+    *,
+    tile_size: int = 16,
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Blend projected Gaussians on the GPU (see module docstring); same outputs as the torch twin."""
+    if not _tile_size_ok(tile_size):
+        raise ValueError(f"cuda backend: tile_size must be <= 32 with tile_size**2 a multiple of 32 (8, 16, ...), "
+                         f"got {tile_size!r}")
+    if means2d.device.type != "cuda":
+        raise ValueError(f"cuda backend needs CUDA tensors, got {means2d.device}")
+    dtype = means2d.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"cuda backend supports float32 and float64, got {dtype}")
+    C, N = means2d.shape[0], means2d.shape[1]
+    if colors.dim() != 3 or tuple(colors.shape[:2]) != (C, N):
+        raise ValueError(f"colors must be [C,N,D] with C={C}, N={N}, got {tuple(colors.shape)}")
+    width, height, tile_size = int(width), int(height), int(tile_size)
+
+    def prep(t: Tensor) -> Tensor:
+        return t.to(dtype=dtype).contiguous()
+
+    means2d_c = prep(means2d)
+    lib = _cuda_load()
+    # Binning is not differentiable: it only depends on the (detached) centres, radii and depths.
+    tile_ranges, gauss_ids, n_isects = lib.bin_gaussians(
+        means2d_c.detach(), radii.detach().to(torch.int32).contiguous(), depths.detach().to(dtype).contiguous(),
+        width, height, tile_size,
+    )
+    bg = prep(backgrounds) if backgrounds is not None else None
+    render, alphas = _CudaRasterizeToPixels.apply(
+        means2d_c, prep(conics), prep(colors), prep(opacities), bg, tile_ranges, gauss_ids, width, height, tile_size
+    )
+    return render, alphas, {"n_isects": int(n_isects)}
+
+
+native = Backend("native", NATIVE_SOURCES, _NATIVE.available, _NATIVE.load_error, _native_rasterize_to_pixels)
+cuda = Backend("cuda", CUDA_SOURCES, _cuda_available, _cuda_load_error, _cuda_rasterize_to_pixels)

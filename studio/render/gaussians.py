@@ -22,8 +22,10 @@ import torch
 from torch import Tensor
 
 from . import _common
-from ._common import TILE_SIZE, camera_centers, covariance_3d, eval_sh, project_gaussians, warn_once
-from ._torch_impl import rasterize_to_pixels_torch
+from ..errors import warn_once
+from ._common import TILE_SIZE, camera_centers, covariance_3d, eval_sh, project_gaussians
+from ._common import SH_C0, num_sh_bases, quat_to_rotmat  # noqa: F401 - the SH / quaternion conventions, for students
+from ._gaussians_torch import rasterize_to_pixels_torch
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 BACKENDS = ("auto", "torch", "native", "cuda", "gsplat")
@@ -91,30 +93,30 @@ def _validate(means, quats, scales, opacities, colors, viewmats, Ks, width, heig
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Pick the blend backend for ``device`` (see module docstring); warns once on fallbacks."""
-    from . import _cuda, _native
+    from ._gaussians_ext import cuda, native
 
     if backend == "auto":
         if device.type == "cuda":
-            if _cuda.available():
+            if cuda.available():
                 return "cuda"
             if _gsplat_available():
                 return "gsplat"
             warn_once("auto-cuda", "CUDA extension unavailable; falling back to the slow torch rasterizer")
             return "torch"
-        if device.type == "cpu" and _native.available():
+        if device.type == "cpu" and native.available():
             return "native"
         return "torch"
     if backend == "native":
         if device.type != "cpu":
             raise ValueError(f"backend='native' runs on CPU tensors, got tensors on {device}; use backend='cuda' or 'auto'")
-        if not _native.available():
-            warn_once("native", f"native C++ rasterizer unavailable ({_native.load_error()}); using the torch backend")
+        if not native.available():
+            warn_once("native", f"native C++ rasterizer unavailable ({native.load_error()}); using the torch backend")
             return "torch"
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}; use backend='native' or 'auto'")
-        if not _cuda.available():
-            raise RuntimeError(f"CUDA rasterizer unavailable: {_cuda.load_error()}; run `studio doctor`")
+        if not cuda.available():
+            raise RuntimeError(f"CUDA rasterizer unavailable: {cuda.load_error()}; run `studio doctor`")
     if backend == "gsplat" and not (_gsplat_available() and device.type == "cuda"):
         raise ValueError("backend='gsplat' needs `pip install gsplat` and CUDA tensors; use backend='auto'")
     return backend
@@ -205,13 +207,13 @@ def rasterize_gaussians(
         render, alphas = rasterize_to_pixels_torch(*blend_args)
         extra: dict[str, Any] = {}
     elif backend == "native":
-        from . import _native
+        from ._gaussians_ext import native
 
-        render, alphas, extra = _native.rasterize_to_pixels(*blend_args, tile_size=tile_size)
+        render, alphas, extra = native.rasterize_to_pixels(*blend_args, tile_size=tile_size)
     else:
-        from . import _cuda
+        from ._gaussians_ext import cuda
 
-        render, alphas, extra = _cuda.rasterize_to_pixels(*blend_args, tile_size=tile_size)
+        render, alphas, extra = cuda.rasterize_to_pixels(*blend_args, tile_size=tile_size)
 
     if render_mode in ("ED", "RGB+ED"):
         render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import UserError
-from ._common import camera_centers, warn_once
+from ..errors import UserError, warn_once
+from ._common import camera_centers
 from ._mesh_torch import rasterize_screen_torch
 
 MESH_BACKENDS = ("auto", "torch", "native", "cuda")
@@ -419,7 +419,7 @@ def _unpack_cameras(cameras: Any, width: int | None, height: int | None) -> tupl
     return cameras[0], cameras[1], width, height
 
 
-def _background(background: Any, C: int, D: int, like: Tensor) -> Tensor:
+def background_colors(background: Any, C: int, D: int, like: Tensor) -> Tensor:
     """``background`` (a float, a ``[D]`` colour or ``[C,D]`` colours) as ``[C,1,1,D]``."""
     bg = torch.as_tensor(background, dtype=like.dtype, device=like.device)
     ok = (bg.dim() == 0 or (bg.dim() == 1 and bg.shape[0] in (1, D))
@@ -493,7 +493,7 @@ def render_mesh(
         lambert = (shade_n * to_cam).sum(-1, keepdim=True).abs()
         color = (0.8 * (0.25 + 0.75 * lambert)).expand(C, height, width, 3)
     D = color.shape[-1]
-    bg = _background(background, C, D, color)
+    bg = background_colors(background, C, D, color)
     rgb = color * maskf + bg * (1 - maskf)
     alpha = maskf
     if antialias:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .mesh import _background, interpolate, render_mesh
+from .mesh import background_colors, interpolate, render_mesh
 from .mesh import antialias as antialias_fn
 
 __all__ = ["render_mesh_field", "sample_uv_texture"]
@@ -65,7 +65,7 @@ def render_mesh_field(
     D = vals.shape[1]
     color = vals.new_zeros(C, H, W, D).index_put((mask,), vals)
     maskf = mask[..., None].to(color.dtype)
-    rgb = color + _background(background, C, D, color) * (1 - maskf)
+    rgb = color + background_colors(background, C, D, color) * (1 - maskf)
     alpha = maskf
     if antialias:
         both = antialias_fn(torch.cat([rgb, alpha], dim=-1), rast, faces, topology=topology)

@@ -20,4 +20,13 @@ __all__ = [
     "load_field",
     "neus_from_nerf",
     "sdf_grid",
+    "extension_status",
 ]
+
+
+def extension_status() -> dict[str, str | None]:
+    """The students' compiled extensions, built or loaded on first use: ``{"native hashgrid": None when it is
+    available, else why not}``."""
+    from . import _hashgrid_ext
+
+    return {"native hashgrid": None if _hashgrid_ext.available() else _hashgrid_ext.load_error()}

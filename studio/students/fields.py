@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import UserError, warn_once
 from ..io.atomic import atomic_write_bytes
 from ..render.volume import normalize_bbox
+from ..seeding import seeded
 
 __all__ = [
     "HASH_PRIMES",
@@ -161,7 +162,6 @@ class HashGridEncoding(nn.Module):
         """Whether this call runs the native kernel (resolves ``backend`` for ``p``'s device and dtype)."""
         if self._backend == "torch":
             return False
-        from ..render._common import warn_once
         from . import _hashgrid_ext
 
         if self._backend == "native":
@@ -313,8 +313,7 @@ class _ImplicitField(nn.Module):
             c["n_levels"], c["n_features_per_level"], c["log2_hashmap_size"], c["base_resolution"],
             c["per_level_scale"], start_level=c["start_level"], start_step=c["start_step"],
             update_steps=c["update_steps"], seed=c["seed"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(c["seed"]))
+        with seeded(c["seed"]):
             self._build_heads()
             self.color_net = _mlp(self.encoding.n_output_dims, c["hidden_dim"], 3, c["n_hidden_layers"])
         self.step = 0

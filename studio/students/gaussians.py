@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from studio.io.atomic import atomic_write_bytes, atomic_write_text
 from studio.render import rasterize_gaussians
-from studio.render._common import SH_C0, num_sh_bases, quat_to_rotmat
+from studio.render.gaussians import SH_C0, num_sh_bases, quat_to_rotmat
 
 __all__ = [
     "GaussianModel",

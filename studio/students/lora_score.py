@@ -28,14 +28,15 @@ an eps model, v for a v-prediction model), with the camera zeroed with probabili
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
+from ..seeding import seeded
+from ..teachers.diffusers_sd import peft_adapter_names
 from ..teachers.schedule import NoiseSchedule
 
 #: attention projections that get LoRA adapters (diffusers' Attention module names)
@@ -67,17 +68,6 @@ def c2w_from_cameras(cameras: Any) -> Tensor:
                      f"{tuple(x.shape)}")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """Run with the global CPU RNG seeded by ``seed`` and restore it afterwards (``None``: untouched)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        yield
-
-
 def add_lora_adapter(unet: Any, *, rank: int, adapter_name: str, target_modules: Iterable[str] = LORA_TARGETS,
                      scales: Mapping[str, float] | None = None, seed: int | None = None,
                      alpha: float | None = None, dropout: float = 0.0) -> None:
@@ -92,10 +82,10 @@ def add_lora_adapter(unet: Any, *, rank: int, adapter_name: str, target_modules:
     """
     from peft import LoraConfig
 
-    existing = _adapter_names(unet)
+    existing = peft_adapter_names(unet)
     config = LoraConfig(r=int(rank), lora_alpha=int(rank) if alpha is None else alpha, lora_dropout=float(dropout),
                         init_lora_weights=True, target_modules=list(target_modules))
-    with _seeded(seed):
+    with seeded(seed):
         if hasattr(unet, "add_adapter"):
             unet.add_adapter(config, adapter_name=adapter_name)
         else:
@@ -152,7 +142,7 @@ class LoRAScore(torch.nn.Module):
         for p in self.unet.parameters():
             p.requires_grad_(False)
         self.unet.eval()
-        with _seeded(seed):
+        with seeded(seed):
             # LoRAs already loaded into a teacher stay active (at the teacher's scales), frozen
             add_lora_adapter(self.unet, rank=self.rank, target_modules=target_modules, adapter_name=ADAPTER_NAME,
                              scales=getattr(base, "_lora_scales", {}))
@@ -331,8 +321,3 @@ class LoRAScore(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"base={self.base_name!r}, rank={self.rank}, camera_condition={self.camera_condition}, "
                 f"prediction_type={self.schedule.prediction_type!r}, trainable={len(self._trainable)} tensors")
-
-
-def _adapter_names(model) -> set[str]:
-    cfg = getattr(model, "peft_config", None)
-    return set(cfg) if isinstance(cfg, dict) else set()

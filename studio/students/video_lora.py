@@ -53,8 +53,9 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..io.atomic import atomic_path
+from ..teachers.diffusers_sd import peft_adapter_names
 from ..teachers.video_base import VideoTeacher
-from .lora_score import _adapter_names, add_lora_adapter
+from .lora_score import add_lora_adapter
 
 #: MCM's LoRA targets (spec 2.2); a module gets an adapter when its name equals one or ends with "." + one
 VIDEO_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -154,7 +155,7 @@ class VideoLoRAStudent(VideoTeacher):
         self.alpha = float(self.rank if alpha is None else alpha)
         self.dropout = float(dropout)
         self.exclude = exclude
-        if self.adapter_name in _adapter_names(denoiser):
+        if self.adapter_name in peft_adapter_names(denoiser):
             raise UserError(f"the denoiser already holds an adapter named {self.adapter_name!r}; pass another "
                             "adapter_name (two students on one teacher need distinct names)")
         names, skipped = resolve_lora_targets(denoiser, target_modules, exclude)

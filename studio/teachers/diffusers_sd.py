@@ -32,7 +32,7 @@ _NOT_FOUND = ("teacher {name!r} not found: give a local folder with model_index.
               "downloads need network")
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """Whether ``name`` is meant as a filesystem path rather than a hub id ``owner/name``."""
     p = Path(name).expanduser()
     return (p.exists() or name.startswith((".", "~", "/", "\\")) or os.path.isabs(name)
@@ -60,12 +60,15 @@ def _offline_env(enabled: bool) -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-def _short(e: BaseException, limit: int = 300) -> str:
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """``"<Type>: <message>"`` of an exception on one line, cut at ``limit`` characters (for user messages)."""
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
 
 
-def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
+def transformers_dtype_kw(dtype: torch.dtype) -> dict:
+    """The ``from_pretrained`` keyword of a dtype for the installed transformers (``dtype``, or ``torch_dtype``
+    before 4.56)."""
     import transformers
     from packaging.version import Version
 
@@ -102,10 +105,10 @@ def load_plan(id_or_path, device, dtype, attention_slicing, local_files_only, *,
     ``unet_folder_ok``); a hub id tries the local cache first and downloads only when not offline."""
     name = os.fspath(id_or_path)
     dev = torch.device(device) if device is not None else default_device()
-    dt = _parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
+    dt = parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
     if attention_slicing is None:
         attention_slicing = dev.type == "cuda"
-    local = _looks_local(name)
+    local = looks_local(name)
     if local:
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -133,8 +136,8 @@ def load_with_attempts(load, attempts, local: bool, name: str, src, folder_hint:
         except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
             last = e
     if local:
-        raise UserError(f"teacher {name!r} could not be loaded from {src}: {_short(last)}; {folder_hint}") from None
-    raise UserError(_NOT_FOUND.format(name=name) + f" ({_short(last)})") from None
+        raise UserError(f"teacher {name!r} could not be loaded from {src}: {short_error(last)}; {folder_hint}") from None
+    raise UserError(_NOT_FOUND.format(name=name) + f" ({short_error(last)})") from None
 
 
 class DiffusersTeacher(ImageTeacher):
@@ -191,7 +194,7 @@ class DiffusersTeacher(ImageTeacher):
         name, dev, dt, attention_slicing, local, src, attempts = load_plan(
             id_or_path, device, dtype, attention_slicing, local_files_only, unet_folder_ok=True)
         comps = load_with_attempts(
-            lambda lfo: _load_components(src, dt, lfo, revision, variant), attempts, local, name, src,
+            lambda lfo: load_components(src, dt, lfo, revision, variant), attempts, local, name, src,
             "give a folder saved with StableDiffusionPipeline.save_pretrained (unet, vae, text_encoder, tokenizer, "
             "scheduler)")
         teacher = cls(*comps, name=name, attention_slicing=False)
@@ -228,7 +231,7 @@ class DiffusersTeacher(ImageTeacher):
             raise
         except Exception as e:  # noqa: BLE001
             what = "state dict" if isinstance(path_or_state, Mapping) else repr(os.fspath(path_or_state))
-            raise UserError(f"LoRA {what} could not be loaded into teacher {self.name!r}: {_short(e)}; give a "
+            raise UserError(f"LoRA {what} could not be loaded into teacher {self.name!r}: {short_error(e)}; give a "
                             "diffusers LoRA (.safetensors or a folder from save_lora_weights) or a peft adapter "
                             "folder trained for this base model") from None
         self._lora_scales[adapter_name] = float(scale)
@@ -313,7 +316,7 @@ class DiffusersTeacher(ImageTeacher):
         target.to(self.device, self.dtype)
 
     def _apply_lora_scales(self) -> None:
-        unet_names = [n for n in self._lora_scales if n in _peft_adapter_names(self.unet)]
+        unet_names = [n for n in self._lora_scales if n in peft_adapter_names(self.unet)]
         if unet_names:
             self.unet.set_adapters(unet_names, [self._lora_scales[n] for n in unet_names])
         te_names = [n for n in self._lora_scales if n in self._text_lora]
@@ -343,7 +346,7 @@ class DiffusersTeacher(ImageTeacher):
         for n in names:
             if n not in self._lora_scales:
                 raise ValueError(f"no LoRA named {n!r}; loaded: {sorted(self._lora_scales)}")
-            if n in _peft_adapter_names(self.unet):
+            if n in peft_adapter_names(self.unet):
                 self.unet.delete_adapters(n)
             if n in self._text_lora:
                 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -358,7 +361,7 @@ class DiffusersTeacher(ImageTeacher):
     @contextlib.contextmanager
     def lora_disabled(self) -> Iterator[None]:
         """Context in which the UNet runs without its LoRA adapters (e.g. pretrained vs LoRA branches)."""
-        if not _peft_adapter_names(self.unet):
+        if not peft_adapter_names(self.unet):
             yield
             return
         self.unet.disable_adapters()
@@ -445,12 +448,14 @@ class DiffusersTeacher(ImageTeacher):
         return ((img.to(latents.dtype) + 1) / 2).clamp(0, 1)
 
 
-def _peft_adapter_names(model) -> set[str]:
+def peft_adapter_names(model) -> set[str]:
+    """Names of the peft adapters (LoRA) that ``model`` holds (empty without peft)."""
     cfg = getattr(model, "peft_config", None)
     return set(cfg) if isinstance(cfg, dict) else set()
 
 
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A ``torch.dtype`` from a dtype or a name (``fp16``, ``bf16``, ``float32``, ...); ``UserError`` otherwise."""
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
@@ -461,22 +466,44 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return table[key]
 
 
-def _read_model_index(src: str, local_files_only: bool, revision: str | None) -> dict | None:
+def load_model_index_file(f: str | os.PathLike) -> dict:
+    """Parse a ``model_index.json`` file; a damaged one raises ``UserError`` naming the file and the fix (never the
+    bare JSON parser message)."""
+    f = Path(f)
+    try:
+        index = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        why = f"it is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    except UnicodeDecodeError:
+        why = "it is not UTF-8 text"
+    else:
+        if isinstance(index, dict):
+            return index
+        why = f"it holds a JSON {type(index).__name__}, not an object"
+    raise UserError(f"model folder file '{f}' is damaged: {why}. The folder was probably not fully downloaded or "
+                    "copied: copy or download the model again (a Hugging Face cache entry: delete it and download "
+                    "again), or re-save the pipeline with save_pretrained")
+
+
+def read_model_index(src: str, local_files_only: bool, revision: str | None) -> dict | None:
+    """``model_index.json`` of a folder (None when it has none) or of a hub id."""
     p = Path(src)
     if p.is_dir():
         f = p / "model_index.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        return load_model_index_file(f) if f.is_file() else None
     from huggingface_hub import hf_hub_download
     f = hf_hub_download(src, "model_index.json", revision=revision, local_files_only=local_files_only)
-    return json.loads(Path(f).read_text())
+    return load_model_index_file(f)
 
 
-def _load_components(src: str, dtype: torch.dtype, local_files_only: bool, revision: str | None,
-                     variant: str | None):
+def load_components(src: str, dtype: torch.dtype, local_files_only: bool, revision: str | None,
+                    variant: str | None):
+    """The parts of an SD 1.x/2.x layout (UNet, VAE or None for pixel space, text encoder, tokenizer, schedule);
+    ``UserError`` for other layouts."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    index = _read_model_index(src, local_files_only, revision)
+    index = read_model_index(src, local_files_only, revision)
     # Pixel-space models have no VAE (a model_index.json without "vae" or with "vae": [null, null]).
     pixel = index is not None and not any((index.get("vae") or [None])[:1])
     if index is not None:
@@ -496,7 +523,7 @@ def _load_components(src: str, dtype: torch.dtype, local_files_only: bool, revis
     vae = None if pixel else AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant,
                                                            **common)
     text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=variant,
-                                                 **_transformers_dtype_kw(dtype), **common)
+                                                 **transformers_dtype_kw(dtype), **common)
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **common)
     sched_config = DDPMScheduler.load_config(src, subfolder="scheduler", **common)
     schedule = NoiseSchedule.from_diffusers(sched_config)

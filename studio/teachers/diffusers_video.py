@@ -89,19 +89,19 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..world.clips import check_video
 from .diffusers_sd import (
     DiffusersTeacher,
-    _load_components,
-    _looks_local,
-    _read_model_index,
-    _short,
-    _transformers_dtype_kw,
     default_device,
+    load_components,
     load_plan,
     load_with_attempts,
+    looks_local,
+    read_model_index,
     set_space_facts,
+    short_error,
+    transformers_dtype_kw,
 )
-from ..world.clips import check_video
 from .schedule import NoiseSchedule, canonical_prediction_type
 from .video_base import PixelVideoMixin, VideoTeacher, batch_to_frames, check_latents, frames_to_batch
 
@@ -171,11 +171,12 @@ def write_video_facts(folder: str | os.PathLike, *, num_frames: int | None = Non
     after ``WanPipeline.save_pretrained`` of a model whose size diffusers' configs do not record. Returns the
     path of ``model_index.json``."""
     from ..io.atomic import atomic_write_text
+    from .diffusers_sd import load_model_index_file
 
     f = Path(folder) / "model_index.json"
     if not f.is_file():
         raise UserError(f"{str(folder)!r} has no model_index.json: save the pipeline with save_pretrained first")
-    index = json.loads(f.read_text())
+    index = load_model_index_file(f)
     facts = dict(index.get(FACTS_KEY) or {})
     for k, v in (("num_frames", num_frames), ("native_resolution", native_resolution), ("frame_rate", frame_rate)):
         if v is not None:
@@ -196,7 +197,7 @@ def _index_entry(index: Mapping, key: str) -> list | None:
 
 
 def _read_index_or_fail(src: str, lfo: bool, revision: str | None, what: str) -> dict:
-    index = _read_model_index(src, lfo, revision)
+    index = read_model_index(src, lfo, revision)
     if index is None:
         raise UserError(f"teacher {src!r} has no model_index.json; give a folder saved with {what}.save_pretrained")
     return index
@@ -222,17 +223,19 @@ def video_layout(name_or_path: str | os.PathLike) -> str | None:
     name = os.fspath(name_or_path)
     p = Path(name).expanduser()
     if p.is_dir():
+        from .diffusers_sd import load_model_index_file
+
         f = p / "model_index.json"
         if not f.is_file():
             return None
         try:
-            return PIPELINE_LAYOUTS.get(json.loads(f.read_text()).get("_class_name"))
-        except (OSError, ValueError):
+            return PIPELINE_LAYOUTS.get(load_model_index_file(f).get("_class_name"))
+        except (OSError, ValueError):  # a damaged file: the loader that reads it next names it
             return None
-    if _looks_local(name):
+    if looks_local(name):
         return None
     try:
-        index = _read_model_index(name, True, None)
+        index = read_model_index(name, True, None)
     except Exception:  # noqa: BLE001 - not cached: judge by the name
         index = None
     if index is not None:
@@ -480,7 +483,7 @@ def _adapter_source(adapter: Any) -> Any:
     if isinstance(adapter, torch.nn.Module):
         return adapter
     name = os.fspath(adapter)
-    if _looks_local(name):
+    if looks_local(name):
         p = Path(name).expanduser()
         if not p.is_dir() or not (p / "config.json").is_file():
             raise UserError(f"motion adapter {name!r} not found: give a MotionAdapter folder (config.json + weights, "
@@ -649,7 +652,7 @@ def _clip_side(src: str, index: Mapping, dt: torch.dtype, lfo: bool, revision: s
     vae = (AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dt, variant=variant, **common)
            if _index_entry(index, "vae") else None)
     text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=variant,
-                                                 **_transformers_dtype_kw(dt), **common)
+                                                 **transformers_dtype_kw(dt), **common)
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **common)
     schedule = NoiseSchedule.from_diffusers(DDPMScheduler.load_config(src, subfolder="scheduler", **common))
     return (None if vae is None else vae.eval()), text_encoder.eval(), tokenizer, schedule
@@ -704,27 +707,27 @@ def _load_sd_with_adapter(src: str, adapter: Any, dt: torch.dtype, lfo: bool, re
                           variant: str | None, beta_schedule: str | None):
     from diffusers import DDPMScheduler, MotionAdapter, UNetMotionModel
 
-    unet2d, vae, text_encoder, tokenizer, schedule = _load_components(src, dt, lfo, revision, variant)
+    unet2d, vae, text_encoder, tokenizer, schedule = load_components(src, dt, lfo, revision, variant)
     if isinstance(adapter, torch.nn.Module):
         motion = adapter
     else:
-        adapter_lfo = True if _looks_local(adapter) else lfo
+        adapter_lfo = True if looks_local(adapter) else lfo
         try:
             motion = MotionAdapter.from_pretrained(adapter, torch_dtype=dt, local_files_only=adapter_lfo)
         except Exception as e:  # noqa: BLE001 - one clear message naming the adapter
-            raise UserError(f"motion adapter {adapter!r} could not be loaded: {_short(e)}; give a MotionAdapter "
+            raise UserError(f"motion adapter {adapter!r} could not be loaded: {short_error(e)}; give a MotionAdapter "
                             f"folder or a hub id such as {ANIMATEDIFF_ADAPTER}") from None
     try:
         unet = UNetMotionModel.from_unet2d(unet2d, motion).to(dt)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"motion adapter does not fit the UNet of {src!r}: {_short(e)}; use an adapter trained "
+        raise UserError(f"motion adapter does not fit the UNet of {src!r}: {short_error(e)}; use an adapter trained "
                         "for this SD version (SD 1.x adapters need an SD 1.x model)") from None
     if beta_schedule is not None:
         config = dict(DDPMScheduler.load_config(src, subfolder="scheduler", **_common(lfo, revision)))
         config["beta_schedule"] = beta_schedule
         config.pop("trained_betas", None)
         schedule = NoiseSchedule.from_diffusers(config)
-    facts = read_video_facts(_read_model_index(src, lfo, revision))
+    facts = read_video_facts(read_model_index(src, lfo, revision))
     return (unet.eval(), vae, text_encoder, tokenizer, schedule), facts
 
 
@@ -756,7 +759,7 @@ def _load_wan(src: str, dt: torch.dtype, lfo: bool, revision: str | None, varian
     if te_cls is None or not hasattr(te_cls, "from_pretrained"):
         raise UserError(f"teacher {src!r}: text_encoder {te_name!r} is not a transformers model class")
     text_encoder = te_cls.from_pretrained(src, subfolder="text_encoder", variant=variant,
-                                          **_transformers_dtype_kw(dt), **common)
+                                          **transformers_dtype_kw(dt), **common)
     tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **common)
     schedule = NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler.load_config(src, subfolder="scheduler",
                                                                                          **common))

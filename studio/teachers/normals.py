@@ -270,11 +270,11 @@ class MarigoldNormalEstimator(NormalEstimator):
             UserError: the folder / id does not exist or cannot be downloaded, or is not a Marigold normals
                 layout.
         """
-        from .diffusers_sd import load_plan, load_with_attempts
+        from .diffusers_sd import load_model_index_file, load_plan, load_with_attempts
 
         name, dev, dt, _, local, src, attempts = load_plan(path_or_id, device, dtype, False, local_files_only)
         if local:
-            cls_name = json.loads((Path(src) / "model_index.json").read_text()).get("_class_name")
+            cls_name = load_model_index_file(Path(src) / "model_index.json").get("_class_name")
             if cls_name != "MarigoldNormalsPipeline":
                 raise UserError(f"normal estimator {name!r} is a {cls_name or 'pipeline without _class_name'}, not a "
                                 "MarigoldNormalsPipeline folder; give a Marigold normals model (e.g. "
@@ -352,7 +352,7 @@ class ShapeWorldNormalEstimator(NormalEstimator):
         """Load a ``shapeworld-normals`` folder (default: the shipped ``assets/shapeworld-normals``)."""
         from diffusers import UNet2DModel
 
-        from .diffusers_sd import _parse_dtype
+        from .diffusers_sd import parse_dtype
 
         folder = shapeworld_normals_path() if path is None else Path(path).expanduser()
         name = SHAPEWORLD_NORMALS if path is None else os.fspath(path)
@@ -371,7 +371,7 @@ class ShapeWorldNormalEstimator(NormalEstimator):
                             "retrain it with scripts/train_shapeworld_normals.py") from None
         est = cls(unet, name=name)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        return est.to(device=dev, dtype=_parse_dtype(dtype) if dtype is not None else torch.float32)
+        return est.to(device=dev, dtype=parse_dtype(dtype) if dtype is not None else torch.float32)
 
     def predict_native(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Differentiable forward at the native resolution (used by the training script):

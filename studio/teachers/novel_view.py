@@ -53,8 +53,8 @@ from torch import Tensor
 from ..cameras import Cameras, orbit_cameras
 from ..errors import UserError
 from .base import ImageTeacher, TextCond
-from .diffusers_sd import (DiffusersTeacher, _looks_local, _read_model_index, _transformers_dtype_kw, load_plan,
-                           load_with_attempts, set_space_facts)
+from .diffusers_sd import (DiffusersTeacher, load_plan, load_with_attempts, looks_local, read_model_index,
+                           set_space_facts, transformers_dtype_kw)
 from .schedule import NoiseSchedule
 from .shapeworld_exact import ShapeWorldPixelTeacher, mixture_epsilon
 
@@ -346,7 +346,7 @@ def _load_zero123_components(src: str, dtype: torch.dtype, local_files_only: boo
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
-    index = _read_model_index(src, local_files_only, revision)
+    index = read_model_index(src, local_files_only, revision)
     key = next((k for k in PROJECTION_KEYS if index is not None and k in index), None)
     if index is None or key is None or "image_encoder" not in index:
         what = index.get("_class_name", "pipeline") if index else "folder"
@@ -362,7 +362,7 @@ def _load_zero123_components(src: str, dtype: torch.dtype, local_files_only: boo
     vae = None if pixel else AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant,
                                                            **common)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(src, subfolder="image_encoder", variant=variant,
-                                                                  **_transformers_dtype_kw(dtype), **common)
+                                                                  **transformers_dtype_kw(dtype), **common)
     proj_cls = CLIPCameraProjection if key == "clip_camera_projection" else CCProjection
     projection = proj_cls.from_pretrained(src, subfolder=key, torch_dtype=dtype, variant=variant, **common)
     sched_config = DDIMScheduler.load_config(src, subfolder="scheduler", **common)
@@ -383,13 +383,15 @@ def is_zero123_layout(name_or_path: str) -> bool:
     p = Path(os.path.expanduser(name_or_path))
     index = None
     if p.is_dir():
+        from .diffusers_sd import load_model_index_file
+
         f = p / "model_index.json"
-        index = json.loads(f.read_text()) if f.is_file() else None
+        index = load_model_index_file(f) if f.is_file() else None
         if index is None:
             return False
-    elif not _looks_local(name_or_path):
+    elif not looks_local(name_or_path):
         try:
-            index = _read_model_index(name_or_path, True, None)
+            index = read_model_index(name_or_path, True, None)
         except Exception:  # noqa: BLE001 - not cached
             index = None
         if index is None:

@@ -196,10 +196,11 @@ def evaluate_gaussians(obj, gaussians: Any, size: int = 64, n_views: int = 8, ba
     ``[N,K,3]``) or a ``GaussianModel``. ``n_reference`` sets the reference set's size (default
     ``REFERENCE_N_GAUSSIANS``).
     """
-    from .references import (REFERENCE_N_GAUSSIANS, _obj, front_back_cameras, held_out_cameras,
-                             render_gaussian_views, render_reference)
+    from .objects import get_object
+    from .references import (REFERENCE_N_GAUSSIANS, front_back_cameras, held_out_cameras, render_gaussian_views,
+                             render_reference)
 
-    obj = _obj(obj)
+    obj = get_object(obj)
     g, deg = _activated(gaussians, sh_degree)
     n_ref = REFERENCE_N_GAUSSIANS if n_reference is None else n_reference
     ref_kw = dict(background=background, n_gaussians=n_ref, seed=0, backend=backend, cache=cache, cache_path=cache_path)
@@ -261,9 +262,10 @@ def evaluate_mesh(obj, verts: Tensor, faces: Tensor, texture=None, size: int = 6
     area-uniform mesh samples against ``obj.surface(n_surface, seed=1)``."""
     from ..render.mesh import render_mesh
     from ..render.mesh_field import render_mesh_field
-    from .references import _obj, held_out_cameras, render_reference
+    from .objects import get_object
+    from .references import held_out_cameras, render_reference
 
-    obj = _obj(obj)
+    obj = get_object(obj)
     views = held_out_cameras(n_views, size, seed)
     gt = render_reference(obj, views.cameras, background=background, backend=backend, cache=cache)
     v, f = verts.detach().float(), faces.long()

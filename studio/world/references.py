@@ -57,14 +57,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STUDIO_SHAPEWORLD_CACHE", Path.home() / ".cache" / "studio" / "shapeworld"))
 
 
-def _obj(obj) -> ShapeObject:
-    return obj if isinstance(obj, ShapeObject) else get_object(obj)
-
-
 def reference_gaussians(obj: ShapeObject | str, n_gaussians: int = REFERENCE_N_GAUSSIANS,
                         seed: int = 0) -> dict[str, Tensor]:
     """The ground-truth Gaussian set: ``obj.gaussians(n_gaussians, seed)`` plus its unit ``normals [N,3]``."""
-    g = _obj(obj).gaussians(n_gaussians, seed=seed)
+    g = get_object(obj).gaussians(n_gaussians, seed=seed)
     g["normals"] = gaussian_normals(g["quats"])
     return g
 
@@ -201,7 +197,7 @@ def render_reference(obj: ShapeObject | str, cameras: Cameras | OrbitSample, *, 
     """Ground-truth renders of ``obj`` in arbitrary ``cameras`` (``images, alphas, depths, normals``, see
     the module doc), read from / written to the on-disk cache unless ``cache=False``. ``cache_path`` is
     the cache *folder* (default ``cache_dir()``). The result also holds ``cameras`` and ``from_cache``."""
-    obj = _obj(obj)
+    obj = get_object(obj)
     cams = cameras.cameras if isinstance(cameras, OrbitSample) else cameras
     g = reference_gaussians(obj, n_gaussians, seed)
     bg = _background(background)
