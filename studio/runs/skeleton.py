@@ -205,8 +205,8 @@ def execute(method: Method, cfg, out: str | Path = "outputs", *, resume: bool = 
         if isinstance(e, UserError) and created and not steps:  # rejected before any training: no folder
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        status = {KeyboardInterrupt: "interrupted", TrainingCancelled: "cancelled",
-                  TrainingDiverged: "diverged"}.get(type(e), "failed")
+        status = ("interrupted" if isinstance(e, KeyboardInterrupt) else "cancelled" if isinstance(e, TrainingCancelled)
+                  else "diverged" if isinstance(e, TrainingDiverged) else "failed")
         _write_metrics(run_dir, {"status": status, "method": method.name, "reason": str(e) or type(e).__name__,
                                  "seconds": round(time.perf_counter() - t0, 2),
                                  "last_step": steps[-1] if steps else None})
