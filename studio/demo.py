@@ -1,7 +1,12 @@
-"""The render demo (the main job until text-to-3D lands) and ``studio render`` of a PLY."""
+"""The render demo (the main job until text-to-3D lands) and ``studio render`` of a PLY or ``.splat`` file.
+
+``studio render`` reads a 3DGS PLY (the file starts with ``ply``; any SH degree) or the project's own
+antimatter15 ``.splat`` output (by its suffix; base colours only), and refuses a file with no Gaussians.
+"""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -9,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .io import atomic_write_text, read_ply, write_mp4, write_ply, write_png_grid, write_splat
+from .io import atomic_write_text, read_ply, read_splat, write_mp4, write_ply, write_png_grid, write_splat
 from .render import resolve_backend
 from .students.gaussians import rgb_to_sh
 from .render.turntable import render_turntable
@@ -79,17 +84,47 @@ def run_demo(*, object_name: str, out: Path, frames: int, size: int, n_gaussians
     return metrics
 
 
+def read_gaussians(path: str | Path) -> tuple[dict[str, torch.Tensor], int | None, str]:
+    """The activated Gaussians of a 3DGS PLY or a ``.splat`` file for rendering: ``(gaussians, sh_degree, format)``
+    with ``colors`` SH coefficients (PLY, ``sh_degree`` 0..3) or RGB in [0,1] (``.splat``, ``sh_degree`` None).
+    A file starting with ``ply`` is read as PLY, else a ``.splat`` suffix as splat. Raises ``UserError`` naming the
+    file for a missing or unreadable file and for one with 0 Gaussians."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"'{path}' not found; give a 3D Gaussian .ply or .splat file (e.g. a run's model.ply)")
+    with open(p, "rb") as fh:
+        magic = fh.read(3)
+    if magic != b"ply" and p.suffix.lower() == ".splat":
+        d = read_splat(p)
+        q = d["quats"]
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        g = {"means": d["means"], "quats": q, "scales": d["scales"], "opacities": d["opacities"], "colors": d["colors"]}
+        degree, fmt = None, "splat"
+    else:
+        data = read_ply(p)  # its message names the file when it is not a PLY
+        g = {"means": data["means"], "quats": data["quats"], "scales": torch.exp(data["scales"]),
+             "opacities": torch.sigmoid(data["opacities"]), "colors": data["sh"]}
+        degree, fmt = data["sh_degree"], "ply"
+    if g["means"].shape[0] == 0:
+        raise UserError(f"'{path}' holds 0 Gaussians: there is nothing to render (the run that wrote it may have "
+                        "pruned them all); give a file with at least one Gaussian")
+    return g, degree, fmt
+
+
 def render_ply(ply: Path, *, out: Path, frames: int, size: int, radius: float, elevation: float, fovy: float,
                backend: str) -> dict:
+    """``studio render``: a turntable video and a grid of views of a PLY or ``.splat`` file (see module doc)."""
     _check_range("frames", frames, 1, 720)
     _check_range("size", size, 16, 2048)
-    data = read_ply(ply)
-    degree = data["sh_degree"]
-    g = {"means": data["means"], "quats": data["quats"], "scales": torch.exp(data["scales"]),
-         "opacities": torch.sigmoid(data["opacities"]), "colors": data["sh"]}
+    for name, value, ok, want in (("radius", radius, radius > 0, "a positive number"),
+                                  ("elevation", elevation, -90 <= elevation <= 90, "degrees in -90..90"),
+                                  ("fovy", fovy, 0 < fovy < 180, "degrees between 0 and 180")):
+        if not (math.isfinite(value) and ok):
+            raise UserError(f"--{name} must be {want}, got {value}")
+    g, degree, fmt = read_gaussians(ply)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"ply": str(ply), "n_gaussians": int(g["means"].shape[0]), "sh_degree": degree,
+    metrics = {"ply": str(ply), "format": fmt, "n_gaussians": int(g["means"].shape[0]), "sh_degree": degree,
                **_write_outputs(g, out, Path(ply).stem, frames=frames, size=size, backend=backend, radius=radius,
                                 elevation=elevation, fovy=fovy, sh_degree=degree)}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

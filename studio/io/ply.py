@@ -12,7 +12,9 @@ One ``vertex`` element, binary little-endian, float32 properties in this order::
 
 ``read_ply`` is lenient: any SH degree 0..3 (inferred from the ``f_rest`` count), extra unknown
 properties (returned in ``extra``), other elements before/after the vertices, any scalar property type,
-and ``binary_little_endian`` / ``binary_big_endian`` / ``ascii`` formats.
+and ``binary_little_endian`` / ``binary_big_endian`` / ``ascii`` formats. It is strict about values: a NaN
+or Inf in a Gaussian property is refused with a message naming the file, the property and the first vertex.
+Every reading error is a ``studio.errors.UserError`` (a ``ValueError``) naming the file.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .atomic import atomic_path
 
 __all__ = ["write_ply", "read_ply", "ply_property_names", "SH_REST_COUNTS"]
@@ -114,8 +117,19 @@ def write_ply(path: str | os.PathLike, means, scales_log, quats, opacity_logits,
     return Path(path)
 
 
-def _fail(path, why: str) -> ValueError:
-    return ValueError(f"could not read PLY '{path}': {why}; {_EXPECTED}")
+def _fail(path, why: str) -> UserError:
+    return UserError(f"could not read PLY '{path}': {why}; {_EXPECTED}")
+
+
+def _check_finite(path, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse NaN / Inf in the Gaussian properties, naming the file, the property and the first vertex."""
+    for nm, a in arrays.items():
+        bad = ~np.isfinite(a)
+        if bad.any():
+            rows = np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0]
+            raise UserError(f"PLY '{path}' has non-finite values (NaN or Inf) in {nm} of {len(rows)} of its "
+                            f"{bad.shape[0]} Gaussians (first: vertex {int(rows[0])}); the file is damaged or was "
+                            "written by a run that diverged: re-export it from a good checkpoint")
 
 
 def _parse_header(path, data: bytes) -> tuple[str, list[dict], int]:
@@ -215,7 +229,8 @@ def read_ply(path: str | os.PathLike) -> dict[str, Any]:
     Returns ``{"means" [N,3], "scales" [N,3] (log), "quats" [N,4] (w-x-y-z as stored),
     "opacities" [N] (logits), "sh" [N,K,3], "sh0" [N,1,3], "shN" [N,K-1,3], "sh_degree" int,
     "normals" [N,3] (zeros when absent), "extra" {name: [N] tensor} for unknown properties}``.
-    Raises ``ValueError`` naming the file when it is missing, not a PLY, truncated or lacks a property.
+    Raises ``UserError`` (a ``ValueError``) naming the file when it is missing, not a PLY, truncated, lacks a
+    property or holds a NaN / Inf in a Gaussian property (positions, scales, rotations, opacity, SH).
     """
     p = Path(path)
     if not p.is_file():
@@ -249,12 +264,20 @@ def read_ply(path: str | os.PathLike) -> dict[str, Any]:
     known = {"x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
              "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3", *rest_names}
     normals = stack(["nx", "ny", "nz"]) if {"nx", "ny", "nz"} <= set(names) else torch.zeros(n, 3)
+    means = stack(["x", "y", "z"])
+    scales = stack(["scale_0", "scale_1", "scale_2"])
+    quats = stack(["rot_0", "rot_1", "rot_2", "rot_3"])
+    opacities = torch.from_numpy(col("opacity").copy())
+    sh = torch.cat([sh0, shn], dim=1)
+    _check_finite(path, {"positions (x, y, z)": means.numpy(), "scales (scale_*)": scales.numpy(),
+                         "rotations (rot_*)": quats.numpy(), "opacity": opacities.numpy(),
+                         "colours (f_dc_*, f_rest_*)": sh.numpy()})
     return {
-        "means": stack(["x", "y", "z"]),
-        "scales": stack(["scale_0", "scale_1", "scale_2"]),
-        "quats": stack(["rot_0", "rot_1", "rot_2", "rot_3"]),
-        "opacities": torch.from_numpy(col("opacity").copy()),
-        "sh": torch.cat([sh0, shn], dim=1),
+        "means": means,
+        "scales": scales,
+        "quats": quats,
+        "opacities": opacities,
+        "sh": sh,
         "sh0": sh0,
         "shN": shn,
         "sh_degree": degree,

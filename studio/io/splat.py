@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .atomic import atomic_write_bytes
 
 __all__ = ["write_splat", "read_splat", "SPLAT_DTYPE", "SH_C0"]
@@ -77,15 +78,24 @@ def write_splat(path: str | os.PathLike, means, scales_log, quats, opacity_logit
 
 def read_splat(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``.splat`` file: ``{"means" [N,3], "scales" [N,3] (linear), "rgba" uint8 [N,4],
-    "colors" [N,3] float in [0,1], "opacities" [N] in [0,1], "quats" [N,4] (decoded, unnormalised)}``."""
+    "colors" [N,3] float in [0,1], "opacities" [N] in [0,1], "quats" [N,4] (decoded, unnormalised)}``.
+
+    Raises ``UserError`` (a ``ValueError``) naming the file when it is missing, not a whole number of 32-byte
+    records, or holds a NaN / Inf position or scale."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"could not read splat file '{path}': file not found; expected an antimatter15 .splat file")
+        raise UserError(f"could not read splat file '{path}': file not found; expected an antimatter15 .splat file")
     data = p.read_bytes()
     if len(data) % SPLAT_DTYPE.itemsize:
-        raise ValueError(f"could not read splat file '{path}': size {len(data)} is not a multiple of 32 bytes; "
-                         "expected an antimatter15 .splat file")
+        raise UserError(f"could not read splat file '{path}': size {len(data)} is not a multiple of 32 bytes; "
+                        "expected an antimatter15 .splat file")
     rec = np.frombuffer(data, dtype=SPLAT_DTYPE)
+    for field, what in (("position", "positions"), ("scale", "scales")):
+        bad = ~np.isfinite(rec[field]).all(axis=1)
+        if bad.any():
+            raise UserError(f"splat file '{path}' has non-finite values (NaN or Inf) in the {what} of {int(bad.sum())} "
+                            f"of its {len(rec)} splats (first: splat {int(np.argmax(bad))}); the file is damaged or was "
+                            "written by a run that diverged: re-export it from a good checkpoint")
     rgba = torch.from_numpy(rec["rgba"].copy())
     return {
         "means": torch.from_numpy(rec["position"].copy()),
