@@ -65,24 +65,13 @@ def doctor() -> None:
 
 def build_ext(cuda: bool = False) -> None:
     """Build (or reuse) the native C++ extensions, and the CUDA ones with --cuda on a CUDA machine."""
-    from .render import _mesh_ext
-    from .render._gaussians_ext import cuda as _cuda, native as _native
-    from .students import _hashgrid_ext
+    from .render import extension_status as render_status
+    from .students import extension_status as student_status
 
-    ok = _native.available()
-    print(f"native: {'ok' if ok else 'FAILED: ' + str(_native.load_error())}")
-    okm = _mesh_ext.available("native")
-    print(f"native mesh: {'ok' if okm else 'FAILED: ' + str(_mesh_ext.load_error('native'))}")
-    okh = _hashgrid_ext.available()
-    print(f"native hashgrid: {'ok' if okh else 'FAILED: ' + str(_hashgrid_ext.load_error())}")
-    ok = ok and okm and okh
-    if cuda:
-        okc = _cuda.available()
-        print(f"cuda:   {'ok' if okc else 'FAILED: ' + str(_cuda.load_error())}")
-        okcm = _mesh_ext.available("cuda")
-        print(f"cuda mesh: {'ok' if okcm else 'FAILED: ' + str(_mesh_ext.load_error('cuda'))}")
-        ok = ok and okc and okcm
-    if not ok:
+    status = {**render_status(cuda), **student_status()}
+    for name, error in status.items():
+        print(f"{name + ':':<17}{'ok' if error is None else 'FAILED: ' + str(error)}")
+    if any(error is not None for error in status.values()):
         raise SystemExit(1)
 
 

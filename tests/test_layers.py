@@ -42,13 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 #: (importer, imported module) of imports that run up the layers or close a circle:
 KNOWN_EDGES: dict[tuple[str, str], str] = {}
 #: (importer, "module._name") of private names used outside their module:
-KNOWN_PRIVATE: dict[tuple[str, str], str] = {
-    # owner: the runs / CLI engineer. `studio build-ext` should print studio.render.extension_status(cuda) and
-    # studio.students.extension_status() (as studio.doctor does) instead of reaching into the loaders.
-    ("studio.cli", "studio.render._gaussians_ext"): "runs/CLI",
-    ("studio.cli", "studio.render._mesh_ext"): "runs/CLI",
-    ("studio.cli", "studio.students._hashgrid_ext"): "runs/CLI",
-}
+KNOWN_PRIVATE: dict[tuple[str, str], str] = {}
 
 
 # ------------------------------------------------------------------------------------------ the reader
