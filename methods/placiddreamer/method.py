@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
 from studio.distill.bsd import bsd
 from studio.distill.sds import sds
 from studio.errors import UserError
@@ -47,8 +46,6 @@ from .prepare import personalise_teacher, prepare_init, reference_image
 #: the paper's run length; schedule fields of the stage config are given for it and scaled to --steps
 PAPER_STEPS = 5000
 NEGATIVE_PROMPT = "unrealistic, blurry, low quality."
-#: CFG scale used only for the SDS ablation (BSD has no CFG scale: lam plays that role)
-SDS_ABLATION_GUIDANCE = {"shapeworld-unet": 20.0, "shapeworld-exact": 1.0}
 
 
 def placid_stage() -> GaussianStageConfig:
@@ -121,13 +118,12 @@ class PlacidDreamerMethod(TextTo3DMethod):
     description = "PlacidDreamer: Latent-Plane multi-view init, DreamBooth-LoRA teacher, Balanced Score Distillation"
     paper = "https://arxiv.org/abs/2407.13976"
     Config = PlacidDreamerConfig
+    #: the default --guidance-scale serves only the SDS ablation (BSD has no CFG scale: lam plays that role)
+    guidance_role = "sds"
 
     def __init__(self) -> None:
         self.init_model = None
         self.personal_teacher = None
-
-    def default_guidance(self, teacher_name: str) -> float:
-        return SDS_ABLATION_GUIDANCE.get(teacher_name, 100.0)
 
     # -- steps 0-2 ---------------------------------------------------------------------------------
     def prepare(self, cfg: PlacidDreamerConfig, teacher, run_dir: Path, resume: bool, progress: bool = True) -> dict:

@@ -25,16 +25,13 @@ from studio.io.video import make_grid
 from studio.runs.text_to_3d import load_teacher_cached
 from studio.students.gaussians import GaussianModel
 from studio.teachers.novel_view import sample_novel_views
-from studio.teachers.registry import load_teacher
+from studio.teachers.registry import default_guidance, load_teacher
 from studio.teachers.sampling import ddim_sample
 from studio.train.personalize import DreamBoothConfig, dreambooth_lora
 
 from .latent_plane.gaussian_init import density_to_mesh, init_from_ring_views, mesh_to_gaussian_init
 from .latent_plane.ring import FOCAL_256, PRINCIPAL_256, RING_ELEVATION, RING_N, RING_RADIUS, SHAPEWORLD_CUBE_SCALE
 from .latent_plane.weights import load_latent_plane
-
-#: guidance of the reference-image sample per teacher (real text-to-image models: 7.5)
-REFERENCE_GUIDANCE = {"shapeworld-unet": 4.0, "shapeworld-exact": 1.0}
 
 
 def load_image(path: str | Path, size: int | None = None) -> Tensor:
@@ -62,15 +59,15 @@ def load_image(path: str | Path, size: int | None = None) -> Tensor:
 
 
 def reference_image(cfg, teacher, run_dir: Path, resume: bool) -> Tensor:
-    """Step 0: ``cfg.image`` or a DDIM sample of ``"<prompt>, front view"`` from the text-to-image teacher
-    (written to ``reference.png``; reused on resume)."""
+    """Step 0: ``cfg.image`` or a DDIM sample of ``"<prompt>, front view"`` from the text-to-image teacher at
+    the teacher's default sampling guidance (written to ``reference.png``; reused on resume)."""
     path = run_dir / "reference.png"
     if cfg.image:
         ref = load_image(cfg.image)
     elif resume and path.is_file():
         ref = load_image(path)
     else:
-        guidance = REFERENCE_GUIDANCE.get(cfg.teacher, 7.5)
+        guidance = default_guidance(cfg.teacher, "sample")
         ref = ddim_sample(teacher, [f"{cfg.prompt}, front view"], steps=cfg.nv_steps, guidance_scale=guidance,
                           seed=cfg.seed, negative=cfg.stage.negative_prompt or None)
     write_png(path, ref[0].permute(1, 2, 0))

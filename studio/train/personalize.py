@@ -52,7 +52,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..io.atomic import atomic_path, atomic_write_text
-from ..students.lora_score import LORA_TARGETS, _adapter_names, add_lora_adapter
+from ..students.lora_score import LORA_TARGETS, add_lora_adapter
+from ..teachers.diffusers_sd import peft_adapter_names
 from .loop import StepOutput, Trainer, TrainerConfig
 
 __all__ = [
@@ -224,7 +225,7 @@ def lora_state_dict(teacher: Any, adapter_name: str = "personal") -> dict[str, T
     from peft.utils import get_peft_model_state_dict
 
     unet = _teacher_unet(teacher)
-    if adapter_name not in _adapter_names(unet):
+    if adapter_name not in peft_adapter_names(unet):
         raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} has no LoRA named {adapter_name!r}")
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
@@ -260,7 +261,7 @@ class DreamBoothStage:
         cfg = cfg or DreamBoothConfig()
         _check_config(cfg)
         unet = _teacher_unet(teacher)
-        if cfg.adapter_name in _adapter_names(unet):
+        if cfg.adapter_name in peft_adapter_names(unet):
             raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} already has a LoRA named "
                             f"{cfg.adapter_name!r}; remove it with teacher.unload_lora({cfg.adapter_name!r}) or set "
                             "DreamBoothConfig.adapter_name")
@@ -282,7 +283,7 @@ class DreamBoothStage:
                 add_lora_adapter(unet, rank=cfg.rank, adapter_name=cfg.adapter_name, target_modules=targets,
                                  scales=scales, seed=cfg.seed)
         except ValueError as e:
-            if loaded is not None and not _adapter_names(unet):
+            if loaded is not None and not peft_adapter_names(unet):
                 unet._hf_peft_config_loaded = loaded  # a failed diffusers add_adapter leaves the flag set
             raise UserError(f"could not add a LoRA on {targets} to teacher {getattr(teacher, 'name', '?')!r}: "
                             f"{e}") from None
@@ -365,7 +366,7 @@ class DreamBoothStage:
         name = self.cfg.adapter_name
         if name in getattr(self.teacher, "_lora_scales", {}) and hasattr(self.teacher, "unload_lora"):
             self.teacher.unload_lora(name)
-        elif name in _adapter_names(self.teacher.unet):
+        elif name in peft_adapter_names(self.teacher.unet):
             self.teacher.unet.delete_adapters(name)
 
     def finish(self) -> None:
@@ -425,7 +426,7 @@ def dreambooth_lora(teacher: Any, images: Tensor, prompt: str, cfg: DreamBoothCo
     images = _check_images(images)
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("DreamBooth needs the instance prompt (the full text prompt), got an empty prompt")
-    if cfg.adapter_name in _adapter_names(unet):
+    if cfg.adapter_name in peft_adapter_names(unet):
         raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} already has a LoRA named {cfg.adapter_name!r}; "
                         f"remove it with teacher.unload_lora({cfg.adapter_name!r}) or set DreamBoothConfig.adapter_name")
     folder = Path(out) if out is not None else None
