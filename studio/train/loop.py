@@ -46,7 +46,7 @@ That one rule serves both patterns of the video methods:
 
 Losses are backpropagated in dict order; the record's ``loss`` is their sum and ``loss/<name>`` each one.
 
-EMA: a stage may register EMAs (:class:`studio.train.ema.EMA`) with an optional ``emas() -> {name: EMA}``.
+EMA: a stage may register EMAs (:class:`studio.students.ema.EMA`) with an optional ``emas() -> {name: EMA}``.
 The Trainer updates an EMA after every iteration in which an optimizer holding one of its parameters stepped
 (an EMA of a generator that steps every 5th iteration updates every 5th; an EMA whose parameters no optimizer
 holds updates every iteration) and saves its state in the checkpoint.
@@ -544,7 +544,7 @@ def _stage_emas(stage) -> dict[str, EMA]:
         return {}
     emas = fn() or {}
     if not isinstance(emas, dict) or not all(isinstance(e, EMA) for e in emas.values()):
-        raise TypeError(f"stage '{stage.name}': emas() must return a dict {{name: studio.train.ema.EMA}}")
+        raise TypeError(f"stage '{stage.name}': emas() must return a dict {{name: studio.students.ema.EMA}}")
     return dict(emas)
 
 
