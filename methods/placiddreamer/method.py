@@ -20,7 +20,8 @@ Algorithm (``../shared/specs/placiddreamer_dreampolish.md`` section 2.2):
 Steps 0-2 are :mod:`.prepare` (the Latent-Plane itself is :mod:`.latent_plane`, the DreamBooth-LoRA the
 shared :mod:`studio.train.personalize`); each writes its results into the run folder (``reference.png``,
 ``views.png``, ``init_mesh.ply``, ``init.ply``, ``lora/``) and ``--resume`` reuses them; step 3 resumes
-from the training loop's checkpoint. Iteration counts of the paper's 5000-step schedule are scaled to ``--steps``.
+from the training loop's checkpoint. Iteration counts of the paper's 5000-step schedule are scaled to
+``--steps``.
 
 Deviations from the official code, on purpose (spec 2.7): ``lam`` is a real parameter (the official 3D
 code ignores ``--lambda_`` and hard-codes 15); the init keeps the aspect ratio (the official per-axis
