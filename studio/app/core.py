@@ -269,11 +269,11 @@ class RunJob:
             self.on_step(rec)
         return not self.cancel_event.is_set()
 
-    def _finish(self, kind: str, data: Any) -> None:
-        if kind == "done" and isinstance(data, dict) and data.get("run_dir"):
+    def _finish(self, outcome: str, data: Any) -> None:
+        if outcome == "done" and isinstance(data, dict) and data.get("run_dir"):
             self.run_dir = Path(data["run_dir"])
-        self.result = (kind, data)
-        self.events.put((kind, data))
+        self.result = (outcome, data)
+        self.events.put((outcome, data))
 
     def _target(self) -> None:
         if not self.slots.acquire(self.cancel_event, on_wait=lambda: self.events.put(("waiting", None))):
@@ -390,14 +390,14 @@ class BatchJob:
             t0 = time.perf_counter()
             job.start()
             job.thread.join()
-            kind, data = job.result or ("error", "no result")
+            outcome, data = job.result or ("error", "no result")
             row["seconds"] = round(time.perf_counter() - t0, 1)
-            if kind == "done":
+            if outcome == "done":
                 gt = (data or {}).get("ground_truth") or {}
                 row.update(status="done", psnr=_round(gt.get("psnr")), iou=_round(gt.get("iou"), 3), message="",
                            folder=str(job.run_dir or ""))
             else:
-                row.update(status="cancelled" if kind == "cancelled" else "failed", message=str(data))
+                row.update(status="cancelled" if outcome == "cancelled" else "failed", message=str(data))
                 errors[row["prompt"]] = str(data)
         self.current = None
         try:
