@@ -128,6 +128,22 @@ def test_lr_that_overflows_the_gaussians_is_reported_as_divergence_not_bad_input
     assert torch.equal(stages[0].model.params["means"].detach(), means0)
 
 
+def test_nan_guidance_in_a_gaussian_run_stops_instead_of_exporting_an_untrained_model(tmp_path):
+    """The score functions replace non-finite values by 0: with a NaN guidance scale every step had loss 0 and
+    the run ended "successfully" with an untrained model."""
+    from methods.sds import SDSConfig, SDSMethod
+    from studio.teachers.registry import load_teacher
+    from studio.train.gaussian_stage import GaussianStageConfig
+
+    c = SDSConfig(prompt="a red cube", steps=20, stage=GaussianStageConfig(batch_size=1, init_points=64))
+    stages = SDSMethod().stages(c, load_teacher("shapeworld-exact"),
+                                dict(steps=20, resolution=32, guidance_scale=float("nan")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingDiverged, match="zero everywhere"):
+            Trainer(cfg(tmp_path, max_bad_steps=3)).run(stages)
+
+
 # -- b) two checkpoints, fallback on a corrupt one ------------------------------------------------------
 def test_two_checkpoints_are_kept(tmp_path):
     Trainer(cfg(tmp_path)).run([Quad(steps=12)])

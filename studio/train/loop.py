@@ -871,8 +871,7 @@ class Trainer:
                     raise TrainingDiverged(
                         f"{stage.name}: training diverged at step {step}: the optimizer step made parameters "
                         f"non-finite or overflowing (NaN, Inf or beyond 1e19), most likely a learning rate far too "
-                        f"high{undone}. Stopped; "
-                        f"{self._kept()}; lower the learning rate and resume with --resume or start again")
+                        f"high{undone}. Stopped. {self._kept('lower the learning rate')}")
                 if status in ("bad", "zero"):
                     bad += 1
                     what = ("non-finite loss or gradient" if status == "bad" else
@@ -881,13 +880,15 @@ class Trainer:
                         warnings.warn(f"{stage.name} step {step}: {what}, step skipped ({bad} in a row)",
                                       RuntimeWarning, stacklevel=2)
                     if bad >= cfg.max_bad_steps:
-                        cause = ("a non-finite loss or gradient (NaN or Inf)" if status == "bad" else
-                                 "an all-zero gradient (e.g. NaN guidance or inputs whose non-finite score was "
-                                 "replaced by 0)")
+                        cause, fix = (("a non-finite loss or gradient (NaN or Inf)",
+                                       "lower the learning rate or look for NaN / Inf in the inputs")
+                                      if status == "bad" else
+                                      ("a gradient that was zero everywhere (nothing is learned: e.g. a NaN guidance "
+                                       "scale or non-finite scores replaced by 0)",
+                                       "look for NaN / Inf in the numbers and inputs of the run"))
                         raise TrainingDiverged(
                             f"{stage.name}: {bad} failed steps in a row at step {step}, the last with {cause}; "
-                            f"stopped. {self._kept()[0].upper()}{self._kept()[1:]} (resume with --resume, e.g. with a "
-                            "lower learning rate, after checking the numbers you pass)")
+                            f"stopped. {self._kept(fix)}")
                     step += 1
                     continue
                 bad = 0
@@ -923,10 +924,11 @@ class Trainer:
         # End of stage: the next stage starts at step 0.
         self._save(stages, si + 1, 0)
 
-    def _kept(self) -> str:
+    def _kept(self, fix: str) -> str:
+        """Where the last good checkpoint is, and what to do (``fix``) before going on."""
         if self._own_last and self.ckpt_path.exists():
-            return f"the last good checkpoint is kept at {self.ckpt_path}"
-        return f"no checkpoint had been written yet ({self.ckpt_path} comes every checkpoint_every steps)"
+            return f"The last good checkpoint is kept at {self.ckpt_path}: {fix}, then resume from it with --resume"
+        return f"No checkpoint had been written yet: {fix}, then start again"
 
     def _write_preview(self, stage, step: int) -> str | None:
         """Render the stage's preview into ``previews/<stage>_<step>.png``; returns the path (or None)."""
