@@ -88,13 +88,13 @@ def read_gaussians(path: str | Path) -> tuple[dict[str, torch.Tensor], int | Non
     """The activated Gaussians of a 3DGS PLY or a ``.splat`` file for rendering: ``(gaussians, sh_degree, format)``
     with ``colors`` SH coefficients (PLY, ``sh_degree`` 0..3) or RGB in [0,1] (``.splat``, ``sh_degree`` None).
     A file starting with ``ply`` is read as PLY, else a ``.splat`` suffix as splat. Raises ``UserError`` naming the
-    file for a missing or unreadable file and for one with 0 Gaussians."""
+    file for a missing or unreadable file (the reader's message) and for one with 0 Gaussians."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"'{path}' not found; give a 3D Gaussian .ply or .splat file (e.g. a run's model.ply)")
-    with open(p, "rb") as fh:
-        magic = fh.read(3)
-    if magic != b"ply" and p.suffix.lower() == ".splat":
+    magic = b""
+    if p.is_file():
+        with open(p, "rb") as fh:
+            magic = fh.read(3)
+    if magic != b"ply" and p.suffix.lower() == ".splat":  # a missing file: the reader's message names it
         d = read_splat(p)
         q = d["quats"]
         q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
