@@ -9,7 +9,7 @@ typed functions.
 
 User errors (``UserError`` / ``ValueError`` / missing files) print one message (cut to a readable length) and exit
 with code 2; set ``STUDIO_DEBUG=1`` to see the traceback instead. SIGTERM stops a run like Ctrl-C (checkpoint
-kept, exit 130); a closed output pipe (``studio generate --help | head``) ends quietly.
+kept; exit 143, Ctrl-C 130); a closed output pipe (``studio generate --help | head``) ends quietly.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def render(
     fovy: float = 35.0,
     backend: Backend = "auto",
 ) -> None:
-    """Render a 3DGS PLY file (Inria layout) to a turntable MP4 and a PNG grid."""
+    """Render a 3DGS PLY (Inria layout) or .splat file to a turntable MP4 and a PNG grid."""
     from .demo import render_ply
 
     render_ply(ply, out=out, frames=frames, size=size, radius=radius, elevation=elevation, fovy=fovy, backend=backend)
@@ -287,9 +287,18 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {_shorten(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        from .train.loop import Terminated
+
+        print("terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+    except RuntimeError as e:
+        from .train.loop import TrainingCancelled, TrainingDiverged
+
+        if os.environ.get("STUDIO_DEBUG") or not isinstance(e, (TrainingCancelled, TrainingDiverged)):
+            raise
+        print(f"error: {_shorten(str(e))}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

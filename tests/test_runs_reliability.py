@@ -201,3 +201,11 @@ def test_app_refuses_fractional_steps(tmp_path):
     values[tab.primary["steps"]] = 2.5
     out = list(tab.stream(values, "unit"))
     assert "whole number" in out[-1][tab.status] and "2.5" in out[-1][tab.status]
+
+
+def test_a_diverging_run_says_so_and_records_it(tmp_path):
+    r = _cli("generate", "a red cube", "--steps", "3", "--stage.lr-means", "1e30", "--stage.init-points", "200",
+             "--turntable-frames", "2", "--out", str(tmp_path))
+    assert r.returncode == 1 and "training diverged" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    m = json.loads((tmp_path / "a-red-cube" / "metrics.json").read_text())
+    assert m["status"] == "diverged" and "learning rate" in m["reason"]

@@ -209,6 +209,7 @@ def execute(method: Method, cfg, out: str | Path = "outputs", *, resume: bool = 
                   else "diverged" if isinstance(e, TrainingDiverged) else "failed")
         _write_metrics(run_dir, {"status": status, "method": method.name, "reason": str(e) or type(e).__name__,
                                  "seconds": round(time.perf_counter() - t0, 2),
+                                 "train_seconds": getattr(e, "train_seconds", None),
                                  "last_step": steps[-1] if steps else None})
         raise
     metrics = {"status": FINISHED, "method": method.name, **metrics, "run_dir": str(run_dir)}
@@ -231,6 +232,9 @@ def train_stages(stages: list, run_dir: Path, *, seed: int, callbacks=None, resu
                       callbacks=callbacks)
     try:
         history = trainer.run(stages, resume=resume)
+    except BaseException as e:
+        e.train_seconds = float(trainer.train_seconds)  # the skeleton records it for an unfinished run
+        raise
     finally:
         atomic_write_text(Path(run_dir) / HISTORY_FILE, json.dumps(trainer.history, default=str))
     return history, float(trainer.train_seconds)
