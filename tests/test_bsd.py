@@ -118,21 +118,32 @@ def test_auto_form_with_frozen_alpha_is_scaled_sds():  # property 6
 
 
 def test_standard_minus_auto_with_frozen_alpha_has_zero_mean():  # property 7
+    """bsd() in the standard form on a stub teacher that ignores its input: its alpha depends on the teacher's
+    branches only (frozen across noise draws), and G_standard - G_auto(same alpha, same w) = (1 - alpha) w eps
+    for every draw, whose Monte-Carlo mean is zero."""
     g = torch.Generator().manual_seed(4)
-    eps_y = torch.randn(1, 3, 8, 8, generator=g)
-    eps_neg = torch.randn(1, 3, 8, 8, generator=g)
-    alpha, lam = 0.3, 2.0
-    teacher = BranchTeacher(eps_y, eps_neg)
-    diffs = []
-    for k in range(4000):
-        eps = torch.randn(1, 3, 8, 8, generator=g)
-        c = lam * (eps_y - eps_neg)
-        standard = combine(c, eps_neg, torch.tensor(alpha))
-        auto = combine(c, eps_neg - eps, torch.tensor(alpha))
-        diffs.append(standard - auto)
+    eps_y = torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
+    eps_neg = torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
+    teacher = BranchTeacher(eps_y, eps_neg).double()
+    cond = teacher.encode_prompt(["a red cube"], negative="")
+    cond.embeds, cond.negative_embeds = cond.embeds.double(), cond.negative_embeds.double()
+    lam, t = 2.0, torch.tensor([300])
+    w = float(teacher.schedule.alpha_cumprod(t, eps_y).reshape(-1)[0].sqrt())
+    c = lam * (eps_y - eps_neg)
+    diffs, alphas = [], []
+    for _ in range(2000):
+        eps = torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
+        z = torch.zeros(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+        out = bsd(teacher, z, cond, t, lam=lam, form="standard", noise=eps)
+        alpha = out.alpha.reshape(-1, 1, 1, 1)
+        auto_same_alpha = w * combine(c, eps_neg - eps, alpha)
+        diff = out.grad - auto_same_alpha
+        torch.testing.assert_close(diff, (1 - alpha) * w * eps, rtol=1e-9, atol=1e-12)
+        diffs.append(diff)
+        alphas.append(float(alpha))
+    assert max(alphas) - min(alphas) < 1e-12 and 0.0 < alphas[0] < 1.0  # frozen, interior
     mean = torch.stack(diffs).mean(0)
-    # difference is (1 - alpha) eps: zero mean, std (1 - alpha) / sqrt(n)
-    assert float(mean.abs().max()) < 5 * (1 - alpha) / math.sqrt(4000)
+    assert float(mean.abs().max()) < 5 * (1 - alphas[0]) * w / math.sqrt(len(diffs))
     assert teacher.scale.grad is None
 
 

@@ -1,5 +1,6 @@
 """End to end: exact teacher, `studio generate` and `studio batch` on the embedded default, and the
 real-model path with a tiny Stable Diffusion pipeline loaded by path."""
+import math
 import json
 import os
 import socket
@@ -164,5 +165,5 @@ def test_real_model_path_tiny_sd(tmp_path):
     path = make_tiny_sd(tmp_path / "tiny-sd", sample_size=16)
     cfg = small_cfg("a red cube", steps=3, teacher=str(path), guidance_scale=7.5)
     m = run(cfg, "sds", tmp_path / "out", progress=False)
-    assert m["teacher"] == str(path) and m["final_loss"] is not None and m["final_loss"] == m["final_loss"]
+    assert m["teacher"] == str(path) and m["final_loss"] is not None and math.isfinite(m["final_loss"])
     assert (tmp_path / "out" / "a-red-cube" / "model.ply").exists()
