@@ -67,7 +67,7 @@ import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -80,6 +80,9 @@ __all__ = [
     "causal_block_rollout", "consistency_scalings", "consistency_solver_timesteps", "ddim_sample",
     "flow_euler_sample", "flow_euler_timesteps", "lcm_sample", "lcm_timesteps", "noise_generator",
     "rollout_timesteps",
+    # flow SDE with log-probabilities and reward-gradient guidance (Flow-GRPO, DanceGRPO, Euphonium; spec 1.4, 4.3)
+    "SDE_FORMS", "FlowSDEStep", "flow_sde_diffusion", "flow_sde_logprob", "flow_sde_rollout", "flow_sde_step",
+    "guidance_active", "shared_noise_groups", "shifted_sigmas", "tilted_guidance_scale",
 ]
 
 #: odd 64-bit constant (golden ratio) separating the noise streams of one seed
@@ -268,15 +271,256 @@ def flow_euler_sample(model, prompts_or_cond: str | Sequence[str] | TextCond, st
         s, s_next = float(sig[k]), float(sig[k + 1])
         xf, vf = x.float(), v.float()
         if a > 0 and s_next > 0:
-            delta = s - s_next
-            s_den = float(sig[1]) if s >= 1.0 and len(sig) > 2 else s
-            g = a * math.sqrt(s / max(1.0 - s_den, 1e-12))
-            score = -(xf + (1.0 - s) * vf) / s
-            xf = xf - delta * vf + 0.5 * g * g * score * delta + g * math.sqrt(delta) * _randn(x.shape, gen, xf)
+            xf = flow_sde_step(xf, vf, s, s_next, form="flow-grpo", noise_level=a,
+                               sigma_max=float(sig[1]) if len(sig) > 2 else s, noise=_randn(x.shape, gen, xf)).sample
         else:
             xf = xf + (s_next - s) * vf
         x = xf.to(x.dtype)
     return _finish(model, x, output)
+
+
+# --------------------------------------------------------------------------------------- flow SDE for RL
+#: the two diffusion forms of spec 1.4: Flow-GRPO's ``g = a sqrt(sigma / (1 - sigma))`` and DanceGRPO's ``g = eta``
+SDE_FORMS = ("flow-grpo", "dance-grpo")
+
+
+class FlowSDEStep(NamedTuple):
+    """One step of :func:`flow_sde_step` (all tensors shaped like ``x`` unless said otherwise)."""
+
+    sample: Tensor
+    """``x_{i+1}`` (detached when it was given as ``sample=``)."""
+    mean: Tensor
+    """the mean the log-probability is measured against (``mean_base`` unless ``logprob_mean="guided"``)."""
+    std: float | Tensor
+    """``g sqrt(Delta)`` (a float, or ``[B,1,...]`` for per-sample sigmas)."""
+    log_prob: Tensor | None
+    """``[B]``: ``log N(sample; mean, std^2 I)`` averaged over the non-batch elements; ``None`` when ``std = 0``."""
+    mean_base: Tensor
+    """the unguided SDE mean ``x - Delta v + (g^2 / 2) s_hat Delta``."""
+    shift: Tensor | None
+    """the guidance term added to the mean, ``c_g Delta G`` (``None`` without a reward gradient)."""
+
+
+def _sde_form(form: str) -> str:
+    key = str(form).lower().replace("_", "-")
+    if key not in SDE_FORMS:
+        raise UserError(f"SDE form {form!r} is not known; use one of {', '.join(SDE_FORMS)}")
+    return key
+
+
+def _per_sample(value: float | Tensor, x: Tensor) -> float | Tensor:
+    """A float stays a float (the arithmetic of :func:`flow_euler_sample`); a ``[B]`` tensor becomes
+    ``[B,1,...]`` in ``x``'s dtype."""
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return float(value)
+        return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return float(value)
+
+
+def shifted_sigmas(steps: int = 16, shift: float = 5.0) -> Tensor:
+    """``[steps + 1]`` float64 noise levels ``shift(u) = shift u / (1 + (shift - 1) u)`` of ``u = linspace(1, 0,
+    steps + 1)``: the grid of DanceGRPO / Euphonium (16 steps, shift 5; spec 4.3), ending at 0."""
+    if int(steps) < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    u = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64)
+    return float(shift) * u / (1.0 + (float(shift) - 1.0) * u)
+
+
+def flow_sde_diffusion(sigma: float | Tensor, form: str = "dance-grpo", noise_level: float = 0.25,
+                       sigma_max: float | None = None) -> float | Tensor:
+    """The diffusion coefficient ``g_sigma`` of the flow SDE (spec 1.4).
+
+    ``"dance-grpo"``: ``g = noise_level`` (eta, Euphonium uses 0.25). ``"flow-grpo"``: ``g = a sqrt(sigma / (1 -
+    sigma'))`` with ``a = noise_level`` (Flow-GRPO's default 0.7) and ``sigma' = sigma`` except at ``sigma >= 1``,
+    where ``sigma' = sigma_max`` (Flow-GRPO passes ``sigmas[1]``; required there). ``1 - sigma'`` is floored at
+    1e-12.
+    """
+    form = _sde_form(form)
+    a = float(noise_level)
+    if a < 0:
+        raise UserError(f"the SDE noise level must be >= 0, got {noise_level}")
+    if form == "dance-grpo":
+        return a
+    at_top = bool((torch.as_tensor(sigma) >= 1.0).any())
+    if at_top and sigma_max is None:
+        raise UserError("the Flow-GRPO diffusion at sigma = 1 needs sigma_max (Flow-GRPO uses sigmas[1])")
+    if isinstance(sigma, Tensor):
+        den = torch.where(sigma >= 1.0, torch.as_tensor(float(sigma_max or 0.0), dtype=sigma.dtype), sigma)
+        return a * torch.sqrt(sigma / (1.0 - den).clamp_min(1e-12))
+    den = float(sigma_max) if sigma >= 1.0 else float(sigma)
+    return a * math.sqrt(float(sigma) / max(1.0 - den, 1e-12))
+
+
+def tilted_guidance_scale(sigma: float | Tensor, g: float | Tensor, beta: float) -> float | Tensor:
+    """The reward-gradient scale under which the guided SDE samples the KL-tilted target ``p(x0) exp(R0(x0) /
+    beta)`` exactly (in the limit Delta -> 0) when ``R`` is the exact soft value ``beta log E[exp(R0 / beta) |
+    x_sigma]``: ``(sigma / (1 - sigma) + g^2 / 2) / beta``.
+
+    Derivation: the tilted marginals are ``p*_sigma = p_sigma exp(R / beta) / Z``, so their score is ``s + grad R /
+    beta`` and, through ``s = -(x + (1 - sigma) v) / sigma``, their velocity is ``v - sigma grad R / (beta (1 -
+    sigma))``. Putting both into the SDE mean ``x - Delta v + (g^2 / 2) s Delta`` adds ``(sigma / (1 - sigma) +
+    g^2 / 2) grad R Delta / beta``. Euphonium's "KL mode" ``g^2 / (2 beta)`` (``kl_beta`` of
+    :func:`flow_sde_step`) keeps only the second part, i.e. it tilts the stochastic part of the drift but not the
+    probability-flow part; ``tests/test_euphonium_parts.py`` measures the difference in a Gaussian world.
+    """
+    return (sigma / (1.0 - sigma) + g * g / 2.0) / float(beta)
+
+
+def flow_sde_logprob(sample: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
+    """``[B]``: the Gaussian log-density ``log N(sample; mean, std^2 I)`` *averaged* over the non-batch elements,
+    constants included (DanceGRPO / Euphonium; Flow-GRPO's "sde" mode). ``sample`` is detached, so the gradient
+    reaches the policy through ``mean`` only."""
+    if not isinstance(std, Tensor) and float(std) <= 0:
+        raise UserError("the log-probability of a deterministic step (std = 0, e.g. eta = 0: the ODE) is undefined; "
+                        "use a noise level > 0")
+    std_t = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    z = (sample.detach() - mean) / std_t
+    lp = -0.5 * z * z - torch.log(std_t) - 0.5 * math.log(2 * math.pi)
+    return lp.reshape(lp.shape[0], -1).mean(dim=1)
+
+
+def flow_sde_step(x: Tensor, v: Tensor, sigma: float | Tensor, sigma_next: float | Tensor, *,
+                  form: str = "dance-grpo", noise_level: float = 0.25, sigma_max: float | None = None,
+                  noise: Tensor | None = None, generator: torch.Generator | None = None, sample: Tensor | None = None,
+                  reward_grad: Tensor | None = None, guidance_scale: float | Tensor = 0.0, kl_beta: float | None = None,
+                  normalize_grad: bool = False, scale_by_delta: bool = True,
+                  logprob_mean: str = "base") -> FlowSDEStep:
+    """One Euler-Maruyama step of the marginal-preserving flow SDE from ``sigma`` to ``sigma_next < sigma``, with
+    its log-probability and, optionally, a reward gradient in the drift (Flow-GRPO / DanceGRPO / Euphonium;
+    spec 1.4 and 4.3). A pure tensor function: the velocity ``v = v(x, sigma)`` (``eps - x0``) comes from the caller.
+
+    With ``Delta = sigma - sigma_next``, ``g`` = :func:`flow_sde_diffusion` ``(sigma, form, noise_level,
+    sigma_max)`` and the score ``s_hat = -(x + (1 - sigma) v) / sigma``::
+
+        mean_base = x - Delta v + (g^2 / 2) s_hat Delta
+        shift     = c_g * Delta * G             (G = reward_grad, or G / ||G|| with normalize_grad)
+        sample    = mean_base + shift + g sqrt(Delta) xi
+
+    ``c_g`` is ``guidance_scale``, or ``g^2 / (2 kl_beta)`` when ``kl_beta`` is given (Euphonium's KL mode, which
+    the released code selects with a negative scale; see :func:`tilted_guidance_scale` for the exact tilt).
+    ``scale_by_delta=False`` drops the ``Delta`` of the shift (``use_delta_t_for_gradient_scaling``); the norm of
+    ``normalize_grad`` runs over the whole batch tensor, as in the released code. With ``G = 0`` (or ``None``) the
+    step is Flow-GRPO's (``form="flow-grpo"``) or DanceGRPO's; with ``g = 0`` it is the Euler ODE step
+    ``x - Delta v`` exactly and the log-probability is ``None``.
+
+    Noise: ``noise`` (``xi``, shaped like ``x``), else a draw from ``generator`` (the global RNG when ``None``).
+    ``sample``: score a given ``x_{i+1}`` instead of drawing one (the GRPO recompute under the current policy;
+    it is detached). ``logprob_mean``: ``"base"`` (default; the released code: the guidance is the behaviour
+    policy's business, the policy's likelihood uses the unguided mean) or ``"guided"``.
+    Per-sample noise levels: ``sigma`` / ``sigma_next`` may be ``[B]`` tensors.
+    """
+    if logprob_mean not in ("base", "guided"):
+        raise UserError(f"logprob_mean must be 'base' or 'guided', got {logprob_mean!r}")
+    s = _per_sample(sigma, x)
+    s_next = _per_sample(sigma_next, x)
+    delta = s - s_next
+    if bool(torch.as_tensor(delta <= 0).any()) or bool(torch.as_tensor(s <= 0).any()):
+        raise UserError(f"the flow SDE steps down in noise: need sigma > sigma_next >= 0, got {sigma}, {sigma_next}")
+    g = flow_sde_diffusion(s, form, noise_level, sigma_max)
+    if isinstance(g, float) and g == 0.0:
+        mean_base = x - delta * v  # the ODE, exactly (no 0 * score term)
+    else:
+        score = -(x + (1.0 - s) * v) / s
+        mean_base = x - delta * v + 0.5 * g * g * score * delta
+    shift = None
+    mean_guided = mean_base
+    if reward_grad is not None:
+        G = reward_grad.to(x.dtype)
+        if normalize_grad:
+            G = G / G.norm().clamp_min(torch.finfo(G.dtype).tiny)
+        c = g * g / (2.0 * float(kl_beta)) if kl_beta is not None else guidance_scale
+        if isinstance(c, Tensor):
+            c = _per_sample(c, x)
+        shift = c * (delta if scale_by_delta else 1.0) * G
+        mean_guided = mean_base + shift
+    std = g * math.sqrt(delta) if isinstance(g, float) and isinstance(delta, float) else g * torch.sqrt(
+        torch.as_tensor(delta, dtype=x.dtype, device=x.device))
+    deterministic = isinstance(std, float) and std == 0.0
+    if sample is None:
+        if deterministic:
+            sample = mean_guided
+        else:
+            xi = noise if noise is not None else (
+                _randn(x.shape, generator, x) if generator is not None else torch.randn_like(x))
+            sample = mean_guided + std * xi
+    else:
+        sample = sample.detach()
+    mean_lp = mean_base if logprob_mean == "base" else mean_guided
+    log_prob = None if deterministic else flow_sde_logprob(sample, mean_lp, std)
+    return FlowSDEStep(sample, mean_lp, std, log_prob, mean_base, shift)
+
+
+def guidance_active(step: int, num_steps: int, start: int = 12, end: int = -1, interval: int = 1) -> bool:
+    """Whether the process-reward guidance acts at sampler step ``step`` (0-based of ``num_steps``): ``start <=
+    step <= end`` (``end`` inclusive; negative counts from the last step, -1 = the last) on every ``interval``-th
+    step from ``start``. Euphonium's default (16 steps, start 12, end -1, interval 1) is steps 12..15."""
+    n = int(num_steps)
+    last = int(end) if int(end) >= 0 else n + int(end)
+    if int(interval) < 1:
+        raise UserError(f"the guidance interval must be >= 1, got {interval}")
+    return int(start) <= int(step) <= last and (int(step) - int(start)) % int(interval) == 0
+
+
+def shared_noise_groups(noise: Tensor, group_size: int) -> Tensor:
+    """``[P * G, ...]``: each of the ``P`` initial noises ``noise [P, ...]`` repeated for the ``G = group_size``
+    rollouts of its prompt, consecutively (Euphonium's ``use_same_noise``: a group differs only through the
+    SDE noise and the guidance). Rows ``p * G .. p * G + G - 1`` are identical copies of ``noise[p]``."""
+    if int(group_size) < 1:
+        raise UserError(f"group_size must be >= 1, got {group_size}")
+    return noise.repeat_interleave(int(group_size), dim=0)
+
+
+def flow_sde_rollout(velocity: Callable[[Tensor, float], Tensor], x: Tensor, sigmas: Sequence[float] | Tensor, *,
+                     form: str = "dance-grpo", noise_level: float = 0.25,
+                     generator: torch.Generator | None = None,
+                     process_reward: Callable[[Tensor, float], tuple[Tensor, Tensor]] | None = None,
+                     guidance_scale: float = 0.0, kl_beta: float | None = None, window: tuple[int, int, int] = (12, -1, 1),
+                     normalize_grad: bool = False, scale_by_delta: bool = True,
+                     logprob_mean: str = "base") -> dict[str, Tensor]:
+    """A whole rollout of :func:`flow_sde_step` on ``sigmas`` (descending, ``[N + 1]``, e.g.
+    :func:`shifted_sigmas`), recording what GRPO trains on (spec 4.3, 4.5). Runs under ``no_grad`` except for
+    the reward gradient.
+
+    ``velocity(x, sigma) -> v`` is the policy (a teacher / student wrapped with its condition and CFG).
+    ``process_reward(x, sigma) -> (R [B], grad R)``, if given, is queried on the steps where
+    :func:`guidance_active` ``(i, N, *window)`` holds and its gradient enters the drift (``guidance_scale`` /
+    ``kl_beta`` / ``normalize_grad`` / ``scale_by_delta`` as in :func:`flow_sde_step`); elsewhere ``R = 0``. The
+    Flow-GRPO form uses ``sigma_max = sigmas[1]`` at ``sigma = 1``. With ``noise_level = 0`` the rollout is the
+    Euler ODE and ``log_probs`` is ``None``.
+
+    Returns ``{"latents": [B, N + 1, ...] (x_0 .. x_N), "log_probs": [B, N], "process_rewards": [B, N],
+    "guided": [N] bool, "sigmas": [N + 1] float64}``.
+    """
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+    if sig.numel() < 2 or bool((sig[1:] >= sig[:-1]).any()):
+        raise UserError(f"sigmas must be a strictly descending list of at least 2 levels, got {sig.tolist()}")
+    n = sig.numel() - 1
+    B = x.shape[0]
+    lats, lps, rews, guided = [x.detach()], [], [], []
+    sigma_max = float(sig[1])
+    for i in range(n):
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        grad = None
+        r = x.new_zeros(B)
+        on = process_reward is not None and guidance_active(i, n, *window)
+        if on:
+            r, grad = process_reward(x, s)
+            r, grad = r.detach().to(x.dtype).reshape(B), grad.detach()
+        with torch.no_grad():
+            v = velocity(x, s)
+            out = flow_sde_step(x, v, s, s_next, form=form, noise_level=noise_level, sigma_max=sigma_max,
+                                generator=generator, reward_grad=grad, guidance_scale=guidance_scale, kl_beta=kl_beta,
+                                normalize_grad=normalize_grad, scale_by_delta=scale_by_delta,
+                                logprob_mean=logprob_mean)
+        x = out.sample
+        lats.append(x)
+        lps.append(out.log_prob)
+        rews.append(r)
+        guided.append(on)
+    log_probs = None if any(lp is None for lp in lps) else torch.stack(lps, dim=1)
+    return {"latents": torch.stack(lats, dim=1), "log_probs": log_probs, "process_rewards": torch.stack(rews, dim=1),
+            "guided": torch.tensor(guided), "sigmas": sig}
 
 
 # --------------------------------------------------------------------------------------- LCM
