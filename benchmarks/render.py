@@ -8,8 +8,18 @@ every gradient path runs. Timings are medians over repeats after one warm-up.
 The torch twin is the dense reference (``studio.render._gaussians_torch``): every pixel against every
 Gaussian, pixels chunked to ~2M pixel-Gaussian pairs, each chunk under ``torch.utils.checkpoint``.
 
-    python benchmarks/render.py            # full grid N in {1k,10k,50k} x {64,128,256}^2
-    python benchmarks/render.py --quick    # only the headline case (10k Gaussians, 128^2)
+    python benchmarks/render.py               # full grid N in {1k,10k,50k} x {64,128,256}^2
+    python benchmarks/render.py --quick       # only the headline case (10k Gaussians, 128^2)
+    python benchmarks/render.py --contention  # shared cores: one render alone vs beside a busy process
+
+``--contention`` times one native render (10k Gaussians, 128^2, 2 threads; forward and forward+backward)
+alone and beside one competing CPU-bound process: a pure-Python busy loop (one thread) and a torch job
+(matmul loop on 2 threads, like a second studio run). Each measuring process alternates, call by call,
+between the kernels' thread pool (default) and the previous OpenMP team (``STUDIO_NATIVE_PARALLEL=openmp``),
+so both see the same load. ``contention_slowdown`` = forward+backward time beside the torch job / alone
+(goal <= 2.5; two equal jobs sharing two cores cost about 2x), with the other ratios next to it. The
+render's torch ops (projection, autograd) run on torch's OpenMP team, whose idle threads spin before they
+sleep; each measurement is repeated with ``OMP_WAIT_POLICY=PASSIVE`` to show that part separately.
 """
 from __future__ import annotations
 
@@ -70,6 +80,124 @@ def run_case(backend: str, n: int, size: int, repeats: int) -> dict:
             "peak_rss_above_baseline_mb": round(_rss_mb() - base, 1), "repeats": repeats}
 
 
+COMPETITORS = {
+    "python_loop": "print('ready', flush=True)\nwhile True:\n    pass\n",
+    "torch_job": ("import torch\ntorch.set_num_threads(2)\na = torch.randn(384, 384)\n"
+                  "print('ready', flush=True)\nwhile True:\n    a = torch.tanh(a @ a)\n"),
+}
+MODES = {"pool": None, "openmp": "openmp"}  # STUDIO_NATIVE_PARALLEL, switched call by call
+WAIT_POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}  # torch's libgomp, per process
+
+
+def run_contention_case(n: int, size: int, repeats: int) -> dict:
+    """Median fwd / fwd+bwd ms of one native render per threading mode, the modes alternating call by call."""
+    import studio  # noqa: F401  (first: whatever studio sets up before torch loads applies, as for a user)
+    import torch
+
+    from studio.cameras import ring_cameras
+    from studio.render import rasterize_gaussians
+    from studio.world.objects import get_object
+
+    torch.manual_seed(0)
+    g = get_object("snowman").gaussians(n, seed=0)
+    cams = ring_cameras(1, elevation_deg=15, radius=3.2, fovy_deg=35, width=size, height=size, start_azimuth_deg=30)
+    params = {k: v.clone().requires_grad_(True) for k, v in g.items()}
+    bg = torch.ones(1, 3, requires_grad=True)
+
+    def fwd():
+        with torch.no_grad():
+            rasterize_gaussians(**params, viewmats=cams.viewmats, Ks=cams.Ks, width=size, height=size,
+                                backgrounds=bg, backend="native")
+
+    def fwd_bwd():
+        img, alpha, _ = rasterize_gaussians(**params, viewmats=cams.viewmats, Ks=cams.Ks, width=size, height=size,
+                                            backgrounds=bg, backend="native")
+        (img.sum() + alpha.sum()).backward()
+
+    times: dict[tuple[str, str], list[float]] = {(m, k): [] for m in MODES for k in ("fwd", "fwd_bwd")}
+    cpu: dict[str, float] = {m: 0.0 for m in MODES}
+    for rep in range(repeats + 1):  # the first round warms up
+        for mode, value in MODES.items():
+            if value is None:
+                os.environ.pop("STUDIO_NATIVE_PARALLEL", None)
+            else:
+                os.environ["STUDIO_NATIVE_PARALLEL"] = value
+            for kind, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                if rep:
+                    times[(mode, kind)].append((time.perf_counter() - t) * 1000.0)
+                    cpu[mode] += (time.process_time() - c) * 1000.0
+    out = {mode: {f"{k}_ms": round(statistics.median(times[(mode, k)]), 3) for k in ("fwd", "fwd_bwd")}
+           | {"cpu_ms_per_fwd_plus_fwd_bwd": round(cpu[mode] / repeats, 3)} for mode in MODES}
+    return out | {"threads": torch.get_num_threads(), "repeats": repeats}
+
+
+def contention(n: int = 10_000, size: int = 128, repeats: int = 11, rounds: int = 2) -> dict:
+    """One render alone vs beside each competitor, per wait policy of torch's OpenMP runtime; ``rounds`` rounds
+    interleaved, medians over rounds."""
+    def measure(policy: str) -> dict:
+        env = dict(os.environ, OMP_NUM_THREADS="2", **WAIT_POLICIES[policy])
+        cmd = [sys.executable, __file__, "--contention-case", str(n), str(size), str(repeats)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"contention case failed: {r.stderr.strip()[-2000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    conds = ["alone", *COMPETITORS]
+    runs: dict[tuple[str, str], list[dict]] = {(p, c): [] for p in WAIT_POLICIES for c in conds}
+    load_before = os.getloadavg()
+    for _ in range(rounds):
+        for policy in WAIT_POLICIES:
+            runs[(policy, "alone")].append(measure(policy))
+        for name, code in COMPETITORS.items():
+            # the competitor is an ordinary torch / Python process (default OpenMP settings)
+            comp = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                    env=dict(os.environ, OMP_NUM_THREADS="2"))
+            try:
+                if comp.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"competitor {name} did not start")
+                time.sleep(0.5)
+                for policy in WAIT_POLICIES:
+                    runs[(policy, name)].append(measure(policy))
+            finally:
+                comp.kill()
+                comp.wait()
+                comp.stdout.close()
+
+    def med(policy: str, cond: str, mode: str, key: str) -> float:
+        return round(statistics.median(r[mode][key] for r in runs[(policy, cond)]), 3)
+
+    keys = ("fwd_ms", "fwd_bwd_ms", "cpu_ms_per_fwd_plus_fwd_bwd")
+    ms = {p: {c: {m: {k: med(p, c, m, k) for k in keys} for m in MODES} for c in conds} for p in WAIT_POLICIES}
+    slow = {p: {c: {m: {k.removesuffix("_ms"): round(ms[p][c][m][k] / ms[p]["alone"][m][k], 2)
+                        for k in ("fwd_ms", "fwd_bwd_ms")} for m in MODES} for c in COMPETITORS}
+            for p in WAIT_POLICIES}
+    head = slow["default"]
+    return {
+        "contention_slowdown": head["torch_job"]["pool"]["fwd_bwd"],
+        "contention_slowdown_python_loop": head["python_loop"]["pool"]["fwd_bwd"],
+        "contention_slowdown_openmp": head["torch_job"]["openmp"]["fwd_bwd"],
+        "contention_slowdown_python_loop_openmp": head["python_loop"]["openmp"]["fwd_bwd"],
+        "contention_slowdown_passive": slow["passive"]["torch_job"]["pool"]["fwd_bwd"],
+        "contention_goal_2_5_met": max(head[c]["pool"]["fwd_bwd"] for c in COMPETITORS) <= 2.5,
+        "alone_fwd_bwd_ms": {m: ms["default"]["alone"][m]["fwd_bwd_ms"] for m in MODES},
+        "ms": ms,
+        "slowdown": slow,
+        "settings": {
+            "n": n, "size": size, "threads": 2, "repeats_per_process": repeats, "rounds": rounds,
+            "competitors": {"python_loop": "pure-Python busy loop, 1 thread",
+                            "torch_job": "torch 384x384 matmul + tanh loop, 2 threads, default OpenMP settings"},
+            "modes": {"pool": "the kernels' own sleeping thread pool (default)",
+                      "openmp": "previous OpenMP team (STUDIO_NATIVE_PARALLEL=openmp)"},
+            "wait_policies": {"default": "torch's libgomp as the environment leaves it (spins before sleeping)",
+                              "passive": "OMP_WAIT_POLICY=PASSIVE for the measured process (torch ops sleep too)"},
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        },
+    }
+
+
 def _subprocess_case(backend: str, n: int, size: int, repeats: int, timeout: float, threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--case", backend, str(n), str(size), str(repeats)]
     env = dict(os.environ)
@@ -88,6 +216,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the headline case (10k Gaussians, 128^2)")
     ap.add_argument("--case", nargs=4, metavar=("BACKEND", "N", "SIZE", "REPEATS"), help=argparse.SUPPRESS)
+    ap.add_argument("--contention", action="store_true",
+                    help="only the shared-cores measurement: one render alone vs beside a busy process")
+    ap.add_argument("--contention-case", nargs=3, metavar=("N", "SIZE", "REPEATS"), help=argparse.SUPPRESS)
     ap.add_argument("--torch-timeout", type=float, default=900.0, help="seconds before a torch case is abandoned")
     ap.add_argument("--skip-torch-above", type=float, default=2e9,
                     help="skip the dense twin when N*H*W pixel-Gaussian pairs exceed this (it would take an hour)")
@@ -97,6 +228,13 @@ def main() -> None:
     if args.case:
         b, n, s, r = args.case
         print(json.dumps(run_case(b, int(n), int(s), int(r))))
+        return
+    if args.contention_case:
+        n, s, r = args.contention_case
+        print(json.dumps(run_contention_case(int(n), int(s), int(r))))
+        return
+    if args.contention:
+        print(json.dumps({"benchmark": "render", "contention": contention()}, indent=2))
         return
 
     grid = [(10_000, 128)] if args.quick else [(n, s) for n in (1_000, 10_000, 50_000) for s in (64, 128, 256)]

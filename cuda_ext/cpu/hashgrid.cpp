@@ -21,17 +21,16 @@
 //   (d2w/df_a^2 = 0). The double backward is what NeuS's eikonal loss (and NeRF normal losses) need:
 //   the gradient of d features / d points w.r.t. the embeddings, the upstream gradients and the points.
 //
-// Threading / determinism: per-point outputs (out, gp, g_g, gp2) run OpenMP over (level, point chunk)
-// or point chunks; table gradients (gE, gE2) run OpenMP over levels: every level owns a disjoint
+// Threading / determinism: per-point outputs (out, gp, g_g, gp2) run in parallel over (level, point chunk)
+// or point chunks; table gradients (gE, gE2) run in parallel over levels: every level owns a disjoint
 // row range, so each row is accumulated by one thread in point order -> race free and bit-identical
-// for any thread count, with no per-thread copies of the table.
+// for any thread count, with no per-thread copies of the table. Threads: studio_parallel::run
+// (parallel.h): dynamic over items, helpers that sleep instead of spinning.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,7 +41,7 @@ namespace {
 
 constexpr int64_t kChunk = 2048;
 
-inline int n_threads() { return std::max(1, at::get_num_threads()); }
+using studio_parallel::Claim;
 
 struct Meta {
   std::vector<int64_t> res, offsets, dense;
@@ -124,81 +123,84 @@ void forward_impl(const Meta& m, const T* p, const T* E, T* out, int64_t N) {
   const uint64_t mask = (1ull << m.log2_size) - 1;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   const int64_t work = L * n_chunks;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads())
-  for (int64_t item = 0; item < work; ++item) {
-    const int64_t l = item / n_chunks, ch = item % n_chunks;
-    const int64_t n0 = ch * kChunk, n1 = std::min(N, n0 + kChunk);
-    const bool active = l < m.n_active;
-    Cell<T> c;
-    T w[8], dw[8][3];
-    for (int64_t n = n0; n < n1; ++n) {
-      T* o = out + n * L * F + l * F;
-      if (!active) {
+  studio_parallel::run(work, [&](const Claim& next) {
+    for (int64_t item; next(item);) {
+      const int64_t l = item / n_chunks, ch = item % n_chunks;
+      const int64_t n0 = ch * kChunk, n1 = std::min(N, n0 + kChunk);
+      const bool active = l < m.n_active;
+      Cell<T> c;
+      T w[8], dw[8][3];
+      for (int64_t n = n0; n < n1; ++n) {
+        T* o = out + n * L * F + l * F;
+        if (!active) {
+          for (int64_t f = 0; f < F; ++f) o[f] = T(0);
+          continue;
+        }
+        make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
+        weights<T>(c, w, dw);
         for (int64_t f = 0; f < F; ++f) o[f] = T(0);
-        continue;
-      }
-      make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
-      weights<T>(c, w, dw);
-      for (int64_t f = 0; f < F; ++f) o[f] = T(0);
-      for (int k = 0; k < 8; ++k) {
-        const T* e = E + c.row[k] * F;
-        for (int64_t f = 0; f < F; ++f) o[f] += w[k] * e[f];
+        for (int k = 0; k < 8; ++k) {
+          const T* e = E + c.row[k] * F;
+          for (int64_t f = 0; f < F; ++f) o[f] += w[k] * e[f];
+        }
       }
     }
-  }
+  });
 }
 
-// gE: OpenMP over levels (disjoint row ranges), points in order.
+// gE: parallel over levels (disjoint row ranges), points in order.
 template <typename T, int FT>
 void backward_table(const Meta& m, const T* g, const T* p, T* gE, int64_t N) {
   const int64_t F = FT > 0 ? FT : m.n_feat, L = m.n_levels;
   const uint64_t mask = (1ull << m.log2_size) - 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads())
-  for (int64_t l = 0; l < m.n_active; ++l) {
-    Cell<T> c;
-    T w[8], dw[8][3];
-    for (int64_t n = 0; n < N; ++n) {
-      make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
-      weights<T>(c, w, dw);
-      const T* gg = g + n * L * F + l * F;
-      for (int k = 0; k < 8; ++k) {
-        T* e = gE + c.row[k] * F;
-        for (int64_t f = 0; f < F; ++f) e[f] += w[k] * gg[f];
+  studio_parallel::run(m.n_active, [&](const Claim& next) {
+    for (int64_t l; next(l);) {
+      Cell<T> c;
+      T w[8], dw[8][3];
+      for (int64_t n = 0; n < N; ++n) {
+        make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
+        weights<T>(c, w, dw);
+        const T* gg = g + n * L * F + l * F;
+        for (int k = 0; k < 8; ++k) {
+          T* e = gE + c.row[k] * F;
+          for (int64_t f = 0; f < F; ++f) e[f] += w[k] * gg[f];
+        }
       }
     }
-  }
+  });
 }
 
-// gp: OpenMP over point chunks, levels in order.
+// gp: parallel over point chunks, levels in order.
 template <typename T, int FT>
 void backward_points(const Meta& m, const T* g, const T* p, const T* E, T* gp, int64_t N) {
   const int64_t F = FT > 0 ? FT : m.n_feat, L = m.n_levels;
   const uint64_t mask = (1ull << m.log2_size) - 1;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads())
-  for (int64_t ch = 0; ch < n_chunks; ++ch) {
-    const int64_t n0 = ch * kChunk, n1 = std::min(N, n0 + kChunk);
-    Cell<T> c;
-    T w[8], dw[8][3];
-    for (int64_t n = n0; n < n1; ++n) {
-      T acc[3] = {T(0), T(0), T(0)};
-      for (int64_t l = 0; l < m.n_active; ++l) {
-        make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
-        weights<T>(c, w, dw);
-        const T* gg = g + n * L * F + l * F;
-        T s[3] = {T(0), T(0), T(0)};
-        for (int k = 0; k < 8; ++k) {
-          const T* e = E + c.row[k] * F;
-          T ge = T(0);
-          for (int64_t f = 0; f < F; ++f) ge += gg[f] * e[f];
-          for (int a = 0; a < 3; ++a) s[a] += dw[k][a] * ge;
+  studio_parallel::run(n_chunks, [&](const Claim& next) {
+    for (int64_t ch; next(ch);) {
+      const int64_t n0 = ch * kChunk, n1 = std::min(N, n0 + kChunk);
+      Cell<T> c;
+      T w[8], dw[8][3];
+      for (int64_t n = n0; n < n1; ++n) {
+        T acc[3] = {T(0), T(0), T(0)};
+        for (int64_t l = 0; l < m.n_active; ++l) {
+          make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
+          weights<T>(c, w, dw);
+          const T* gg = g + n * L * F + l * F;
+          T s[3] = {T(0), T(0), T(0)};
+          for (int k = 0; k < 8; ++k) {
+            const T* e = E + c.row[k] * F;
+            T ge = T(0);
+            for (int64_t f = 0; f < F; ++f) ge += gg[f] * e[f];
+            for (int a = 0; a < 3; ++a) s[a] += dw[k][a] * ge;
+          }
+          const T r = static_cast<T>(m.res[l]);
+          for (int a = 0; a < 3; ++a) acc[a] += r * s[a];
         }
-        const T r = static_cast<T>(m.res[l]);
-        for (int a = 0; a < 3; ++a) acc[a] += r * s[a];
+        for (int a = 0; a < 3; ++a) gp[n * 3 + a] = acc[a];
       }
-      for (int a = 0; a < 3; ++a) gp[n * 3 + a] = acc[a];
     }
-  }
+  });
 }
 
 // g_g and gp2 (per point), U = d/d gE may be null, V = d/d gp may be null.
@@ -209,96 +211,98 @@ void double_points(const Meta& m, const T* g, const T* p, const T* E, const T* U
   const uint64_t mask = (1ull << m.log2_size) - 1;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   static const int pa[3] = {0, 0, 1}, pb[3] = {1, 2, 2};  // pairs of d2
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads())
-  for (int64_t ch = 0; ch < n_chunks; ++ch) {
-    const int64_t n0 = ch * kChunk, n1 = std::min(N, n0 + kChunk);
-    Cell<T> c;
-    T w[8], dw[8][3], d2[8][3];
-    for (int64_t n = n0; n < n1; ++n) {
-      T acc[3] = {T(0), T(0), T(0)};
-      const T* v = V ? V + n * 3 : nullptr;
-      for (int64_t l = 0; l < L; ++l) {
-        T* ogg = g_g ? g_g + n * L * F + l * F : nullptr;
-        if (l >= m.n_active) {
-          if (ogg)
+  studio_parallel::run(n_chunks, [&](const Claim& next) {
+    for (int64_t ch; next(ch);) {
+      const int64_t n0 = ch * kChunk, n1 = std::min(N, n0 + kChunk);
+      Cell<T> c;
+      T w[8], dw[8][3], d2[8][3];
+      for (int64_t n = n0; n < n1; ++n) {
+        T acc[3] = {T(0), T(0), T(0)};
+        const T* v = V ? V + n * 3 : nullptr;
+        for (int64_t l = 0; l < L; ++l) {
+          T* ogg = g_g ? g_g + n * L * F + l * F : nullptr;
+          if (l >= m.n_active) {
+            if (ogg)
+              for (int64_t f = 0; f < F; ++f) ogg[f] = T(0);
+            continue;
+          }
+          make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
+          weights<T>(c, w, dw);
+          const T r = static_cast<T>(m.res[l]);
+          const T* gg = g + n * L * F + l * F;
+          // sum_a V_a dw_c/df_a per corner
+          T vd[8];
+          for (int k = 0; k < 8; ++k) vd[k] = v ? (v[0] * dw[k][0] + v[1] * dw[k][1] + v[2] * dw[k][2]) : T(0);
+          if (ogg) {
             for (int64_t f = 0; f < F; ++f) ogg[f] = T(0);
-          continue;
-        }
-        make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
-        weights<T>(c, w, dw);
-        const T r = static_cast<T>(m.res[l]);
-        const T* gg = g + n * L * F + l * F;
-        // sum_a V_a dw_c/df_a per corner
-        T vd[8];
-        for (int k = 0; k < 8; ++k) vd[k] = v ? (v[0] * dw[k][0] + v[1] * dw[k][1] + v[2] * dw[k][2]) : T(0);
-        if (ogg) {
-          for (int64_t f = 0; f < F; ++f) ogg[f] = T(0);
-          for (int k = 0; k < 8; ++k) {
-            const T* u = U ? U + c.row[k] * F : nullptr;
-            const T* e = E + c.row[k] * F;
-            for (int64_t f = 0; f < F; ++f) {
-              T val = v ? r * vd[k] * e[f] : T(0);
-              if (u) val += w[k] * u[f];
-              ogg[f] += val;
-            }
-          }
-        }
-        if (gp2) {
-          T s[3] = {T(0), T(0), T(0)};
-          if (U) {
             for (int k = 0; k < 8; ++k) {
-              const T* u = U + c.row[k] * F;
-              T ug = T(0);
-              for (int64_t f = 0; f < F; ++f) ug += u[f] * gg[f];
-              for (int a = 0; a < 3; ++a) s[a] += dw[k][a] * ug;
-            }
-          }
-          for (int a = 0; a < 3; ++a) acc[a] += r * s[a];
-          if (v) {
-            second<T>(c, d2);
-            T t[3] = {T(0), T(0), T(0)};
-            for (int k = 0; k < 8; ++k) {
+              const T* u = U ? U + c.row[k] * F : nullptr;
               const T* e = E + c.row[k] * F;
-              T ge = T(0);
-              for (int64_t f = 0; f < F; ++f) ge += gg[f] * e[f];
-              for (int q = 0; q < 3; ++q) {
-                const T h = d2[k][q] * ge;
-                t[pb[q]] += v[pa[q]] * h;  // d/df_b of V_a dw/df_a, b = pb, a = pa
-                t[pa[q]] += v[pb[q]] * h;
+              for (int64_t f = 0; f < F; ++f) {
+                T val = v ? r * vd[k] * e[f] : T(0);
+                if (u) val += w[k] * u[f];
+                ogg[f] += val;
               }
             }
-            for (int a = 0; a < 3; ++a) acc[a] += r * r * t[a];
+          }
+          if (gp2) {
+            T s[3] = {T(0), T(0), T(0)};
+            if (U) {
+              for (int k = 0; k < 8; ++k) {
+                const T* u = U + c.row[k] * F;
+                T ug = T(0);
+                for (int64_t f = 0; f < F; ++f) ug += u[f] * gg[f];
+                for (int a = 0; a < 3; ++a) s[a] += dw[k][a] * ug;
+              }
+            }
+            for (int a = 0; a < 3; ++a) acc[a] += r * s[a];
+            if (v) {
+              second<T>(c, d2);
+              T t[3] = {T(0), T(0), T(0)};
+              for (int k = 0; k < 8; ++k) {
+                const T* e = E + c.row[k] * F;
+                T ge = T(0);
+                for (int64_t f = 0; f < F; ++f) ge += gg[f] * e[f];
+                for (int q = 0; q < 3; ++q) {
+                  const T h = d2[k][q] * ge;
+                  t[pb[q]] += v[pa[q]] * h;  // d/df_b of V_a dw/df_a, b = pb, a = pa
+                  t[pa[q]] += v[pb[q]] * h;
+                }
+              }
+              for (int a = 0; a < 3; ++a) acc[a] += r * r * t[a];
+            }
           }
         }
+        if (gp2)
+          for (int a = 0; a < 3; ++a) gp2[n * 3 + a] = acc[a];
       }
-      if (gp2)
-        for (int a = 0; a < 3; ++a) gp2[n * 3 + a] = acc[a];
     }
-  }
+  });
 }
 
-// gE2 (table rows), OpenMP over levels.
+// gE2 (table rows), parallel over levels.
 template <typename T, int FT>
 void double_table(const Meta& m, const T* g, const T* p, const T* V, T* gE2, int64_t N) {
   const int64_t F = FT > 0 ? FT : m.n_feat, L = m.n_levels;
   const uint64_t mask = (1ull << m.log2_size) - 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads())
-  for (int64_t l = 0; l < m.n_active; ++l) {
-    Cell<T> c;
-    T w[8], dw[8][3];
-    const T r = static_cast<T>(m.res[l]);
-    for (int64_t n = 0; n < N; ++n) {
-      make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
-      weights<T>(c, w, dw);
-      const T* v = V + n * 3;
-      const T* gg = g + n * L * F + l * F;
-      for (int k = 0; k < 8; ++k) {
-        const T s = r * (v[0] * dw[k][0] + v[1] * dw[k][1] + v[2] * dw[k][2]);
-        T* e = gE2 + c.row[k] * F;
-        for (int64_t f = 0; f < F; ++f) e[f] += s * gg[f];
+  studio_parallel::run(m.n_active, [&](const Claim& next) {
+    for (int64_t l; next(l);) {
+      Cell<T> c;
+      T w[8], dw[8][3];
+      const T r = static_cast<T>(m.res[l]);
+      for (int64_t n = 0; n < N; ++n) {
+        make_cell<T>(p + n * 3, m.res[l], m.dense[l] != 0, m.offsets[l], mask, c);
+        weights<T>(c, w, dw);
+        const T* v = V + n * 3;
+        const T* gg = g + n * L * F + l * F;
+        for (int k = 0; k < 8; ++k) {
+          const T s = r * (v[0] * dw[k][0] + v[1] * dw[k][1] + v[2] * dw[k][2]);
+          T* e = gE2 + c.row[k] * F;
+          for (int64_t f = 0; f < F; ++f) e[f] += s * gg[f];
+        }
       }
     }
-  }
+  });
 }
 
 Meta make_meta(const at::Tensor& p, const at::Tensor& E, const std::vector<int64_t>& res,

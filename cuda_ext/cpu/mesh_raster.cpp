@@ -10,21 +10,20 @@
 // (eval_pixel), the one with the smallest depth; exact depth ties go to the smallest face index.
 //
 //   rasterize_forward   per camera: face boxes (face_rect), binned into 16x16 tiles in ascending face
-//                       order (CSR lists); OpenMP over (camera, tile): every face of the tile's list
+//                       order (CSR lists); parallel over (camera, tile): every face of the tile's list
 //                       is tested on the pixels of its box inside the tile against a tile z-buffer
 //                       with a strict "<", so ties keep the earlier (smaller) face index.
-//   rasterize_backward  OpenMP over pixels: per-pixel vertex gradients (backward_pixel) into a
+//   rasterize_backward  parallel over pixels: per-pixel vertex gradients (backward_pixel) into a
 //                       [C,H,W,9] buffer, then a serial, pixel-ordered scatter into [C,V,3] per
-//                       camera (OpenMP over cameras): deterministic for any thread count.
+//                       camera (parallel over cameras): deterministic for any thread count.
+// Threads: studio_parallel::run (parallel.h), dynamic over items, helpers that sleep instead of spinning.
 // Light includes (ATen + the pybind11 tensor casters), as in rasterize.cpp, to keep the first-use
 // compile short.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -37,7 +36,7 @@ namespace {
 
 constexpr int kTile = 16;
 
-inline int n_threads() { return std::max(1, at::get_num_threads()); }
+using studio_parallel::Claim;
 
 void check_inputs(const at::Tensor& vs, const at::Tensor& faces, int64_t width, int64_t height) {
   TORCH_CHECK(vs.device().is_cpu() && faces.device().is_cpu(), "native mesh rasterizer: inputs must be CPU tensors");
@@ -66,41 +65,40 @@ void forward_impl(const T* vs, const int32_t* faces, int64_t C, int64_t V, int64
   std::vector<uint8_t> ok(size_t(C * F));
   std::vector<std::vector<int64_t>> offsets(static_cast<size_t>(C));
   std::vector<std::vector<int32_t>> lists(static_cast<size_t>(C));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads()) if (C > 1)
-  for (int64_t c = 0; c < C; ++c) {
-    const T* v = vs + c * V * 3;
-    std::vector<int64_t>& off = offsets[size_t(c)];
-    off.assign(size_t(T_per_cam) + 1, 0);
-    for (int64_t f = 0; f < F; ++f) {
-      const int32_t* fc = faces + f * 3;
-      int32_t* r = rects.data() + (c * F + f) * 4;
-      const bool good = studio_mesh::face_rect<T>(v + int64_t(fc[0]) * 3, v + int64_t(fc[1]) * 3,
-                                                  v + int64_t(fc[2]) * 3, near_plane, W, H, r);
-      ok[size_t(c * F + f)] = good ? 1 : 0;
-      if (!good) continue;
-      for (int ty = r[2] / kTile; ty <= r[3] / kTile; ++ty)
-        for (int tx = r[0] / kTile; tx <= r[1] / kTile; ++tx) ++off[size_t(ty * tw + tx) + 1];
+  studio_parallel::run(C, [&](const Claim& next) {
+    for (int64_t c; next(c);) {
+      const T* v = vs + c * V * 3;
+      std::vector<int64_t>& off = offsets[size_t(c)];
+      off.assign(size_t(T_per_cam) + 1, 0);
+      for (int64_t f = 0; f < F; ++f) {
+        const int32_t* fc = faces + f * 3;
+        int32_t* r = rects.data() + (c * F + f) * 4;
+        const bool good = studio_mesh::face_rect<T>(v + int64_t(fc[0]) * 3, v + int64_t(fc[1]) * 3,
+                                                    v + int64_t(fc[2]) * 3, near_plane, W, H, r);
+        ok[size_t(c * F + f)] = good ? 1 : 0;
+        if (!good) continue;
+        for (int ty = r[2] / kTile; ty <= r[3] / kTile; ++ty)
+          for (int tx = r[0] / kTile; tx <= r[1] / kTile; ++tx) ++off[size_t(ty * tw + tx) + 1];
+      }
+      for (int64_t t = 0; t < T_per_cam; ++t) off[size_t(t) + 1] += off[size_t(t)];
+      std::vector<int32_t>& lst = lists[size_t(c)];
+      lst.resize(size_t(off[size_t(T_per_cam)]));
+      std::vector<int64_t> fill(off.begin(), off.end() - 1);
+      for (int64_t f = 0; f < F; ++f) {
+        if (!ok[size_t(c * F + f)]) continue;
+        const int32_t* r = rects.data() + (c * F + f) * 4;
+        for (int ty = r[2] / kTile; ty <= r[3] / kTile; ++ty)
+          for (int tx = r[0] / kTile; tx <= r[1] / kTile; ++tx) lst[size_t(fill[size_t(ty * tw + tx)]++)] = int32_t(f);
+      }
     }
-    for (int64_t t = 0; t < T_per_cam; ++t) off[size_t(t) + 1] += off[size_t(t)];
-    std::vector<int32_t>& lst = lists[size_t(c)];
-    lst.resize(size_t(off[size_t(T_per_cam)]));
-    std::vector<int64_t> fill(off.begin(), off.end() - 1);
-    for (int64_t f = 0; f < F; ++f) {
-      if (!ok[size_t(c * F + f)]) continue;
-      const int32_t* r = rects.data() + (c * F + f) * 4;
-      for (int ty = r[2] / kTile; ty <= r[3] / kTile; ++ty)
-        for (int tx = r[0] / kTile; tx <= r[1] / kTile; ++tx) lst[size_t(fill[size_t(ty * tw + tx)]++)] = int32_t(f);
-    }
-  }
+  });
   // ---- per (camera, tile): z-buffered coverage ----
   const int64_t n_jobs = C * T_per_cam;
-#pragma omp parallel num_threads(n_threads())
-  {
+  studio_parallel::run(n_jobs, [&](const Claim& next) {
     T zb[kTile * kTile];
     int32_t ib[kTile * kTile];
     T bb[kTile * kTile * 3];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < n_jobs; ++job) {
+    for (int64_t job; next(job);) {
       const int64_t c = job / T_per_cam, t = job % T_per_cam;
       const int tx = int(t % tw), ty = int(t / tw);
       const int x0 = tx * kTile, y0 = ty * kTile;
@@ -152,7 +150,7 @@ void forward_impl(const T* vs, const int32_t* faces, int64_t C, int64_t V, int64
         }
       }
     }
-  }
+  });
 }
 
 template <typename T>
@@ -160,31 +158,35 @@ void backward_impl(const T* vs, const int32_t* faces, const int32_t* fid, const 
                    int64_t V, int W, int H, T* gvs) {
   const int64_t P = int64_t(H) * W;
   std::vector<T> rec(size_t(C * P) * 9);
-  at::parallel_for(0, C * P, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const int32_t f = fid[o];
-      if (f < 0) continue;
-      const int64_t c = o / P, p = o % P;
-      const T px = T(p % W) + T(0.5), py = T(p / W) + T(0.5);
-      const T* v = vs + c * V * 3;
-      const int32_t* fc = faces + int64_t(f) * 3;
-      studio_mesh::backward_pixel<T>(v + int64_t(fc[0]) * 3, v + int64_t(fc[1]) * 3, v + int64_t(fc[2]) * 3, px, py,
-                                     gbary + o * 3, gdepth[o], rec.data() + o * 9);
+  constexpr int64_t kPixChunk = 1024;
+  studio_parallel::run((C * P + kPixChunk - 1) / kPixChunk, [&](const Claim& next) {
+    for (int64_t chunk; next(chunk);) {
+      for (int64_t o = chunk * kPixChunk, end = std::min(C * P, o + kPixChunk); o < end; ++o) {
+        const int32_t f = fid[o];
+        if (f < 0) continue;
+        const int64_t c = o / P, p = o % P;
+        const T px = T(p % W) + T(0.5), py = T(p / W) + T(0.5);
+        const T* v = vs + c * V * 3;
+        const int32_t* fc = faces + int64_t(f) * 3;
+        studio_mesh::backward_pixel<T>(v + int64_t(fc[0]) * 3, v + int64_t(fc[1]) * 3, v + int64_t(fc[2]) * 3, px,
+                                       py, gbary + o * 3, gdepth[o], rec.data() + o * 9);
+      }
     }
   });
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads()) if (C > 1)
-  for (int64_t c = 0; c < C; ++c) {
-    T* g = gvs + c * V * 3;
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t o = c * P + p;
-      const int32_t f = fid[o];
-      if (f < 0) continue;
-      const int32_t* fc = faces + int64_t(f) * 3;
-      const T* r = rec.data() + o * 9;
-      for (int k = 0; k < 3; ++k)
-        for (int j = 0; j < 3; ++j) g[int64_t(fc[k]) * 3 + j] += r[k * 3 + j];
+  studio_parallel::run(C, [&](const Claim& next) {
+    for (int64_t c; next(c);) {
+      T* g = gvs + c * V * 3;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t o = c * P + p;
+        const int32_t f = fid[o];
+        if (f < 0) continue;
+        const int32_t* fc = faces + int64_t(f) * 3;
+        const T* r = rec.data() + o * 9;
+        for (int k = 0; k < 3; ++k)
+          for (int j = 0; j < 3; ++j) g[int64_t(fc[k]) * 3 + j] += r[k * 3 + j];
+      }
     }
-  }
+  });
 }
 
 // -> (face_id [C,H,W] int32 (-1 = background), bary [C,H,W,3], depth [C,H,W] (0 on background))
@@ -229,7 +231,7 @@ at::Tensor rasterize_backward(at::Tensor verts_screen, at::Tensor faces, at::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "studio native CPU mesh rasterizer (OpenMP, analytic backward)";
+  m.doc() = "studio native CPU mesh rasterizer (shared-core thread pool, analytic backward)";
   m.def("rasterize_forward", &rasterize_forward, "(face_id int32, bary, depth)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rasterize_backward", &rasterize_backward, "d verts_screen",

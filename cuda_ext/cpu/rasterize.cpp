@@ -8,9 +8,9 @@
 //   bin_gaussians      per camera: visible Gaussians (radii > 0), stable sort by depth, append each
 //                      one to the lists of the tiles its radii box touches -> isect_offsets [C,th,tw],
 //                      flatten_ids [M] (entries c*N+n, depth-ordered inside every tile).
-//   rasterize_forward  OpenMP over (camera, tile): front-to-back blend with early termination;
+//   rasterize_forward  parallel over (camera, tile): front-to-back blend with early termination;
 //                      stores per-pixel final transmittance and the number of list entries consumed.
-//   rasterize_backward OpenMP over (camera, tile): back-to-front walk recovering
+//   rasterize_backward parallel over (camera, tile): back-to-front walk recovering
 //                      T_i = T_{i+1} / (1 - alpha_i); gradients land in a per-intersection buffer
 //                      (each tile owns a disjoint slice, so no races), which is then reduced per
 //                      Gaussian with every thread owning a disjoint range of Gaussians
@@ -19,15 +19,14 @@
 // each list entry visits only the pixels of the bounding box of its ellipse sigma <= ln(255 o)
 // (+ margins), which is what makes the CPU version fast; each pixel still sees its Gaussians in
 // depth order, so the result is the per-pixel loop of _common, reordered.
+// Threads: studio_parallel::run (parallel.h), dynamic over items, helpers that sleep instead of spinning.
 // Light includes (ATen + the pybind11 tensor casters) instead of <torch/extension.h>: the
 // extension needs no C++ frontend, and this roughly halves the first-use compile time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -46,7 +45,7 @@ constexpr double kTEps = 1e-4;
 // pre-test strictly conservative so the exact alpha test below makes every real decision.
 constexpr double kRejectMargin = 1e-3;
 
-inline int n_threads() { return std::max(1, at::get_num_threads()); }
+using studio_parallel::Claim;
 
 // ---------------------------------------------------------------------------------------------
 // Binning
@@ -86,38 +85,39 @@ void bin_impl(const scalar_t* means, const int32_t* radii, const scalar_t* depth
   std::vector<int64_t> counts(C * T + 1, 0);
 
   // Phase 1 (per camera): visible set, stable depth sort, per-tile counts.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads()) if (C > 1)
-  for (int64_t c = 0; c < C; ++c) {
-    std::vector<int32_t> vis;
-    vis.reserve(N);
-    for (int64_t n = 0; n < N; ++n) {
-      const int32_t* rr = radii + (c * N + n) * 2;
-      if (rr[0] > 0 && rr[1] > 0) vis.push_back(static_cast<int32_t>(n));
+  studio_parallel::run(C, [&](const Claim& next) {
+    for (int64_t c; next(c);) {
+      std::vector<int32_t> vis;
+      vis.reserve(N);
+      for (int64_t n = 0; n < N; ++n) {
+        const int32_t* rr = radii + (c * N + n) * 2;
+        if (rr[0] > 0 && rr[1] > 0) vis.push_back(static_cast<int32_t>(n));
+      }
+      const scalar_t* dep = depths + c * N;
+      // Ascending depth, NaN last; std::stable_sort keeps ascending index among ties.
+      std::stable_sort(vis.begin(), vis.end(), [dep](int32_t a, int32_t b) {
+        const scalar_t da = dep[a], db = dep[b];
+        const bool na = std::isnan(da), nb = std::isnan(db);
+        if (na || nb) return !na && nb;
+        return da < db;
+      });
+      std::vector<int32_t>& ord = order[c];
+      std::vector<Rect>& rc = rects[c];
+      ord.reserve(vis.size());
+      rc.reserve(vis.size());
+      int64_t* cnt = counts.data() + c * T;
+      for (int32_t n : vis) {
+        const int64_t g = c * N + n;
+        Rect r;
+        if (!tile_rect(means[g * 2], means[g * 2 + 1], radii[g * 2], radii[g * 2 + 1], W, H, ts, r)) continue;
+        ord.push_back(n);
+        rc.push_back(r);
+        tiles_per_gauss[g] = (r.x1 - r.x0 + 1) * (r.y1 - r.y0 + 1);
+        for (int32_t ty = r.y0; ty <= r.y1; ++ty)
+          for (int32_t tx = r.x0; tx <= r.x1; ++tx) ++cnt[ty * tw + tx];
+      }
     }
-    const scalar_t* dep = depths + c * N;
-    // Ascending depth, NaN last; std::stable_sort keeps ascending index among ties.
-    std::stable_sort(vis.begin(), vis.end(), [dep](int32_t a, int32_t b) {
-      const scalar_t da = dep[a], db = dep[b];
-      const bool na = std::isnan(da), nb = std::isnan(db);
-      if (na || nb) return !na && nb;
-      return da < db;
-    });
-    std::vector<int32_t>& ord = order[c];
-    std::vector<Rect>& rc = rects[c];
-    ord.reserve(vis.size());
-    rc.reserve(vis.size());
-    int64_t* cnt = counts.data() + c * T;
-    for (int32_t n : vis) {
-      const int64_t g = c * N + n;
-      Rect r;
-      if (!tile_rect(means[g * 2], means[g * 2 + 1], radii[g * 2], radii[g * 2 + 1], W, H, ts, r)) continue;
-      ord.push_back(n);
-      rc.push_back(r);
-      tiles_per_gauss[g] = (r.x1 - r.x0 + 1) * (r.y1 - r.y0 + 1);
-      for (int32_t ty = r.y0; ty <= r.y1; ++ty)
-        for (int32_t tx = r.x0; tx <= r.x1; ++tx) ++cnt[ty * tw + tx];
-    }
-  }
+  });
 
   // Phase 2: exclusive prefix sum over all (camera, tile) lists.
   int64_t total = 0;
@@ -132,18 +132,19 @@ void bin_impl(const scalar_t* means, const int32_t* radii, const scalar_t* depth
   flat.assign(static_cast<size_t>(total), 0);
 
   // Phase 3 (per camera): fill the lists in depth order.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads()) if (C > 1)
-  for (int64_t c = 0; c < C; ++c) {
-    int64_t* cur = counts.data() + c * T;
-    const std::vector<int32_t>& ord = order[c];
-    const std::vector<Rect>& rc = rects[c];
-    for (size_t i = 0; i < ord.size(); ++i) {
-      const int32_t id = static_cast<int32_t>(c * N + ord[i]);
-      const Rect& r = rc[i];
-      for (int32_t ty = r.y0; ty <= r.y1; ++ty)
-        for (int32_t tx = r.x0; tx <= r.x1; ++tx) flat[cur[ty * tw + tx]++] = id;
+  studio_parallel::run(C, [&](const Claim& next) {
+    for (int64_t c; next(c);) {
+      int64_t* cur = counts.data() + c * T;
+      const std::vector<int32_t>& ord = order[c];
+      const std::vector<Rect>& rc = rects[c];
+      for (size_t i = 0; i < ord.size(); ++i) {
+        const int32_t id = static_cast<int32_t>(c * N + ord[i]);
+        const Rect& r = rc[i];
+        for (int32_t ty = r.y0; ty <= r.y1; ++ty)
+          for (int32_t tx = r.x0; tx <= r.x1; ++tx) flat[cur[ty * tw + tx]++] = id;
+      }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -242,8 +243,7 @@ void forward_impl(const Params<scalar_t>& p, scalar_t* render, scalar_t* alphas,
   const int64_t ntiles = p.C * T;
   const scalar_t amin = static_cast<scalar_t>(kAlphaMin), amax = static_cast<scalar_t>(kAlphaMax),
                  teps = static_cast<scalar_t>(kTEps);
-#pragma omp parallel num_threads(n_threads())
-  {
+  studio_parallel::run(ntiles, [&](const Claim& next) {
     TileCache<scalar_t> tc;
     const size_t tpix = static_cast<size_t>(p.ts) * p.ts;
     // Transmittance is carried in double and rounded to scalar_t where used, which reproduces
@@ -252,8 +252,7 @@ void forward_impl(const Params<scalar_t>& p, scalar_t* render, scalar_t* alphas,
     std::vector<scalar_t> acc_v(tpix * D);
     std::vector<int32_t> last_v(tpix);
     std::vector<uint8_t> done_v(tpix);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntiles; ++t) {
+    for (int64_t t; next(t);) {
       const int64_t cam = t / T, tt = t % T;
       const int tyi = static_cast<int>(tt / p.tw), txi = static_cast<int>(tt % p.tw);
       const int x0 = txi * p.ts, x1 = std::min(p.W, x0 + p.ts);
@@ -324,7 +323,7 @@ void forward_impl(const Params<scalar_t>& p, scalar_t* render, scalar_t* alphas,
         }
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,15 +350,13 @@ void backward_impl(const Params<scalar_t>& p, const scalar_t* g_render, const sc
   const int64_t T = static_cast<int64_t>(p.tw) * p.th;
   const int64_t ntiles = p.C * T;
   const scalar_t amin = static_cast<scalar_t>(kAlphaMin), amax = static_cast<scalar_t>(kAlphaMax);
-#pragma omp parallel num_threads(n_threads())
-  {
+  studio_parallel::run(ntiles, [&](const Claim& next) {
     TileCache<scalar_t> tc;
     const size_t tpix = static_cast<size_t>(p.ts) * p.ts;
     std::vector<acc_t> Tr_v(tpix), v_v(tpix), tail_v(tpix), gacc(S);
     std::vector<int32_t> last_v(tpix);
     std::vector<scalar_t> g_v(tpix * D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntiles; ++t) {
+    for (int64_t t; next(t);) {
       const int64_t cam = t / T, tt = t % T;
       const int tyi = static_cast<int>(tt / p.tw), txi = static_cast<int>(tt % p.tw);
       const int x0 = txi * p.ts, x1 = std::min(p.W, x0 + p.ts);
@@ -455,38 +452,35 @@ void backward_impl(const Params<scalar_t>& p, const scalar_t* g_render, const sc
         for (int64_t j = 0; j < S; ++j) rec[j] = static_cast<scalar_t>(ga[j]);
       }
     }
-  }
+  });
 }
 
-// Sum the per-intersection records into per-Gaussian gradients; thread i owns Gaussians
-// [G*i/nt, G*(i+1)/nt), so every output element is written by one thread in isect order.
+// Sum the per-intersection records into per-Gaussian gradients; item i of nt owns Gaussians
+// [G*i/nt, G*(i+1)/nt), so every output element is written by one item in isect order.
 template <typename scalar_t>
 void reduce_impl(const int32_t* flat, int64_t n_isect, const scalar_t* partial, int64_t D, int64_t G, scalar_t* gmeans,
                  scalar_t* gconics, scalar_t* gopac, scalar_t* gcolors) {
   const int64_t S = kRec + D;
-  const int nt = static_cast<int>(std::min<int64_t>(n_threads(), std::max<int64_t>(1, n_isect / 4096)));
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num(), cnt = omp_get_num_threads();
-#else
-    const int tid = 0, cnt = 1;
-#endif
-    const int64_t lo = G * tid / cnt, hi = G * (tid + 1) / cnt;
-    for (int64_t k = 0; k < n_isect; ++k) {
-      const int64_t g = flat[k];
-      if (g < lo || g >= hi) continue;
-      const scalar_t* rec = partial + k * S;
-      gmeans[g * 2] += rec[0];
-      gmeans[g * 2 + 1] += rec[1];
-      gconics[g * 3] += rec[2];
-      gconics[g * 3 + 1] += rec[3];
-      gconics[g * 3 + 2] += rec[4];
-      gopac[g] += rec[5];
-      scalar_t* gc = gcolors + g * D;
-      for (int64_t d = 0; d < D; ++d) gc[d] += rec[kRec + d];
+  const int nt = static_cast<int>(
+      std::min<int64_t>(studio_parallel::max_threads(), std::max<int64_t>(1, n_isect / 4096)));
+  studio_parallel::run(nt, [&](const Claim& next) {
+    for (int64_t item; next(item);) {
+      const int64_t lo = G * item / nt, hi = G * (item + 1) / nt;
+      for (int64_t k = 0; k < n_isect; ++k) {
+        const int64_t g = flat[k];
+        if (g < lo || g >= hi) continue;
+        const scalar_t* rec = partial + k * S;
+        gmeans[g * 2] += rec[0];
+        gmeans[g * 2 + 1] += rec[1];
+        gconics[g * 3] += rec[2];
+        gconics[g * 3 + 1] += rec[3];
+        gconics[g * 3 + 2] += rec[4];
+        gopac[g] += rec[5];
+        scalar_t* gc = gcolors + g * D;
+        for (int64_t d = 0; d < D; ++d) gc[d] += rec[kRec + d];
+      }
     }
-  }
+  }, nt);
 }
 
 // Compile-time channel counts for the common widths, a runtime loop otherwise.
@@ -679,7 +673,7 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "studio native CPU Gaussian tile rasterizer (OpenMP, analytic backward)";
+  m.doc() = "studio native CPU Gaussian tile rasterizer (shared-core thread pool, analytic backward)";
   m.def("bin_gaussians", &bin_gaussians, "Depth-sorted tile lists: (isect_offsets, flatten_ids, tiles_per_gauss)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rasterize_forward", &rasterize_forward, "Blend: (render, alphas, T_final, last_ids)",
