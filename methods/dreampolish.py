@@ -156,6 +156,10 @@ class DreamPolishMethod(TextTo3DMethod):
     paper = "https://arxiv.org/abs/2411.01602"
     Config = DreamPolishConfig
 
+    def continues(self, cfg: DreamPolishConfig) -> bool:
+        """``--from-stage X`` (after nerf) starts from the previous stage's artefact in the same run folder."""
+        return cfg.from_stage != STAGES[0]
+
     def prepare(self, cfg: DreamPolishConfig, teacher, run_dir: Path, resume: bool, progress: bool = True) -> dict:
         self.run_dir = Path(run_dir)
         (self.run_dir / "stages").mkdir(parents=True, exist_ok=True)

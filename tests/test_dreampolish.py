@@ -34,21 +34,21 @@ def _cache(tmp_path, monkeypatch):
 def test_end_to_end_shapeworld_and_from_stage(tmp_path):
     cfg = DreamPolishConfig(prompt="a red cube", **TINY)
     m = run(cfg, "dreampolish", tmp_path / "out", progress=False)
-    run = tmp_path / "out" / "a-red-cube"
+    run_dir = tmp_path / "out" / "a-red-cube"
     for f in ("model.glb", "model.obj", "turntable.mp4", "preview.png", "metrics.json", "config.yaml"):
-        assert (run / f).is_file() and (run / f).stat().st_size > 0, f
+        assert (run_dir / f).is_file() and (run_dir / f).stat().st_size > 0, f
     for s in ("nerf", "neus", "dmtet", "polish", "texture"):
-        assert (run / "stages" / f"{s}.safetensors").is_file(), s
-    saved = json.loads((run / "metrics.json").read_text())
+        assert (run_dir / "stages" / f"{s}.safetensors").is_file(), s
+    saved = json.loads((run_dir / "metrics.json").read_text())
     assert set(saved["stage_seconds"]) == {"nerf", "neus", "dmtet", "polish", "texture"}
     gt = m["ground_truth"]
     assert 0 < gt["chamfer"] < 2 and 0 <= gt["iou"] <= 1 and gt["psnr"] > 0
     # --from-stage polish: G1-G3 are not rerun, their artefact is reused (the nerf file stays untouched)
-    nerf_mtime = (run / "stages" / "nerf.safetensors").stat().st_mtime_ns
+    nerf_mtime = (run_dir / "stages" / "nerf.safetensors").stat().st_mtime_ns
     cfg2 = DreamPolishConfig(prompt="a red cube", from_stage="polish", **{**TINY, "polish_steps": 2})
     m2 = run(cfg2, "dreampolish", tmp_path / "out", progress=False)
     assert set(m2["stage_seconds"]) == {"polish", "texture"}
-    assert (run / "stages" / "nerf.safetensors").stat().st_mtime_ns == nerf_mtime
+    assert (run_dir / "stages" / "nerf.safetensors").stat().st_mtime_ns == nerf_mtime
     # a missing artefact is a clear user error
     with pytest.raises(UserError, match="artefact"):
         run(DreamPolishConfig(prompt="a blue ball", from_stage="dmtet", **TINY), "dreampolish",

@@ -47,7 +47,9 @@ def test_a_finished_run_is_never_replaced_silently(tmp_path):
         _run(tmp_path, steps=2)
     assert json.loads((d / "metrics.json").read_text())["final_loss"] == first["final_loss"]
     assert yaml.safe_load((d / "config.yaml").read_text())["steps"] == 6
+    (d / "my-notes.txt").write_text("mine")  # --overwrite replaces the run's records, not the user's files
     again = _run(tmp_path, steps=2, overwrite=True)
+    assert (d / "my-notes.txt").read_text() == "mine"
     assert again["run_dir"] == str(d) and yaml.safe_load((d / "config.yaml").read_text())["steps"] == 2
 
 

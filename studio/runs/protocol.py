@@ -79,6 +79,11 @@ class Method:
         """The config with environment-dependent defaults filled in (written to ``config.yaml``)."""
         return cfg
 
+    def continues(self, cfg) -> bool:
+        """True when ``cfg`` builds on parts saved in its run folder by an earlier run (e.g. DreamPolish's
+        ``--from-stage``): the skeleton then lets it replace that run's later results without ``--overwrite``."""
+        return False
+
     def run_name(self, cfg) -> str:
         """The run folder's name under ``--out``: the slug of the input; ``""`` (``--out`` itself) without one."""
         if self.input is None:

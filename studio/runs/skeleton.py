@@ -10,7 +10,9 @@ Order of events (each step's guarantee in brackets):
    ``config.yaml`` [no prompt ever writes into another prompt's folder].
 3. An existing run in that folder is never replaced silently: with ``resume`` its ``config.yaml`` must equal the
    resolved config (else the differences are named); without ``resume`` a finished or checkpointed run is
-   refused, naming ``--resume`` and ``--overwrite`` [a finished run is not lost].
+   refused, naming ``--resume`` and ``--overwrite`` [a finished run is not lost]. ``--overwrite`` (or a config
+   that continues the run from its own saved parts, ``Method.continues``: DreamPolish's ``--from-stage``)
+   clears the old run's records, never the folder.
 4. ``config.yaml`` (the resolved config and the method), then ``method.run`` with SIGTERM treated as Ctrl-C
    [``timeout``, ``docker stop`` and Slurm leave a checkpoint]. A run rejected with a ``UserError`` before any
    training removes the folder it created [no folder behind a rejected run].
@@ -140,10 +142,12 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def claim(run_dir: Path, record: dict, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to replace or mis-resume the run already in ``run_dir`` (module doc, step 3)."""
+def claim(run_dir: Path, record: dict, *, resume: bool, overwrite: bool, continues: bool = False) -> None:
+    """Refuse to replace or mis-resume the run already in ``run_dir`` (module doc, step 3). ``continues``: the
+    config asks to build on this run's own saved parts (``Method.continues``), which replaces its later results
+    by request."""
     old = read_config(run_dir)
-    if old is None or overwrite:
+    if old is None or overwrite or (continues and not resume):
         return
     status = run_status(run_dir)
     has_ckpt = (Path(run_dir) / "checkpoints").is_dir()
@@ -156,6 +160,16 @@ def claim(run_dir: Path, record: dict, *, resume: bool, overwrite: bool) -> None
         what = "a finished run" if status == FINISHED else f"an {status} run with a checkpoint"
         raise UserError(f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
                         "or choose another --out")
+
+
+def clear_run_records(run_dir: Path) -> None:
+    """Before a run replaces the one in ``run_dir``: remove the old run's records (config, metrics, history,
+    checkpoints, previews). Only files the skeleton and the Trainer write are removed, never the folder (with
+    ``--out DIR`` as the run folder it may hold the user's own files); artefacts are overwritten by the run."""
+    for name in (CONFIG_FILE, METRICS_FILE, HISTORY_FILE):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "previews"):
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
 
 
 def make_run_dir(run_dir: Path) -> None:
@@ -188,9 +202,9 @@ def execute(method: Method, cfg, out: str | Path = "outputs", *, resume: bool = 
     resolved = prepare(method, cfg)
     run_dir = run_folder(Path(out), method, resolved)
     record = config_record(method, resolved)
-    claim(run_dir, record, resume=resume, overwrite=overwrite)
-    if overwrite and read_config(run_dir) is not None:
-        shutil.rmtree(run_dir)
+    claim(run_dir, record, resume=resume, overwrite=overwrite, continues=method.continues(resolved))
+    if (overwrite or method.continues(resolved)) and not resume and read_config(run_dir) is not None:
+        clear_run_records(run_dir)
     created = not run_dir.exists()
     make_run_dir(run_dir)
     steps: list[dict] = []

@@ -11,10 +11,10 @@ ground-truth evaluation of the student at a few sampling steps; the run skeleton
 
 Data (:class:`VideoData`):
 
-* ``"shapeworld"``: fresh random ShapeWorld clips every step (:func:`studio.world.video.sample_clips`) at the
+* ``"shapeworld"``: fresh random ShapeWorld clips every step (:func:`studio.world.clips.sample_clips`) at the
   teacher's clip length and resolution, encoded with the teacher's ``encode`` (its VAE, or ``2x - 1`` for pixel
   models), captions from the prompt set;
-* ``"shapeworld-lq"``: the same clips in the low-quality clip domain (:func:`studio.world.video.degrade`: blur,
+* ``"shapeworld-lq"``: the same clips in the low-quality clip domain (:func:`studio.world.clips.degrade`: blur,
   noise, blocky compression, watermark) -- WebVid's role in MCM;
 * a folder of videos: every ``*.mp4`` / ``*.webm`` / ``*.gif`` with a caption in a ``.txt`` of the same stem
   (frames sampled uniformly to the clip length, resized to the native resolution).
