@@ -363,8 +363,10 @@ def tilted_guidance_scale(sigma: float | Tensor, g: float | Tensor, beta: float)
     g^2 / 2) grad R Delta / beta``. Euphonium's "KL mode" ``g^2 / (2 beta)`` (``kl_beta`` of
     :func:`flow_sde_step`) keeps only the second part, i.e. it tilts the stochastic part of the drift but not the
     probability-flow part; ``tests/test_euphonium_parts.py`` measures the difference in a Gaussian world.
+    ``1 - sigma`` is floored at 1e-12 (an exact value's gradient vanishes at ``sigma = 1``).
     """
-    return (sigma / (1.0 - sigma) + g * g / 2.0) / float(beta)
+    one_minus = (1.0 - sigma).clamp_min(1e-12) if isinstance(sigma, Tensor) else max(1.0 - float(sigma), 1e-12)
+    return (sigma / one_minus + g * g / 2.0) / float(beta)
 
 
 def flow_sde_logprob(sample: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
