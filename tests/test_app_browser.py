@@ -118,14 +118,14 @@ def _fill_tiny(pg, prompt: str, steps: str = "20") -> None:
         pg.fill(f"#run-3d-sds-{k} input", v)
 
 
-def _status(pg) -> str:
-    return pg.inner_text("#run-3d-status")
+def _status(pg, tab: str = "3d") -> str:
+    return pg.inner_text(f"#run-{tab}-status")
 
 
-def _wait_status(pg, text: str, timeout_s: float) -> str:
-    pg.wait_for_function("(t) => (document.querySelector('#run-3d-status')?.innerText || '').includes(t)", arg=text,
-                         timeout=timeout_s * 1000)
-    return _status(pg)
+def _wait_status(pg, text: str, timeout_s: float, tab: str = "3d") -> str:
+    pg.wait_for_function(f"(t) => (document.querySelector('#run-{tab}-status')?.innerText || '').includes(t)",
+                         arg=text, timeout=timeout_s * 1000)
+    return _status(pg, tab)
 
 
 def _step(pg) -> int:
@@ -237,3 +237,24 @@ def test_batch_runs_in_background_and_isolates_failures(page):
     assert "failed" in table and "not a ShapeWorld object" in table and "done" in table
     page.wait_for_function("document.querySelectorAll('#batch-files a[href]').length > 0", timeout=30_000)
     assert "results.zip" in _download_names(page, "#batch-files")
+
+
+def test_video_generation_tab_samples_a_video_with_the_video_viewer(page):
+    """Every run kind of the CLI is usable from the app: sampling a video shows it in the video player, with
+    its metrics; no 3D viewer is offered for a video."""
+    assert "video" in page.inner_text("#studio-title").lower()
+    page.click("#tab-video-generate-button")
+    page.fill("#run-video-generate-prompt textarea", "a red ball moving left")
+    page.fill("#run-video-generate-steps input", "4")
+    page.click("#run-video-generate-generate")
+    status = _wait_status(page, "Done", 180, tab="video-generate")
+    assert "a-red-ball-moving-left" in status
+    page.wait_for_function("(document.querySelector('#run-video-generate-video video')?.duration || 0) > 0",
+                           timeout=30_000)
+    assert not page.locator("#run-video-generate-model3d").is_visible()
+    assert "motion accuracy" in page.inner_text("#run-video-generate-metrics")
+    assert "video.mp4" in _download_names(page, "#run-video-generate-files")
+    # the video distillation tab offers its methods and no viewer before a run
+    page.click("#tab-video-distill-button")
+    assert not page.locator("#run-video-distill-model3d").is_visible()
+    assert not page.locator("#run-video-distill-video").is_visible()
