@@ -358,3 +358,87 @@ def test_reward_forcing_preset_uses_motion_quality_only():
     assert torch.allclose(gx, torch.exp(2.0 * rewards[:, 1]).reshape(-1, 1, 1, 1, 1) * g / x.numel(), rtol=1e-10)
     with pytest.raises(ValueError, match="preset"):
         preset("nope")
+
+
+# ------------------------------------------------------------------------------------- rewards (part 3b)
+
+@pytest.fixture(scope="module")
+def sw_clips():
+    from studio.world.clips import sample_clips, video_prompts
+
+    prompts = [p for p in video_prompts(cameras=["static"])
+               if any(m in p for m in ("moving left", "moving right", "moving up", "moving down"))]
+    return prompts, sample_clips(len(prompts), seed=3, prompts=prompts)["video"]
+
+
+def test_shapeworld_reward_prefers_the_right_clip(sw_clips):
+    from studio.teachers.rewards import ShapeWorldReward
+    from studio.world.clips import COLORS, gaussian_blur, parse_video_prompt, video_prompt
+
+    prompts, v = sw_clips
+    R = ShapeWorldReward()
+    right = R.scores(v, prompts)
+    opposite = {"moving left": "moving right", "moving right": "moving left", "moving up": "moving down",
+                "moving down": "moving up"}
+    cols = list(COLORS)
+    wrong_color, wrong_dir = [], []
+    for p in prompts:
+        s, c, m, cam = parse_video_prompt(p)
+        wrong_color.append(video_prompt(s, cols[(cols.index(c) + 1) % 4], m, cam))
+        wrong_dir.append(video_prompt(s, c, opposite[m], cam))
+    still = v[:, :1].expand_as(v)
+    blurred = gaussian_blur(v.reshape(-1, *v.shape[-2:]), 1.0).reshape(v.shape)
+    vq, mq, ta = 0, 1, 2
+    assert (right[:, ta] > R.scores(v, wrong_color)[:, ta] + 0.5).all()
+    assert (right[:, mq] > R.scores(v, wrong_dir)[:, mq] + 0.5).all()
+    assert (right[:, mq] > R.scores(still, prompts)[:, mq] + 0.5).all()
+    assert (right[:, vq] > R.scores(blurred, prompts)[:, vq] + 0.5).all()
+    # the wrong-direction clip keeps its visual quality and text alignment (axes are separate)
+    assert torch.allclose(R.scores(v, wrong_dir)[:, [vq, ta]], right[:, [vq, ta]])
+
+
+def test_reward_z_normalisation_comes_from_the_config(sw_clips):
+    from studio.teachers.rewards import SHAPEWORLD_REWARD_CONFIG, ShapeWorldReward, norm_stats
+
+    prompts, v = sw_clips
+    raw = ShapeWorldReward(config={"use_norm": False}).scores(v[:3], prompts[:3])
+    R = ShapeWorldReward()
+    mean, std = norm_stats(SHAPEWORLD_REWARD_CONFIG)
+    assert torch.allclose(R.scores(v[:3], prompts[:3]).double(), (raw.double() - mean) / std, atol=1e-5)
+    nested = {"inference_config": {"VQ_mean": 1.0, "VQ_std": 2.0, "MQ_mean": 0.0, "MQ_std": 1.0,
+                                   "TA_mean": -1.0, "TA_std": 0.5}}
+    z = ShapeWorldReward(config=nested).scores(v[:3], prompts[:3]).double()
+    assert torch.allclose(z, (raw.double() - torch.tensor([1.0, 0.0, -1.0], dtype=D)) / torch.tensor([2.0, 1.0, 0.5], dtype=D),
+                          atol=1e-5)
+
+
+def test_reward_saliency_is_a_pixel_gradient_on_the_object(sw_clips):
+    from studio.teachers.rewards import ShapeWorldReward
+    from studio.world.clips import sample_clips
+
+    prompts, v = sw_clips
+    R = ShapeWorldReward()
+    scores, sal = R.saliency(v[:2], prompts[:2])
+    assert sal.shape == (2, 3, *v.shape[1:2], *v.shape[-2:]) and (sal >= 0).all() and not sal.requires_grad
+    assert torch.allclose(scores, R.scores(v[:2], prompts[:2]))
+    # it is |d logit / d pixel| over RGB: check one pixel by a finite difference
+    x = v[:1].double()
+    _, s1 = R.saliency(x, prompts[:1])
+    b, f, i, j = 0, 2, *torch.nonzero(s1[0, 1, 2] == s1[0, 1, 2].max())[0].tolist()
+    h = 1e-6
+    num = []
+    for ch in range(3):
+        xp, xm = x.clone(), x.clone()
+        xp[b, f, ch, i, j] += h
+        xm[b, f, ch, i, j] -= h
+        num.append((R.logits(xp, prompts[:1])[0, 1] - R.logits(xm, prompts[:1])[0, 1]) / (2 * h))
+    assert abs(float(torch.stack(num).norm()) - float(s1[0, 1, 2, i, j])) < 1e-4 * float(s1[0, 1, 2, i, j]) + 1e-8
+    # the saliency lies on and around the object, so Stream-R1's W puts its mass there
+    mask = sample_clips(len(prompts), seed=3, prompts=prompts)["mask"][:2]
+    near = F.max_pool2d(mask.flatten(0, 1)[:, None], 5, 1, 2)[:, 0].reshape(mask.shape) > 0.05
+    for a in range(3):
+        inside = (sal[:, a] * near).sum() / sal[:, a].sum()
+        assert inside > 0.9, (a, inside)
+    from studio.distill.reward_weighting import fuse_saliency, intra_perplexity_weights
+    W = intra_perplexity_weights(fuse_saliency(sal, scores))
+    assert W[near].mean() > 1.5 * W[~near].mean()
