@@ -210,6 +210,7 @@ def test_subsample_timesteps_and_the_guidance_window():
     assert steps.shape == (5, 9) and int(steps.max()) <= 14  # the final step is never trained
     assert all(len(set(row.tolist())) == 9 for row in steps)
     assert not torch.equal(steps[0], steps[1])
+    assert subsample_timesteps(2, 15, 0.6).shape == (2, 8)  # floor(0.6 * 14) = 8, not 9
     assert [i for i in range(16) if guidance_active(i, 16)] == [12, 13, 14, 15]
     assert [i for i in range(16) if guidance_active(i, 16, 2, 9, 3)] == [2, 5, 8]
 
@@ -355,3 +356,32 @@ def test_guidance_distill_loss_targets_the_guided_velocity():
     v2 = (v_old + 1).requires_grad_(True)
     guidance_distill_loss(v2, v_old, G, c, weight=w).backward()
     assert v2.grad[1:].abs().sum() == 0 and v2.grad[0].abs().sum() > 0
+
+
+# ------------------------------------------------------------------ the exact ShapeWorld video PRM
+def test_shapeworld_video_prm_is_the_posterior_expected_clip_score():
+    from studio.teachers.process_reward import ShapeWorldVideoProcessReward
+    from studio.teachers.shapeworld_video import ShapeWorldVideoExactTeacher
+
+    teacher = ShapeWorldVideoExactTeacher(refs_per_prompt=4)
+    prompt = "a red ball moving left"
+    # the ground-truth check: the references of a prompt do what it says
+    exact = ShapeWorldVideoProcessReward(teacher)
+    refs, scores = exact._reference_scores(prompt)
+    assert scores.shape == (4,) and float(scores.min()) > 0.5
+    # a known per-clip score makes the posterior visible: near clip j at low noise R -> j; at sigma = 1 the mean
+    prm = ShapeWorldVideoProcessReward(teacher, clip_reward=lambda v, p: torch.arange(v.shape[0], dtype=D64))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(4, *refs.shape[1:], generator=gen, dtype=D64)
+    x = 0.95 * refs + 0.05 * noise
+    r = prm.reward(x, 0.05, prompt)
+    torch.testing.assert_close(r, torch.arange(4, dtype=D64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(prm.reward(noise, 1.0, prompt), torch.full((4,), 1.5, dtype=D64), rtol=0, atol=1e-12)
+    # its gradient (autograd through the posterior) against a central finite difference at a mid noise level
+    xm = 0.4 * refs[:1] + 0.6 * noise[:1]
+    r0, g = prm.reward_and_grad(xm, 0.6, prompt)
+    d = torch.randn(xm.shape, generator=gen, dtype=D64)
+    h = 1e-4
+    fd = (prm.reward(xm + h * d, 0.6, prompt) - prm.reward(xm - h * d, 0.6, prompt)) / (2 * h)
+    assert float((g * d).sum()) == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
+    assert float(g.abs().sum()) > 0
