@@ -477,8 +477,8 @@ def flow_sde_rollout(velocity: Callable[[Tensor, float], Tensor], x: Tensor, sig
                      form: str = "dance-grpo", noise_level: float = 0.25,
                      generator: torch.Generator | None = None,
                      process_reward: Callable[[Tensor, float], tuple[Tensor, Tensor]] | None = None,
-                     guidance_scale: float = 0.0, kl_beta: float | None = None, window: tuple[int, int, int] = (12, -1, 1),
-                     normalize_grad: bool = False, scale_by_delta: bool = True,
+                     guidance_scale: float = 0.0, kl_beta: float | None = None,
+                     window: tuple[int, int, int] = (12, -1, 1), normalize_grad: bool = False, scale_by_delta: bool = True,
                      logprob_mean: str = "base") -> dict[str, Tensor]:
     """A whole rollout of :func:`flow_sde_step` on ``sigmas`` (descending, ``[N + 1]``, e.g.
     :func:`shifted_sigmas`), recording what GRPO trains on (spec 4.3, 4.5). Runs under ``no_grad`` except for
