@@ -442,3 +442,36 @@ def test_reward_saliency_is_a_pixel_gradient_on_the_object(sw_clips):
     from studio.distill.reward_weighting import fuse_saliency, intra_perplexity_weights
     W = intra_perplexity_weights(fuse_saliency(sal, scores))
     assert W[near].mean() > 1.5 * W[~near].mean()
+
+
+def test_videoalign_reward_loads_a_tiny_qwen2vl_by_path(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from studio.teachers.rewards import VideoAlignReward
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+        image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    save_file({"weight": torch.randn(1, 32), "bias": torch.zeros(1)}, str(tmp_path / "reward_head.safetensors"))
+    stats = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.5, "MQ_std": 1.0, "TA_mean": 0.0, "TA_std": 4.0}
+    (tmp_path / "model_config.json").write_text(json.dumps({"inference_config": stats, "use_norm": True,
+                                                            "reward_token_ids": [294, 295, 296]}))
+    R = VideoAlignReward(tmp_path)
+    assert not any(p.requires_grad for p in R.parameters())
+    v = torch.rand(2, 5, 3, 30, 34, generator=torch.Generator().manual_seed(0))
+    raw = R.logits(v, ["a red ball moving left", "a blue cube bouncing"])
+    assert raw.shape == (2, 3) and torch.isfinite(raw).all()
+    z = R.scores(v, ["a red ball moving left", "a blue cube bouncing"])
+    assert torch.allclose(z, (raw - torch.tensor([0.5, -0.5, 0.0])) / torch.tensor([2.0, 1.0, 4.0]), atol=1e-5)
+    scores, sal = R.saliency(v, ["a red ball moving left", "a blue cube bouncing"])
+    assert sal.shape == (2, 3, 5, 30, 34) and (sal >= 0).all() and sal.sum() > 0
+    assert (sal.flatten(3).sum(-1) > 0).all()                      # every axis sees every frame (padding included)

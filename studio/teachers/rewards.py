@@ -333,3 +333,108 @@ def calibrate_shapeworld_reward(n: int = 32, seed: int = 0, num_frames: int = 8,
     for i, a in enumerate(_CONFIG_KEYS):
         out[f"{a}_mean"], out[f"{a}_std"] = round(float(mean[i]), 4), round(float(std[i]), 4)
     return out
+
+
+# ------------------------------------------------------------------------------------------ VideoAlign
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
+
+
+class VideoAlignReward(RewardModel):
+    """VideoReward / VideoAlign: a transformers ``Qwen2VLForConditionalGeneration`` whose last hidden
+    states at the three reward tokens go through a linear reward head (``hidden -> 1``), giving the
+    [VQ, MQ, TA] logits.
+
+    Folder layout (``path``): the Qwen2-VL model (``save_pretrained``), ``reward_head.safetensors``
+    (``weight [1, hidden]``, ``bias [1]``), ``model_config.json`` with the z-statistics (``VQ_mean`` ...
+    at any depth, ``use_norm``) and ``reward_token_ids`` (three ids) unless the tokenizer knows
+    :data:`REWARD_TOKENS`. A tokenizer in the folder encodes the prompt; without one (tiny test models)
+    prompt bytes map to ids ``3 + byte mod (vocab - 8)``.
+
+    Pixels -> patches is written in torch so the saliency is a true pixel gradient: frames are resized
+    (bilinear) to multiples of ``patch_size * spatial_merge_size``, padded to a multiple of the temporal
+    patch by repeating the last frame, normalised with CLIP's mean / std and flattened in the Qwen2-VL
+    processor's patch order ``(t, h/m, w/m, m, m, C, tp, p, p)``.
+    """
+
+    name = "videoalign"
+
+    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        from safetensors.torch import load_file
+        from transformers import Qwen2VLForConditionalGeneration
+
+        path = Path(path)
+        cfg_file = path / "model_config.json"
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        super().__init__(config)
+        try:
+            self.model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
+        except OSError as e:
+            raise UserError(f"cannot load a VideoReward (Qwen2-VL) model from {str(path)!r} ({e}); pass a folder "
+                            f"holding the model, reward_head.safetensors and model_config.json") from e
+        head_file = path / "reward_head.safetensors"
+        if not head_file.is_file():
+            raise UserError(f"{str(path)!r} has no reward_head.safetensors (the VideoReward head: weight [1, hidden], "
+                            f"bias [1])")
+        sd = load_file(str(head_file))
+        hidden = sd["weight"].shape[1]
+        self.head = torch.nn.Linear(hidden, sd["weight"].shape[0]).to(device, dtype)
+        self.head.load_state_dict(sd)
+        self.tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception:  # noqa: BLE001 - tiny test folders have no tokenizer
+            self.tokenizer = None
+        ids = config.get("reward_token_ids")
+        if ids is None and self.tokenizer is not None:
+            ids = self.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
+        if ids is None or len(ids) != 3:
+            raise UserError(f"{str(path)!r}: cannot find the three reward token ids (model_config.json "
+                            f"'reward_token_ids' or tokens {REWARD_TOKENS} in the tokenizer)")
+        self.reward_token_ids = [int(i) for i in ids]
+        self.freeze()
+
+    def _text_ids(self, prompt: str) -> list[int]:
+        if self.tokenizer is not None:
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        vocab = self.model.config.text_config.vocab_size
+        return [3 + b % (vocab - 8) for b in prompt.encode("utf-8")]
+
+    def patches(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """One clip ``[F,3,H,W]`` in [0, 1] -> flattened patches ``[N, 3 tp p p]`` and ``grid_thw [1,3]``."""
+        vc = self.model.config.vision_config
+        p, tp, ms = int(vc.patch_size), int(vc.temporal_patch_size), int(vc.spatial_merge_size)
+        Fr, C, H, W = video.shape
+        unit = p * ms
+        h, w = max(unit, round(H / unit) * unit), max(unit, round(W / unit) * unit)
+        x = video if (h, w) == (H, W) else F.interpolate(video, size=(h, w), mode="bilinear", align_corners=False)
+        if Fr % tp:
+            x = torch.cat([x, x[-1:].expand(tp - Fr % tp, -1, -1, -1)])
+        mean = torch.tensor(_CLIP_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.tensor(_CLIP_STD, dtype=x.dtype, device=x.device)[:, None, None]
+        x = (x - mean) / std
+        gt, gh, gw = x.shape[0] // tp, h // p, w // p
+        x = x.reshape(gt, tp, C, gh // ms, ms, p, gw // ms, ms, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(gt * gh * gw, C * tp * p * p), torch.tensor([[gt, gh, gw]])
+
+    def logits(self, videos: Tensor, prompts: str | Sequence[str]) -> Tensor:
+        v = check_video(videos)
+        prompts = self._prompts(prompts, v.shape[0])
+        cfg = self.model.config
+        ms = int(cfg.vision_config.spatial_merge_size)
+        out = []
+        for b in range(v.shape[0]):
+            pix, thw = self.patches(v[b].to(self.head.weight.dtype))
+            n_tok = int(thw.prod()) // (ms * ms)
+            ids = ([cfg.vision_start_token_id] + [cfg.video_token_id] * n_tok + [cfg.vision_end_token_id]
+                   + self._text_ids(prompts[b]) + self.reward_token_ids)
+            ids_t = torch.tensor([ids], device=pix.device)
+            types = (ids_t == cfg.video_token_id).long() * 2
+            res = self.model(input_ids=ids_t, mm_token_type_ids=types, pixel_values_videos=pix,
+                             video_grid_thw=thw.to(pix.device), output_hidden_states=True)
+            hs = res.hidden_states[-1][0, -3:]
+            out.append(self.head(hs)[:, 0])
+        return torch.stack(out)
