@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("students", ("studio.students.*",)),
     ("distill", ("studio.distill.*",)),
     ("train", ("studio.train.*",)),
-    ("runs", ("studio.runs.*", "studio.*")),  # run kinds, and the root modules (placid, personalize, doctor, ...)
+    ("runs", ("studio.runs.*", "studio.*")),  # run kinds, and the root modules (demo, doctor, ...)
     ("methods", ("methods.*",)),
     ("entry", ("studio.cli", "studio.__main__", "studio.app.*")),
 ]
@@ -301,5 +301,5 @@ def test_the_checks_catch_what_they_look_for():
     assert priv == ["studio.world.scene:1 uses studio.render.draw._helper",
                     "studio.world.scene:2 uses studio.render._twin",
                     "studio.world.scene:4 uses studio.render.draw._secret"], priv
-    assert layer_of("studio.placid") == layer_of("studio.runs.video") < layer_of("methods.vsd") < layer_of("studio.cli")
+    assert layer_of("studio.doctor") == layer_of("studio.runs.video") < layer_of("methods.vsd") < layer_of("studio.cli")
     assert layer_of("studio.assets") < layer_of("studio.io.ply") < layer_of("studio.render.volume")

@@ -24,18 +24,18 @@ def test_schedules_scale_to_the_run_length():
 
 def test_placiddreamer_runs_every_step_and_resumes(tmp_path):
     m = run(_cfg(), "placiddreamer", tmp_path, progress=False)
-    run = tmp_path / "a-red-cube"
+    run_dir = tmp_path / "a-red-cube"
     for f in ("reference.png", "views.png", "views.safetensors", "init.ply", "init_mesh.ply", "init.json", "lora",
               "model.ply", "turntable.mp4", "metrics.json"):
-        assert (run / f).exists(), f
+        assert (run_dir / f).exists(), f
     prep = m["prepare"]
     assert prep["personalised"] is True and prep["posterior_object"] == "red_cube"
     assert prep["init_points"] == 800
     assert m["ground_truth"]["iou"] > 0.2
     # resume: the prepared steps are reused (no new DreamBooth run, same init)
-    before = (run / "init.ply").read_bytes()
+    before = (run_dir / "init.ply").read_bytes()
     m2 = run(_cfg(), "placiddreamer", tmp_path, progress=False, resume=True)
-    assert m2["prepare"].get("resumed") is True and (run / "init.ply").read_bytes() == before
+    assert m2["prepare"].get("resumed") is True and (run_dir / "init.ply").read_bytes() == before
 
 
 def test_sds_ablation_and_random_init_without_personalisation(tmp_path):
@@ -69,8 +69,8 @@ def test_tiny_real_classes_run_every_step(tmp_path, tiny_real):
     m = run(cfg, "placiddreamer", tmp_path, progress=False)
     prep = m["prepare"]
     assert prep["personalised"] is True and prep["novel_view_teacher"] == str(z123)
-    run = tmp_path / "a-red-cube"
-    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run / "model.ply").is_file()
+    run_dir = tmp_path / "a-red-cube"
+    assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run_dir / "model.ply").is_file()
 
 
 def test_hooked_latent_plane_runs_inside_zero123_sampling(tmp_path, tiny_real, monkeypatch):

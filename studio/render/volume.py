@@ -89,7 +89,7 @@ def rays_from_cameras(cameras: Any, *, normalize: bool = True) -> tuple[Tensor, 
     camera-frame direction ``((j + 0.5 - cx) / fx, (i + 0.5 - cy) / fy, 1)`` (zero skew), rotated to the
     world by the camera-to-world matrix. ``normalize=True`` returns unit directions (ray parameter =
     distance); ``normalize=False`` keeps camera-space ``z = 1`` (ray parameter = view-space depth), the
-    convention of ``studio.latent_plane.camera_rays`` (which returns the same rays flattened to
+    convention of ``methods.placiddreamer.latent_plane.ring.camera_rays`` (which returns the same rays flattened to
     ``[C,H*W,3]``).
     """
     from ..cameras import Cameras
