@@ -119,7 +119,7 @@ def personal():
 def test_01_dds_identity_is_exactly_zero_with_shared_noise_and_t(pre, w):
     z, y = lat(1, 2), cond(3)
     t = torch.tensor([50, 700])
-    out = dds(pre, z.clone().requires_grad_(True), z, y, y, t, guidance_scale=w, generator=torch.Generator().manual_seed(0))
+    out = dds(pre, z.clone().requires_grad_(True), z, y, y, t, guidance_scale=w, generator=torch.Generator().manual_seed(123))
     assert torch.equal(out.grad, torch.zeros_like(z))
     # can fail: a different edited latent (or branch-specific noise) gives a non-zero delta
     out2 = dds(pre, z + 0.1, z, y, y, t, guidance_scale=w, noise=out.noise)
