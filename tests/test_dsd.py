@@ -121,7 +121,9 @@ def test_fixed_point_zero_lora_makes_dsd_equal_csd(tiny):  # property 4
     got = dsd(teacher, z, cond, t, lam_base=0.0, lam_cfg=4.0, lam_var=1.0, lora_score=fresh, camera_c2w=c2w,
               noise=noise).grad
     ref = dsd(teacher, z, cond, t, lam_base=0.0, lam_cfg=4.0, lam_var=0.0, noise=noise).grad
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # Exact in real arithmetic; in float32 the LoRA branch evaluates the same UNet in another batch (another
+    # summation order): measured <= 25 ulps of max|G| across CPU capabilities, 256 ulps allowed.
+    torch.testing.assert_close(got, ref, rtol=0, atol=256 * torch.finfo(torch.float32).eps * float(ref.abs().max()))
 
 
 def test_signs_with_an_analytic_teacher():  # property 5
