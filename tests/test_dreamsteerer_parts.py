@@ -404,6 +404,16 @@ def test_11_cross_attention_capture_shapes_and_masked_dds_on_a_real_pipeline(sd)
     assert mask.shape == (2, 1, h, h) and mask.min() >= 0 and mask.max() <= 1
     sm = dds(sd, z, z0, y, ys, t, noise=plain.noise, mask=mask)
     assert torch.equal(sm.grad, mask * plain.grad)
+    # both branches captured on one shared UNet (source: 'cube' in y_src; target: 'red' in y), union mask
+    kt = token_indices(sd.tokenizer, "a photo of a red cube", "red")
+    with CrossAttentionCapture(sd, k) as cs, CrossAttentionCapture(sd, kt) as ct:
+        both = dds(sd, z, z0, y, ys, t, noise=plain.noise, source_capture=cs, target_capture=ct)
+    assert dict(sd.unet.attn_processors) == before
+    assert len(cs.records) == len(ct.records) == n_attn2
+    torch.testing.assert_close(both.attn_maps, out.attn_maps, rtol=0, atol=1e-6)
+    assert both.target_attn_maps.shape == (2, 1, h, h) and not torch.allclose(both.target_attn_maps, both.attn_maps)
+    union = torch.maximum(subject_mask(both.attn_maps), subject_mask(both.target_attn_maps))
+    assert bool((union >= mask).all()) and torch.equal(both.grad, plain.grad)
 
 
 def test_11b_captured_probabilities_are_softmax_rows(sd):
@@ -579,3 +589,23 @@ def test_edsd_surrogate_checks_inputs():
         edsd_surrogate(p, torch.zeros(1, 4, 2, 3))
     with pytest.raises(ValueError, match="mask"):
         edsd_surrogate(p, p, mask=torch.ones(1, 1, 3, 3))
+
+
+def test_11c_shapeworld_unet_subject_mask_finds_the_object():
+    """The embedded trained teacher: the source branch's cross-attention on the subject noun, thresholded,
+    overlaps the ground-truth silhouette of a ShapeWorld render (IoU > 0.8); a constant map (no capture
+    signal) would give the all-ones mask, whose IoU is the object's area fraction."""
+    from studio.world.references import reference_views
+
+    teacher = load_teacher("shapeworld-unet")
+    views = reference_views("red_cube", n_azimuth=2, elevations=(0.0,), size=32)
+    img, alpha = views["images"].permute(0, 3, 1, 2), (views["alphas"].permute(0, 3, 1, 2) > 0.5).float()
+    x = teacher.encode(img)
+    ys = teacher.encode_prompt("a red cube")
+    with CrossAttentionCapture(teacher, token_indices(teacher.tokenizer, "a red cube", "cube")) as cap:
+        out = dds(teacher, x, x, ys, ys, torch.full((2,), 200), source_capture=cap,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.grad, torch.zeros_like(x))  # property 1 on the real teacher
+    mask = subject_mask(out.attn_maps, threshold=0.5)
+    iou = (mask * alpha).sum((1, 2, 3)) / (mask + alpha).clamp(max=1).sum((1, 2, 3))
+    assert float(alpha.mean()) < 0.6 and bool((iou > 0.8).all()), iou

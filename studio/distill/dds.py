@@ -326,13 +326,15 @@ class DDSOutput(ScoreOutput):
     source_pred: Tensor | None = None  # eps^w of the source branch at the source latent
     mask: Tensor | None = None  # the mask applied (None: none)
     attn_maps: Tensor | None = None  # [B,1,h,w] source-branch cross-attention maps (with source_capture)
+    target_attn_maps: Tensor | None = None  # [B,1,h,w] target-branch maps (with target_capture)
     logs: dict[str, float] = field(default_factory=dict)
 
 
 def dds(teacher: Any, latents: Tensor, source_latents: Tensor, cond: Any, source_cond: Any, t: Tensor, *,
         guidance_scale: float = 7.5, source_guidance_scale: float | None = None, source_teacher: Any = None,
         uncond_model_target: str = "personalized", mask: Tensor | None = None,
-        source_capture: CrossAttentionCapture | None = None, weighting: str = "uniform", scale: float = 1.0,
+        source_capture: CrossAttentionCapture | None = None, target_capture: CrossAttentionCapture | None = None,
+        weighting: str = "uniform", scale: float = 1.0,
         grad_clip: float | None = None, noise: Tensor | None = None, camera: Tensor | None = None,
         generator: torch.Generator | None = None) -> DDSOutput:
     """DDS / DDS-S / DDS-SM gradient and loss for the edited ``latents [B,C,h,w]`` (module doc).
@@ -351,6 +353,10 @@ def dds(teacher: Any, latents: Tensor, source_latents: Tensor, cond: Any, source
         mask: ``M`` ``[B or 1, 1, h, w]`` (DDS-SM); None = no mask.
         source_capture: an entered :class:`CrossAttentionCapture` on the source model's UNet: the source
             branch runs while recording, and ``attn_maps`` holds its conditional rows' maps.
+        target_capture: the same for the target branch (the personalised model on ``z`` with ``y``, e.g. the
+            ``V*`` / class tokens): ``target_attn_maps``; ``torch.maximum`` of the two normalised masks is the
+            union for shape-changing concepts (spec 4.5). Two captures may sit on one shared UNet. (With
+            ``uncond_model_target="pretrained"`` on a shared UNet it also records that unconditional call.)
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -369,7 +375,10 @@ def dds(teacher: Any, latents: Tensor, source_latents: Tensor, cond: Any, source
         z_t = sched.add_noise(latents.detach(), noise, t)
         zs_t = sched.add_noise(z_src, noise, t)
         unc = src_model if uncond_model_target == "pretrained" else None
-        eps_tgt = guided_eps(teacher, z_t, t, cond, guidance_scale, uncond_teacher=unc, camera=camera)
+        rec_t = target_capture.recording() if target_capture is not None else contextlib.nullcontext()
+        with rec_t:
+            eps_tgt = guided_eps(teacher, z_t, t, cond, guidance_scale, uncond_teacher=unc, camera=camera)
+        tmaps = target_capture.maps(tuple(latents.shape[-2:]), batch=B) if target_capture is not None else None
         rec = source_capture.recording() if source_capture is not None else contextlib.nullcontext()
         with rec:
             eps_src = src_model.predict(zs_t, t, source_cond, guidance_scale=w_src, output="epsilon", camera=camera)
@@ -383,4 +392,4 @@ def dds(teacher: Any, latents: Tensor, source_latents: Tensor, cond: Any, source
     if mask is not None:
         logs["dds_mask_mean"] = float(mask.float().mean())
     return DDSOutput(inject_gradient(latents, grad, scale), grad * scale, t, noise, eps_tgt, eps_src, mask, maps,
-                     logs)
+                     tmaps, logs)
