@@ -285,7 +285,8 @@ def ddim_step(schedule: Any, x_t: Tensor, eps: Tensor, t: Tensor, t_prev: Tensor
 
 
 def ddim_timesteps(schedule: Any, steps: int) -> list[int]:
-    """``steps`` descending integer timesteps ``T - 1 - k * T // steps`` ... (leading spacing)."""
+    """``steps`` descending integer timesteps ``T - 1 - k * (T // steps)``, k = 0..steps-1 (diffusers' "trailing"
+    spacing: the first step starts at the last training timestep)."""
     T = schedule.num_train_timesteps
     if not 1 <= int(steps) <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
