@@ -50,6 +50,7 @@ source features recorded along a DDIM inversion of the source (:func:`source_fea
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -333,8 +334,6 @@ def feature_guided_ddim(teacher: Any, x_T: Tensor, cond: Any, timesteps: Sequenc
     ``ceil(tau * N)`` steps (module doc). ``features``: an entered :class:`SelfAttentionFeatures` on
     ``teacher``'s UNet; ``source_features[i]`` (or ``source_features(i)``) the source's features at step ``i``.
     ``rho = 0`` or ``tau = 0`` never runs the guidance pass: plain DDIM."""
-    import math
-
     n_guided = int(math.ceil(float(tau) * len(timesteps))) if float(rho) != 0.0 else 0
     if n_guided and (features is None or source_features is None):
         raise ValueError("feature guidance needs features= and source_features= (or rho=0)")
