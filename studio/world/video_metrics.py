@@ -36,17 +36,24 @@ stated direction (static: below). A clip also needs a plausible object (object m
 of the frame in every frame -- ShapeWorld objects cover 3-6 % -- and at most 30..50 %), so pure noise
 and empty clips score 0.
 
-**Metrics**: :func:`frame_error` (nearest clean reference frame), :func:`motion_accuracy` (prompted motion
-and camera), :func:`flicker`, :func:`text_alignment` (shape / colour / motion / camera read back from the
-pixels), :func:`diversity`, :func:`domain_quality` (low- vs high-quality domain), :func:`clip_score` (a
-real CLIP model by path) and :func:`evaluate_videos` (all but CLIP). Calibration on ShapeWorld's own clips
-(tests): motion accuracy and text alignment 1.0 on clean clips; on ``degrade``-d clips (strength 1) motion
-accuracy stays ~0.9 but shape read-back drops to ~0.7 (blur rounds the small shapes), so compare methods
-on the same domain.
+**Metrics**: :func:`frame_error` (time-aligned distance to the nearest clean reference clip, read against
+the true world's floor), :func:`motion_accuracy` (prompted motion and camera of the prompt's object),
+:func:`flicker`, :func:`text_alignment` (shape / colour / motion / camera read back from the pixels),
+:func:`diversity`, :func:`domain_quality` (low- vs high-quality domain), :func:`clip_score` (a real CLIP model
+by path) and :func:`evaluate_videos` (all but CLIP, each quality number beside its floor and diversity).
+Calibration on ShapeWorld's own clips (tests): motion accuracy and text alignment 1.0 on clean clips; on
+``degrade``-d clips (strength 1) shape read-back drops to ~0.7 (blur rounds the small shapes), and motion
+accuracy with it (it needs the right object), so compare methods on the same domain.
+
+**Cannot be gamed** (issue 16, :func:`gaming_inputs`, ``scripts/video_metric_table.py``): a memorised
+reference reads ``frame_error`` 0 but ``frame_error_vs_floor`` 1 and ``memorisation`` 1; a still clip,
+a wrong shape with the right motion and the pixel mean of 16 references all score ``motion_accuracy`` 0;
+a frozen clip's flicker of 0 comes with ``still_fraction`` 1; the blur's diversity is 0.
 """
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -66,6 +73,7 @@ from .clips import (
     gaussian_blur,
     parse_video_prompt,
     reference_clips,
+    sample_clips,
     video_prompt,
     watermark_pattern,
 )
@@ -81,6 +89,7 @@ __all__ = [
     "flicker",
     "frame_error",
     "frame_features",
+    "gaming_inputs",
     "motion_accuracy",
     "motion_scores",
     "text_alignment",
@@ -333,35 +342,94 @@ def frame_features(videos: Tensor) -> Tensor:
     return x.reshape(B, Fr, -1)
 
 
+def _object_layer(v: Tensor) -> Tensor:
+    """The object layer of each frame: pixels times the solid mask (background zeroed), featurised like
+    :func:`frame_features` -> ``[B,F,D]``. A washed-out or smeared object (low chroma, a mask spread over the
+    frame) is far from every sharp object here even where its pixel mean is close."""
+    B, Fr, _, H, W = v.shape
+    _, m, _ = _maps(v)
+    return frame_features(v * m[:, :, None])
+
+
+def _clip_features(v: Tensor) -> Tensor:
+    """Features of :func:`frame_error`: :func:`frame_features` and :func:`_object_layer` side by side."""
+    return torch.cat([frame_features(v), _object_layer(v)], -1)
+
+
 @lru_cache(maxsize=256)
 def _reference_features(prompt: str, k: int, num_frames: int, size: int) -> Tensor:
     ref = reference_clips(prompt, k=k, num_frames=num_frames, size=size)
-    return frame_features(ref["video"]).reshape(k * num_frames, -1)
+    return _clip_features(ref["video"])                                            # [k,F,D]
 
 
-def frame_error(videos: Tensor, prompts, *, k: int = 16, per_clip: bool = False):
-    """Per-frame distance to the nearest clean reference frame of the *same prompt*, lower is better.
+def _aligned_error(feats: Tensor, ref: Tensor) -> Tensor:
+    """Time-aligned clip distance to the nearest reference clip: ``min_r sqrt(mean_{t,d} (f[t] - r[t])^2)``
+    for ``feats [n,F,D]`` against ``ref [k,F,D]`` -> ``[n]``."""
+    d2 = ((feats[:, None] - ref[None]) ** 2).mean((-2, -1))                        # [n,k]
+    return d2.amin(1).sqrt()
 
-    References: every frame of ``reference_clips(prompt, k)`` rendered at the videos' frame count and size
-    (the exact teacher's mixture components). Distance: RMS difference of :func:`frame_features` (blurred,
-    downsampled pixels), in [0, 1]; 0 for any frame of a reference clip. Returns the mean over frames and
-    clips (``per_clip=True``: a ``[B]`` tensor)."""
+
+_FLOOR_N = 8          # fresh true-world clips per prompt behind each floor
+
+
+@lru_cache(maxsize=256)
+def _floor(prompt: str, k: int, num_frames: int, size: int) -> tuple[float, float, float]:
+    """``(frame error, diversity, motion energy)`` of :data:`_FLOOR_N` fresh clips of ``prompt`` from the true
+    world: the same renderer and nuisance ranges as the references, drawn with a seed of their own (never
+    the references' specs). What a perfect model that does not memorise reads on this prompt."""
+    seed = zlib.crc32(("floor:" + prompt).encode()) % (2**31)
+    v = sample_clips(_FLOOR_N, seed=seed, prompts=prompt, num_frames=num_frames, size=size)["video"]
+    fe = float(_aligned_error(_clip_features(v), _reference_features(prompt, k, num_frames, size)).mean())
+    div = _diversity(frame_features(v), [0] * _FLOOR_N)
+    return fe, div, float(_motion_energy(v).mean())
+
+
+def _motion_energy(v: Tensor) -> Tensor:
+    """Mean absolute frame-to-frame pixel change of each clip ``[B]`` (0 for a frozen clip)."""
+    if v.shape[1] < 2:
+        return torch.zeros(v.shape[0])
+    return (v[:, 1:] - v[:, :-1]).abs().mean((1, 2, 3, 4))
+
+
+def frame_error(videos: Tensor, prompts, *, k: int = 16, per_clip: bool = False, floor: bool = False):
+    """Time-aligned distance to the nearest clean reference clip of the *same prompt*, lower is closer.
+
+    References: ``reference_clips(prompt, k)`` rendered at the videos' frame count and size (the exact
+    teacher's mixture components). Frame ``t`` is compared with frame ``t`` of the same reference clip, and
+    the reference is chosen once per clip (``min_r sqrt(mean_{t,d} (f_t - r_t)^2)``), so a still clip or a
+    clip stitched from several references pays for it. Features (:func:`frame_features` and the object layer,
+    pixels under the solid mask) are in [0, 1]; 0 for a reference clip itself.
+
+    A raw frame error rewards copying (a memorised reference reads 0) and, in a plain pixel space, averaging.
+    Read it against the **floor**: the same number for fresh true-world clips of the same prompts
+    (:data:`_FLOOR_N` per prompt, their own seed), i.e. what a perfect model that does not memorise gets.
+    ``floor=True`` returns a dict with ``frame_error``, ``frame_error_floor`` (batch-weighted over the
+    prompts), ``frame_error_ratio`` (error / floor: 1 = as close as the true world, > 1 off the world, < 1
+    closer to the references than fresh clips ever get, i.e. copied or regressed to them),
+    ``frame_error_vs_floor = |ratio - 1|`` (the two-sided headline, 0 best) and ``memorisation`` (fraction of
+    clips closer to a reference than 0.2 x floor; fresh clips never are). ``per_clip=True``: a ``[B]``
+    tensor of raw errors."""
     v = _videos(videos)
     B, Fr, _, H, W = v.shape
     if H != W:
         raise ValueError(f"frame_error needs square frames (ShapeWorld references are square), got {H}x{W}")
     words = _prompts(prompts, B)
-    feats = frame_features(v)
-    out = torch.zeros(B)
+    feats = _clip_features(v)
+    out, flo = torch.zeros(B), torch.zeros(B)
     canon = [_canon(w) for w in words]
     for p in dict.fromkeys(canon):
         idx = [i for i, c in enumerate(canon) if c == p]
-        ref = _reference_features(p, int(k), Fr, H)
-        q = feats[idx].reshape(len(idx) * Fr, -1)
-        j = torch.cdist(q, ref).argmin(-1)
-        d = ((q - ref[j]) ** 2).mean(-1).sqrt().reshape(len(idx), Fr)
-        out[idx] = d.mean(1)
-    return out if per_clip else float(out.mean())
+        out[idx] = _aligned_error(feats[idx], _reference_features(p, int(k), Fr, H))
+        if floor:
+            flo[idx] = _floor(p, int(k), Fr, H)[0]
+    if per_clip:
+        return out
+    if not floor:
+        return float(out.mean())
+    fe, fl = float(out.mean()), float(flo.mean())
+    ratio = fe / max(fl, 1e-8)
+    return {"frame_error": fe, "frame_error_floor": fl, "frame_error_ratio": ratio,
+            "frame_error_vs_floor": abs(ratio - 1.0), "memorisation": float((out < 0.2 * flo).float().mean())}
 
 
 def _canon(w: tuple[str, str, str, str]) -> str:
@@ -376,22 +444,48 @@ def _motion(a: dict[str, Tensor], words) -> tuple[Tensor, Tensor]:
     return obj, cam
 
 
-def motion_accuracy(videos: Tensor, prompts, *, per_clip: bool = False, components: bool = False):
-    """How well each clip moves as its prompt says, in [0, 1] (1 = every clip does).
+_PAL_CHROMA = {name: max(c) - min(c) for name, c in COLORS.items()}
 
-    Per clip: (object motion score of the prompt's motion) x (camera score of the prompt's camera), both
-    from :func:`analyze_videos` (see the module doc). Returns the mean; ``per_clip=True`` the ``[B]``
-    scores; ``components=True`` a dict with ``motion_accuracy``, ``object_motion_accuracy`` and
-    ``camera_accuracy`` (means)."""
+
+def _object_gate(a: dict[str, Tensor], words, pred=None) -> Tensor:
+    """Is the moving thing the prompt's object? ``[B]`` in [0, 1], the product of
+
+    * shape and colour read back by :func:`classify_videos` equal to the prompt's (0 or 1 each);
+    * a saturated object: chroma of the mask-weighted mean colour over the palette colour's chroma,
+      ``ramp(., 0.35, 0.6)`` (ShapeWorld clips: 0.71-0.90; the pixel mean of 16 references: 0.02-0.29);
+    * a compact object: largest per-frame solid-mask fraction, ``1 - ramp(., 0.12, 0.2)`` (ShapeWorld
+      objects: 0.03-0.07; a smear of many objects: 0.08-0.99)."""
+    pred = _classify(a) if pred is None else pred
+    same = torch.tensor([float(p[0] == w[0] and p[1] == w[1]) for p, w in zip(pred, words)])
+    chroma = a["color"].amax(-1) - a["color"].amin(-1)
+    pal = torch.tensor([_PAL_CHROMA[w[1]] for w in words])
+    sat = _ramp(chroma / pal, 0.35, 0.6)
+    compact = 1 - _ramp(a["m"].mean((-2, -1)).amax(1), 0.12, 0.2)
+    return same * sat * compact
+
+
+def motion_accuracy(videos: Tensor, prompts, *, per_clip: bool = False, components: bool = False):
+    """How well each clip moves as its prompt says *with the prompt's object*, in [0, 1] (1 = every clip does).
+
+    Per clip: (object motion score of the prompt's motion) x (camera score of the prompt's camera) x (object
+    gate: :func:`_object_gate`, the right shape and colour, saturated and compact), all from
+    :func:`analyze_videos` (see the module doc). Without the gate a wrong shape with the right motion scored
+    0.86 and the pixel mean of 16 references 0.71; with it both score 0. Returns the mean; ``per_clip=True``
+    the ``[B]`` scores; ``components=True`` a dict with ``motion_accuracy``, ``object_motion_accuracy``
+    (object motion x gate), ``camera_accuracy`` (ungated), ``object_accuracy`` (the gate) and
+    ``motion_accuracy_any_object`` (the former, ungated definition)."""
     v = _videos(videos)
     words = _prompts(prompts, v.shape[0])
-    obj, cam = _motion(analyze_videos(v), words)
-    score = obj * cam
+    a = analyze_videos(v)
+    obj, cam = _motion(a, words)
+    gate = _object_gate(a, words)
+    score = obj * cam * gate
     if per_clip:
         return score
     if components:
-        return {"motion_accuracy": float(score.mean()), "object_motion_accuracy": float(obj.mean()),
-                "camera_accuracy": float(cam.mean())}
+        return {"motion_accuracy": float(score.mean()), "object_motion_accuracy": float((obj * gate).mean()),
+                "camera_accuracy": float(cam.mean()), "object_accuracy": float(gate.mean()),
+                "motion_accuracy_any_object": float((obj * cam).mean())}
     return float(score.mean())
 
 
@@ -431,7 +525,8 @@ def _flicker(v: Tensor, a: dict[str, Tensor], per_clip: bool):
 
 
 def flicker(videos: Tensor, *, per_clip: bool = False):
-    """Temporal flicker in [0, 1], lower is better (0 for a still clip and for ShapeWorld's own clips).
+    """Temporal flicker in [0, 1], lower is better (0 for ShapeWorld's own clips, and 0 for a frozen clip: read
+    it beside ``still_fraction`` / ``motion_energy_ratio`` of :func:`evaluate_videos`, never alone).
 
     Mean over consecutive frame pairs of ``(bg + obj) / 2``: ``bg`` = mean absolute difference between
     frame ``t+1`` and frame ``t`` shifted by the estimated camera pan (motion compensation), over the
@@ -444,8 +539,8 @@ def flicker(videos: Tensor, *, per_clip: bool = False):
 _ATTRS = ("shape", "color", "motion", "camera")
 
 
-def _alignment(a: dict[str, Tensor], words) -> dict[str, float]:
-    pred = _classify(a)
+def _alignment(a: dict[str, Tensor], words, pred=None) -> dict[str, float]:
+    pred = _classify(a) if pred is None else pred
     hits = torch.tensor([[p[i] == w[i] for i in range(4)] for p, w in zip(pred, words)], dtype=torch.float32)
     out = {"text_alignment": float(hits.all(1).float().mean())}
     out.update({f"{name}_accuracy": float(hits[:, i].mean()) for i, name in enumerate(_ATTRS)})
@@ -594,31 +689,98 @@ def domain_quality(frames: Tensor, *, components: bool = False, per_image: bool 
     return float(score.mean())
 
 
+# ---------------------------------------------------------------------------------------------- calibration
+
+GAMING_ROWS = ("memorised", "fresh", "still", "wrong shape", "blur")
+
+
+def gaming_inputs(prompts: Sequence[str], *, per_prompt: int = 2, seed: int = 21, num_frames: int = 8,
+                  size: int = 32) -> tuple[list[str], dict[str, Tensor]]:
+    """The five inputs of issue 16's table, ``per_prompt`` clips of each prompt (prompt list returned):
+
+    * ``memorised``: reference clips themselves (reference ``3 + 4 j`` for the j-th clip of a prompt);
+    * ``fresh``: fresh clips from the true world (``sample_clips(seed)``): a perfect model that does not copy;
+    * ``still``: the fresh clips' frame 0 repeated;
+    * ``wrong shape``: the fresh clips' specs with the shape swapped (ball -> cube -> triangle -> ball): same
+      colour, trajectory, camera and background;
+    * ``blur``: the pixel mean of the prompt's 16 reference clips.
+
+    Every metric headline should rank ``fresh`` above the other four."""
+    import dataclasses
+
+    from .clips import render_clips, sample_clip_specs
+
+    plist = [p for p in prompts for _ in range(per_prompt)]
+    specs = sample_clip_specs(plist, len(plist), seed, num_frames)
+    fresh = render_clips(specs, num_frames, size)["video"]
+    nxt = {SHAPES[i]: SHAPES[(i + 1) % len(SHAPES)] for i in range(len(SHAPES))}
+    wrong = render_clips([dataclasses.replace(s, shape=nxt[s.shape]) for s in specs], num_frames, size)["video"]
+    refs = {p: reference_clips(p, k=16, num_frames=num_frames, size=size)["video"] for p in prompts}
+    memo = torch.stack([refs[p][(3 + 4 * (i % per_prompt)) % 16] for i, p in enumerate(plist)])
+    blur = torch.stack([refs[p].mean(0) for p in plist])
+    return plist, {"memorised": memo, "fresh": fresh, "still": fresh[:, :1].expand_as(fresh).contiguous(),
+                   "wrong shape": wrong, "blur": blur}
+
+
 # -------------------------------------------------------------------------------------------------- bundle
 
 def evaluate_videos(videos: Tensor, prompts, *, k: int = 16) -> dict[str, float]:
-    """All video metrics at once (one analysis pass), as floats: ``frame_error`` (lower better),
-    ``motion_accuracy``, ``object_motion_accuracy``, ``camera_accuracy`` (soft, prompt-given),
-    ``text_alignment`` with ``shape_accuracy``, ``color_accuracy``, ``motion_class_accuracy``,
-    ``camera_class_accuracy`` (hard read-back), ``flicker`` (lower better), ``diversity`` (same-prompt
-    pairs; ``nan`` without any) and ``domain_quality``."""
+    """All video metrics at once (one analysis pass), as floats.
+
+    Quality, each read beside its true-world floor (fresh clips of the same prompts, see :func:`frame_error`):
+
+    * ``frame_error`` (time-aligned, lower is closer; a copy reads 0), ``frame_error_floor``,
+      ``frame_error_ratio`` (1 = a perfect model that does not memorise), ``frame_error_vs_floor``
+      (``|ratio - 1|``, 0 best: the headline that neither copying nor averaging wins), ``memorisation``
+      (fraction of near-copies of a reference);
+    * ``motion_accuracy`` (prompted motion and camera *of the prompt's object*, soft), with
+      ``object_motion_accuracy``, ``camera_accuracy``, ``object_accuracy`` (the object gate) and
+      ``motion_accuracy_any_object`` (the former ungated score, for comparison);
+    * ``text_alignment`` with ``shape_accuracy``, ``color_accuracy``, ``motion_class_accuracy``,
+      ``camera_class_accuracy`` (hard read-back);
+    * ``flicker`` (lower better; 0 for a frozen clip, so read it with ``still_fraction``), ``still_fraction``
+      (clips whose frame-to-frame pixel change is below 0.2 x the true world's for the prompt: every
+      ShapeWorld prompt moves something) and ``motion_energy_ratio`` (mean frame-to-frame change over the
+      true world's; 1 = as lively, 0 = frozen);
+    * ``diversity`` (mean pairwise distance of same-prompt clips; ``nan`` when no prompt has two clips),
+      ``diversity_floor`` (the same for fresh true-world clips of those prompts) and ``diversity_ratio``
+      (1 = as diverse as the world, 0 = one clip per prompt);
+    * ``domain_quality``."""
     v = _videos(videos)
-    words = _prompts(prompts, v.shape[0])
+    B, Fr, _, H, W = v.shape
+    words = _prompts(prompts, B)
+    canon = [_canon(w) for w in words]
     a = analyze_videos(v)
     obj, cam = _motion(a, words)
-    al = _alignment(a, words)
+    pred = _classify(a)
+    gate = _object_gate(a, words, pred)
+    al = _alignment(a, words, pred)
+    fe = frame_error(v, canon, k=k, floor=True)
+    floors = {p: _floor(p, int(k), Fr, H) for p in dict.fromkeys(canon)}
+    energy = _motion_energy(v)
+    e_floor = torch.tensor([floors[p][2] for p in canon])
+    div = _diversity(frame_features(v), canon)
+    groups = [p for p in dict.fromkeys(canon) if canon.count(p) >= 2]
+    div_floor = float(sum(floors[p][1] * canon.count(p) for p in groups) /
+                      sum(canon.count(p) for p in groups)) if groups else float("nan")
     return {
-        "frame_error": frame_error(v, [_canon(w) for w in words], k=k),
-        "motion_accuracy": float((obj * cam).mean()),
-        "object_motion_accuracy": float(obj.mean()),
+        **fe,
+        "motion_accuracy": float((obj * cam * gate).mean()),
+        "object_motion_accuracy": float((obj * gate).mean()),
         "camera_accuracy": float(cam.mean()),
+        "object_accuracy": float(gate.mean()),
+        "motion_accuracy_any_object": float((obj * cam).mean()),
         "text_alignment": al["text_alignment"],
         "shape_accuracy": al["shape_accuracy"],
         "color_accuracy": al["color_accuracy"],
         "motion_class_accuracy": al["motion_accuracy"],
         "camera_class_accuracy": al["camera_accuracy"],
         "flicker": _flicker(v, a, False),
-        "diversity": _diversity(frame_features(v), [_canon(w) for w in words]),
+        "still_fraction": float((energy < 0.2 * e_floor).float().mean()),
+        "motion_energy_ratio": float(energy.mean() / e_floor.mean().clamp_min(1e-8)),
+        "diversity": div,
+        "diversity_floor": div_floor,
+        "diversity_ratio": div / div_floor if groups and div_floor > 0 else float("nan"),
         "domain_quality": domain_quality(v),
     }
 
