@@ -607,3 +607,30 @@ def test_11c_shapeworld_unet_subject_mask_finds_the_object():
     mask = subject_mask(out.attn_maps, threshold=0.5)
     iou = (mask * alpha).sum((1, 2, 3)) / (mask + alpha).clamp(max=1).sum((1, 2, 3))
     assert float(alpha.mean()) < 0.6 and bool((iou > 0.8).all()), iou
+
+
+def test_06c_mask_in_steering_restricts_the_residual(personal):
+    """Knob (spec 12.7): the subject mask may also restrict the EDSD residual; M = 1 is no mask, M = 0 no step."""
+    teacher, params = personal
+    src = AdaptersOff(teacher)
+    z0, y, ys, t, noise = lat(70), cond(70), cond(71), torch.tensor([520]), lat(71)
+    g = torch.autograd.grad(edsd(teacher, src, z0 + 0.1, z0, y, ys, t, noise=noise).loss, params)
+    g1 = torch.autograd.grad(edsd(teacher, src, z0 + 0.1, z0, y, ys, t, noise=noise,
+                                  mask=torch.ones(1, 1, S, S, dtype=torch.float64)).loss, params)
+    g0 = torch.autograd.grad(edsd(teacher, src, z0 + 0.1, z0, y, ys, t, noise=noise,
+                                  mask=torch.zeros(1, 1, S, S, dtype=torch.float64)).loss, params)
+    assert all(torch.equal(a, b) for a, b in zip(g, g1))
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in g0) and max(float(a.abs().max()) for a in g) > 0
+
+
+def test_10c_guidance_term_has_rms_rho_sigma():
+    from studio.distill.edsd import guided_epsilon
+
+    eps = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    grad = torch.randn(2, 4, 3, 3, dtype=torch.float64) * torch.tensor([0.1, 1e3], dtype=torch.float64).reshape(2, 1, 1, 1)
+    sigma = torch.tensor([0.5, 0.9], dtype=torch.float64)
+    d = guided_epsilon(eps, grad, sigma, rho=2.0) - eps
+    rms = d.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(rms, 2.0 * sigma, rtol=1e-6, atol=0)
+    assert (d * grad).sum() > 0  # along +grad E: the DDIM step then moves x_{t-1} down the energy
+    assert torch.equal(guided_epsilon(eps, grad, sigma, rho=0.0), eps)
