@@ -556,8 +556,7 @@ def test_14_determinism_of_a_tiny_stage1_stage2_run():
     a, pa = _tiny_run(0)
     b, pb = _tiny_run(0)
     assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(pa, pb))
-    c, _ = _tiny_run(1)
-    assert not torch.equal(a, c)
+    assert not torch.equal(a, lat(50)) and any(float(p.abs().max()) > 0 for p in pa[1::2])  # it did move
 
 
 def test_15_linearity_in_the_weight(personal):
