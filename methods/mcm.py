@@ -12,7 +12,11 @@ Algorithm box (spec 2.4-2.5; one training step)::
 
 Real frames for D: ``real_images="video"`` (distillation only: 2 TSN-sampled frames of the same training clips,
 with their captions) or ``"hq"`` (quality improvement: a separate high-quality image set with its own captions;
-on ShapeWorld :func:`studio.world.clips.hq_images`). Inference: the merged LoRA with LCM multistep sampling, CFG
+on ShapeWorld :func:`studio.world.clips.hq_images`, drawn for the batch's objects). D reads the same kind of
+caption on both sides (:meth:`MCMStage.fake_captions`): in ``hq`` mode the fake frames are captioned with their
+object (``"a red ball"``), as the HQ images are, not with the video prompt (``"a red ball moving left"``), which
+would let D separate them by the caption alone. Each step logs the motion head's collapse monitor
+(``motion_norm_ratio``, ``motion_std_ratio``; :meth:`MCMStage.collapse_monitor`). Inference: the merged LoRA with LCM multistep sampling, CFG
 distilled in (guidance 1); the motion head is a training-time construct.
 
 Substitutions and reconstructed choices (documented, configurable):
@@ -26,6 +30,7 @@ Substitutions and reconstructed choices (documented, configurable):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +49,9 @@ from studio.distill.adversarial import (
     video_frames,
 )
 from studio.distill.consistency import mixed_trajectory_x0
-from studio.distill.motion import make_motion
+from studio.distill.motion import make_motion, motion_norm_ratio
 from studio.errors import UserError
+from studio.world.clips import parse_video_prompt
 from studio.train.loop import StepOutput
 
 
@@ -82,6 +88,17 @@ def pooled_text(cond, negative: bool = False) -> torch.Tensor:
     return ((e * keep).sum(1) / keep.sum(1).clamp_min(1)).float()
 
 
+def image_caption(prompt: str) -> str:
+    """The caption :func:`~studio.world.clips.hq_images` gives an image of a video prompt's object: ``"a red ball"``
+    for ``"a red ball moving left, camera panning right"`` (one frame shows shape and colour, not motion); a prompt
+    outside the ShapeWorld grammar is returned as it is."""
+    try:
+        shape, color, _, _ = parse_video_prompt(prompt)
+    except UserError:
+        return prompt
+    return f"a {color} {shape}"
+
+
 def make_backbone(spec: str):
     if spec == "shapeworld":
         return ShapeWorldFeatureBackbone()
@@ -115,16 +132,46 @@ class MCMStage(ConsistencyStage):
         ema = getattr(self.motion.phi_target, "ema", None)
         return {"motion_target": ema} if ema is not None else {}
 
-    def real_frames(self, step: int, video, cond, n: int):
-        """Real images for D and their text: frames of the clips, or the high-quality image set."""
+    def fake_captions(self, prompts: list[str]) -> list[str]:
+        """The caption D reads with each clip's fake frames, the same kind its real frames carry: ``video`` mode
+        the clip's prompt (the real frames are that clip's); ``hq`` mode the image caption of the clip's object
+        (``"a red ball"``, as :func:`~studio.world.clips.hq_images` captions its images), so the caption alone
+        never tells real from fake. Prompts outside the ShapeWorld grammar are kept as they are."""
         if self.cfg.real_images == "video":
-            idx = tsn_frame_indices(video.shape[1], self.cfg.frames_per_clip, self.gen)
-            return video_frames(video, idx).to(self.teacher.device), pooled_text(cond).repeat_interleave(
-                self.cfg.frames_per_clip, 0)
+            return list(prompts)
+        return [image_caption(p) for p in prompts]
+
+    def real_frames(self, step: int, video, prompts: list[str], n: int):
+        """Real images for D and their captions: ``k`` TSN frames of each clip with its prompt, or (``hq``) ``n``
+        high-quality images of the same objects as the batch's clips (``k`` per clip) with their image captions."""
+        k = self.cfg.frames_per_clip
+        if self.cfg.real_images == "video":
+            idx = tsn_frame_indices(video.shape[1], k, self.gen)
+            return video_frames(video, idx).to(self.teacher.device), [p for p in prompts for _ in range(k)]
         from studio.world.clips import hq_images
 
-        images, captions = hq_images(n, seed=self.cfg.seed * 7919 + step, size=self.data.size)
-        return images.to(self.teacher.device), pooled_text(self.teacher.encode_prompt(captions))
+        objects = [p for p in prompts for _ in range(k)]
+        try:
+            images, captions = hq_images(n, seed=self.cfg.seed * 7919 + step, size=self.data.size,
+                                         prompts=objects if len(objects) == n else None)
+        except UserError:   # prompts outside the ShapeWorld grammar: objects drawn uniformly
+            images, captions = hq_images(n, seed=self.cfg.seed * 7919 + step, size=self.data.size)
+        return images.to(self.teacher.device), captions
+
+    @torch.no_grad()
+    def collapse_monitor(self, y: torch.Tensor) -> dict[str, float]:
+        """Spec 2.9's monitor of the learned motion head: ``motion_norm_ratio = ||phi(y)|| / ||y||`` (1 at init,
+        towards 0 if ``h -> -z``) and ``motion_std_ratio`` = the spread of ``phi(y)`` across the batch over that of
+        ``y`` (mean per-element std over the batch; over all elements for a batch of one): 1 at init, towards 0
+        if phi collapses to a map that forgets its input (``h(z) -> c - z``), whatever its norm."""
+        y = y.detach().float()
+        phi = self.motion.phi
+        out = phi(y).float()
+        if y.shape[0] >= 2:
+            num, den = float(out.flatten(1).std(0).mean()), float(y.flatten(1).std(0).mean())
+        else:
+            num, den = float(out.std()), float(y.std())
+        return {"motion_norm_ratio": motion_norm_ratio(phi, y), "motion_std_ratio": num / den if den > 0 else math.nan}
 
     def train_step(self, step: int, progress: float) -> StepOutput:
         c = self.cfg
@@ -136,16 +183,19 @@ class MCMStage(ConsistencyStage):
             x0, mixed = mixed_trajectory_x0(self.student, cond, x0_real, p=c.mix_p, generator=self.gen,
                                             num_ddim_timesteps=c.num_ddim_timesteps)
         l_cd, info = self.consistency(x0, cond)
-        logs = {"l_cd": float(l_cd.detach()), "mixed": float(mixed)}
+        logs = {"l_cd": float(l_cd.detach()), "mixed": float(mixed), **self.collapse_monitor(info["y"])}
         if not d_on:
             return StepOutput({"generator": l_cd}, logs=logs)
         k = c.frames_per_clip
-        text = pooled_text(cond).repeat_interleave(k, 0)
+        fake_caps = self.fake_captions(list(prompts))
+        text = pooled_text(cond if fake_caps == list(prompts) else self.teacher.encode_prompt(fake_caps))
+        text = text.repeat_interleave(k, 0)
         fake, _ = decode_random_frames(self.teacher, info["y"], n=k, generator=self.gen, grad=True)
         l_adv = g_loss(self.disc(fake, text, generator=self.gen), c.disc_loss)
         with torch.no_grad():
             fake_d, _ = decode_random_frames(self.teacher, info["y"].detach(), n=k, generator=self.gen, grad=False)
-        real, real_text = self.real_frames(step, video, cond, fake_d.shape[0])
+        real, real_caps = self.real_frames(step, video, list(prompts), fake_d.shape[0])
+        real_text = pooled_text(self.teacher.encode_prompt(real_caps))
         l_d = d_loss(self.disc(real, real_text, generator=self.gen), self.disc(fake_d, text, generator=self.gen),
                      c.disc_loss)
         gp = gradient_penalty(self.disc, real, fake_d, text, generator=self.gen)

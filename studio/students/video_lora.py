@@ -20,8 +20,10 @@ in :mod:`studio.teachers.sampling` takes a student wherever it takes a teacher.
 
 LoRA (peft init: ``A`` random, ``B = 0``, so the student starts as the teacher exactly): rank ``rank``, scale
 ``alpha / rank`` (MCM: rank 64, alpha 64, dropout 0), on every module whose name ends with one of
-``target_modules`` (:data:`VIDEO_LORA_TARGETS`, MCM's list: attention projections, transformer in/out
-projections, feed-forward layers, ResNet convs and time-embedding projections, down/up-sampler convs) and is a
+``target_modules`` (default: :func:`video_lora_targets`, MCM's list spelt for the denoiser's class --
+:data:`VIDEO_LORA_TARGETS` for the UNets: attention projections, transformer in/out projections, feed-forward
+layers, ResNet convs and time-embedding projections, down/up-sampler convs; :data:`WAN_LORA_TARGETS` for Wan:
+attention, ``proj_out``, feed-forward ``ffn``, the patch-embedding conv and the time embedding) and is a
 ``Linear`` / ``Conv1d/2d/3d``, except names matching the regular expression ``exclude`` (default
 :data:`VIDEO_LORA_EXCLUDE`: names containing both "temp" and "conv", MCM's rule for ModelScope's temporal
 Conv3D layers; ``None`` excludes nothing). The resolved module names are :attr:`VideoLoRAStudent.target_names`.
@@ -60,12 +62,39 @@ from .lora_score import add_lora_adapter
 #: MCM's LoRA targets (spec 2.2); a module gets an adapter when its name equals one or ends with "." + one
 VIDEO_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                       "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+#: MCM's roles (attention, transformer in/out, feed-forward, the convolutions, the time embedding) spelt in a
+#: ``WanTransformer3DModel``'s names: its feed-forward is ``ffn.net.*``, its only convolution the patch embedding,
+#: its time embedding the ``condition_embedder``'s MLP and the per-block modulation projection ``time_proj``
+WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_out", "ffn.net.0.proj", "ffn.net.2", "patch_embedding",
+                    "condition_embedder.time_embedder.linear_1", "condition_embedder.time_embedder.linear_2",
+                    "condition_embedder.time_proj")
+#: the target list per denoiser class (looked up along the class's MRO by name); other classes get MCM's list
+VIDEO_LORA_TARGETS_BY_CLASS: dict[str, tuple[str, ...]] = {
+    "UNet3DConditionModel": VIDEO_LORA_TARGETS,      # ModelScope T2V (temporal Conv3D excluded, VIDEO_LORA_EXCLUDE)
+    "UNetMotionModel": VIDEO_LORA_TARGETS,           # AnimateDiff: SD UNet + motion modules (same names)
+    "WanTransformer3DModel": WAN_LORA_TARGETS,
+}
 #: names containing both "temp" and "conv" (ModelScope's temporal Conv3D stacks), excluded as MCM does
 VIDEO_LORA_EXCLUDE = r"(?=.*temp)(?=.*conv)"
+#: per class, used where the caller leaves ``exclude`` at :data:`VIDEO_LORA_EXCLUDE`: AnimateDiff's motion modules
+#: call ``proj_in(input=...)`` / ``proj_out(input=...)`` by keyword, which a peft LoRA layer (``forward(x)``)
+#: cannot take, so those two stay un-adapted (their attention and feed-forward layers are adapted)
+VIDEO_LORA_EXCLUDE_BY_CLASS: dict[str, str] = {
+    "UNetMotionModel": VIDEO_LORA_EXCLUDE + r"|motion_modules\.\d+\.proj_(in|out)$",
+}
 ADAPTER_NAME = "video_lora"
 FORMAT = "studio-video-lora/1"
 _SUPPORTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _DENOISER_ATTRS = ("denoiser", "unet", "transformer")
+
+
+def video_lora_targets(denoiser: torch.nn.Module) -> tuple[str, ...]:
+    """MCM's target list in the names of ``denoiser``'s class (:data:`VIDEO_LORA_TARGETS_BY_CLASS`, first match
+    along the MRO; :data:`VIDEO_LORA_TARGETS` for any other class)."""
+    for cls in type(denoiser).__mro__:
+        if cls.__name__ in VIDEO_LORA_TARGETS_BY_CLASS:
+            return VIDEO_LORA_TARGETS_BY_CLASS[cls.__name__]
+    return VIDEO_LORA_TARGETS
 
 
 def resolve_lora_targets(module: torch.nn.Module, target_modules: Iterable[str] = VIDEO_LORA_TARGETS,
@@ -132,7 +161,7 @@ class VideoLoRAStudent(VideoTeacher):
     frame_rate = _delegated("frame_rate")
 
     def __init__(self, teacher: VideoTeacher, *, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
-                 target_modules: Iterable[str] = VIDEO_LORA_TARGETS, exclude: str | None = VIDEO_LORA_EXCLUDE,
+                 target_modules: Iterable[str] | None = None, exclude: str | None = VIDEO_LORA_EXCLUDE,
                  module: str | None = None, adapter_name: str = ADAPTER_NAME, seed: int | None = 0,
                  lora_dtype: torch.dtype | None = torch.float32) -> None:
         super().__init__()
@@ -158,6 +187,11 @@ class VideoLoRAStudent(VideoTeacher):
         if self.adapter_name in peft_adapter_names(denoiser):
             raise UserError(f"the denoiser already holds an adapter named {self.adapter_name!r}; pass another "
                             "adapter_name (two students on one teacher need distinct names)")
+        target_modules = video_lora_targets(denoiser) if target_modules is None else tuple(target_modules)
+        if exclude == VIDEO_LORA_EXCLUDE:
+            exclude = next((VIDEO_LORA_EXCLUDE_BY_CLASS[c.__name__] for c in type(denoiser).__mro__
+                            if c.__name__ in VIDEO_LORA_EXCLUDE_BY_CLASS), exclude)
+            self.exclude = exclude
         names, skipped = resolve_lora_targets(denoiser, target_modules, exclude)
         if not names:
             raise UserError(f"no LoRA target among {tuple(target_modules)} (minus exclude={exclude!r}) is a Linear / "
