@@ -25,7 +25,7 @@
 // or point chunks; table gradients (gE, gE2) run in parallel over levels: every level owns a disjoint
 // row range, so each row is accumulated by one thread in point order -> race free and bit-identical
 // for any thread count, with no per-thread copies of the table. Threads: studio_parallel::run
-// (parallel.h): dynamic over items, helpers that sleep instead of spinning.
+// (parallel.h): dynamic over items on torch's intra-op team.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>

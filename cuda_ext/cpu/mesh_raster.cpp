@@ -16,7 +16,7 @@
 //   rasterize_backward  parallel over pixels: per-pixel vertex gradients (backward_pixel) into a
 //                       [C,H,W,9] buffer, then a serial, pixel-ordered scatter into [C,V,3] per
 //                       camera (parallel over cameras): deterministic for any thread count.
-// Threads: studio_parallel::run (parallel.h), dynamic over items, helpers that sleep instead of spinning.
+// Threads: studio_parallel::run (parallel.h), dynamic over items on torch's intra-op team.
 // Light includes (ATen + the pybind11 tensor casters), as in rasterize.cpp, to keep the first-use
 // compile short.
 #include <ATen/ATen.h>
@@ -231,7 +231,7 @@ at::Tensor rasterize_backward(at::Tensor verts_screen, at::Tensor faces, at::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "studio native CPU mesh rasterizer (shared-core thread pool, analytic backward)";
+  m.doc() = "studio native CPU mesh rasterizer (OpenMP, analytic backward)";
   m.def("rasterize_forward", &rasterize_forward, "(face_id int32, bary, depth)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rasterize_backward", &rasterize_backward, "d verts_screen",

@@ -1,28 +1,32 @@
-// Parallel loops of the native CPU kernels that share the cores gracefully.
+// Parallel loops of the native CPU kernels: one place that decides which threads run them.
 //
-// Why not `#pragma omp parallel for`: with the libgomp that torch ships, threads that run out of work
-// (at a loop's end and between parallel regions) spin for a while before sleeping. On a machine where
-// another process also wants the cores, a spinning thread takes the time slice that the thread still
-// holding work needs, and every region ends in a round of time slices: one render took 1.5 s instead of
-// 40 ms beside another job. torch.__config__.parallel_info() reports "ATen parallel backend: OpenMP" for
-// this torch build, so at::parallel_for is the same spinning libgomp team, with static chunks on top.
+// studio_parallel::run(n_items, body) hands out items 0..n-1 one at a time from an atomic counter (dynamic
+// scheduling, as `schedule(dynamic, 1)`). body(next) runs once per participating thread and loops
+// `for (i; next(i);)`, so scratch buffers declared in body before the loop are per thread, as in an OpenMP
+// parallel region. Every kernel writes each output element from exactly one item in a fixed order, so
+// results are bit-identical for any thread count, interleaving or mode (tests/test_native_threads.py, and
+// the parity tests test_render_native, test_hashgrid_native, test_mesh_raster).
 //
-// studio_parallel::run(n_items, body) instead:
-//   * hands out items one at a time from an atomic counter (dynamic scheduling, as schedule(dynamic, 1));
-//   * the calling thread works too, and returns as soon as every item is *done*: a helper that the OS
-//     has not scheduled yet never delays it (the caller simply takes that helper's share of the items);
-//   * helpers are a small persistent pool (at::get_num_threads() - 1 threads, created on first use)
-//     that sleep on a condition variable (futex) between jobs: nobody spins, ever.
-// Per-thread state: body(next) runs once per participating thread and loops `for (i; next(i);)`, so
-// scratch buffers declared in body before the loop are per thread, as in an OpenMP parallel region.
-// Every kernel writes each output element from exactly one item in a fixed order, so results are
-// bit-identical for any thread count and any interleaving (tests: test_render_native, test_hashgrid_native,
-// test_mesh_raster).
-//
-// Fallbacks: one thread, one item, a nested call (from a helper or inside torch's parallel region) or a
-// concurrent caller (another Python thread while the pool is busy) run the body inline on the caller.
-// STUDIO_NATIVE_PARALLEL=openmp selects the previous OpenMP team (same scheduling, the spinning waits)
-// so benchmarks can measure both in one run; read on every call.
+// Threads (STUDIO_NATIVE_PARALLEL, read on every call):
+//   * default: torch's intra-op team. torch.__config__.parallel_info() says "ATen parallel backend: OpenMP"
+//     for the torch builds we install, so that team is torch's libgomp; our loops run in an OpenMP
+//     parallel region of it (the same threads as torch's own ops, nothing extra to wake or to compete with;
+//     at::parallel_for would be the same team with static chunks). How its idle threads wait is libgomp's
+//     wait policy, fixed when torch loads: by default they spin for a while (~300k iterations, milliseconds)
+//     before sleeping. On a machine shared with another job those spins, after every parallel region of
+//     torch's ops and ours, take the time slices the working threads need: one render measured 14 ms alone
+//     and 480 ms beside a 2-thread torch job. With OMP_WAIT_POLICY=PASSIVE in the environment before torch
+//     is imported, the same render measured 16 ms alone and 23 ms beside that job (benchmarks/render.py
+//     --contention). So the fix for sharing is the process's wait policy, not a second thread pool.
+//   * "pool": a small persistent pool of our own (at::get_num_threads() - 1 helpers) that sleep on a
+//     condition variable and never spin; the caller works too and returns once every item is done, never
+//     waiting for a helper the OS has not scheduled. Its own idle CPU time is zero, but beside torch's
+//     spinning team it adds a third runnable thread on two cores: measured 20-40 % slower alone (20 ms vs
+//     14 ms) and, beside the torch job, still 340 ms. Kept callable for measurements and for processes that
+//     cannot change the wait policy but must not spin in our kernels.
+//   * "openmp": the default, spelled out.
+// Fallbacks: one thread, one item or a nested call (from a pool helper or inside torch's parallel region)
+// run the body inline; a second caller while the pool is busy (another Python thread) runs inline too.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -56,9 +60,9 @@ namespace studio_parallel {
 
 inline int max_threads() { return std::max(1, at::get_num_threads()); }
 
-inline bool use_openmp() {
+inline bool use_pool() {
   const char* s = std::getenv("STUDIO_NATIVE_PARALLEL");
-  return s != nullptr && std::strcmp(s, "openmp") == 0;
+  return s != nullptr && std::strcmp(s, "pool") == 0;
 }
 
 // Claims items [0, n) one at a time.
@@ -201,7 +205,7 @@ void run(int64_t n_items, Body&& body, int threads = 0) {
     body(Claim(&next, n_items));
     return;
   }
-  if (use_openmp()) {
+  if (!use_pool()) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
     body(Claim(&next, n_items));

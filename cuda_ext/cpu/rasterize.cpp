@@ -19,7 +19,7 @@
 // each list entry visits only the pixels of the bounding box of its ellipse sigma <= ln(255 o)
 // (+ margins), which is what makes the CPU version fast; each pixel still sees its Gaussians in
 // depth order, so the result is the per-pixel loop of _common, reordered.
-// Threads: studio_parallel::run (parallel.h), dynamic over items, helpers that sleep instead of spinning.
+// Threads: studio_parallel::run (parallel.h), dynamic over items on torch's intra-op team.
 // Light includes (ATen + the pybind11 tensor casters) instead of <torch/extension.h>: the
 // extension needs no C++ frontend, and this roughly halves the first-use compile time.
 #include <ATen/ATen.h>
@@ -673,7 +673,7 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "studio native CPU Gaussian tile rasterizer (shared-core thread pool, analytic backward)";
+  m.doc() = "studio native CPU Gaussian tile rasterizer (OpenMP, analytic backward)";
   m.def("bin_gaussians", &bin_gaussians, "Depth-sorted tile lists: (isect_offsets, flatten_ids, tiles_per_gauss)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rasterize_forward", &rasterize_forward, "Blend: (render, alphas, T_final, last_ids)",
