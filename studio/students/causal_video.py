@@ -79,6 +79,7 @@ from ..teachers.base import TextCond
 from ..teachers.sampling import causal_block_rollout, rollout_timesteps
 from ..teachers.video_base import VideoTeacher
 from .lora_score import add_lora_adapter
+from .video_lora import TeacherClipFacts
 
 __all__ = [
     "WAN_LORA_TARGETS", "CausalSelfAttnProcessor", "CausalWanStudent", "ODEPairs", "StreamNetworks",
@@ -89,10 +90,6 @@ __all__ = [
 #: LoRA targets of a Wan transformer: the attention projections (self and cross) and the feed-forward layers
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 ADAPTER_NAME = "stream_lora"
-
-
-def _delegated(name: str) -> property:
-    return property(lambda self: getattr(self.teacher, name), doc=f"The teacher's ``{name}``.")
 
 
 # --------------------------------------------------------------------------------------- masks and windows
@@ -263,7 +260,7 @@ class CausalSelfAttnProcessor:
 
 
 # --------------------------------------------------------------------------------------- own-copy Wan scores
-class WanScore(VideoTeacher):
+class WanScore(TeacherClipFacts, VideoTeacher):
     """A Wan denoiser with its **own** copy of a :class:`WanTeacher`'s transformer, trainable: the critic / fake
     score of DMD (bidirectional, one timestep per sample) and the base of :class:`CausalWanStudent`.
 
@@ -272,15 +269,6 @@ class WanScore(VideoTeacher):
     ``lora_rank=None``: full fine-tuning (every transformer parameter trainable); an int: a peft LoRA
     (:data:`WAN_LORA_TARGETS`, ``B = 0`` so it starts as the teacher) on the copy, base weights frozen.
     """
-
-    schedule = _delegated("schedule")
-    latent_channels = _delegated("latent_channels")
-    vae_scale_factor = _delegated("vae_scale_factor")
-    native_resolution = _delegated("native_resolution")
-    is_latent = _delegated("is_latent")
-    num_frames = _delegated("num_frames")
-    temporal_compression = _delegated("temporal_compression")
-    frame_rate = _delegated("frame_rate")
 
     def __init__(self, teacher: VideoTeacher, *, lora_rank: int | None = None, lora_alpha: float | None = None,
                  lora_targets: Iterable[str] = WAN_LORA_TARGETS, seed: int | None = 0,

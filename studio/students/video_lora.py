@@ -137,7 +137,21 @@ def _delegated(name: str, doc: str = "") -> property:
     return property(lambda self: getattr(self.teacher, name), doc=doc or f"The teacher's ``{name}``.")
 
 
-class VideoLoRAStudent(VideoTeacher):
+class TeacherClipFacts:
+    """Mixin of students that wrap a video teacher (``self.teacher``): its schedule and clip facts, read through
+    (put before :class:`VideoTeacher` in the bases so these override its class attributes)."""
+
+    schedule = _delegated("schedule")
+    latent_channels = _delegated("latent_channels")
+    vae_scale_factor = _delegated("vae_scale_factor")
+    native_resolution = _delegated("native_resolution")
+    is_latent = _delegated("is_latent")
+    num_frames = _delegated("num_frames")
+    temporal_compression = _delegated("temporal_compression")
+    frame_rate = _delegated("frame_rate")
+
+
+class VideoLoRAStudent(TeacherClipFacts, VideoTeacher):
     """LoRA student on ``teacher.denoiser`` (see the module doc).
 
     Args:
@@ -151,14 +165,6 @@ class VideoLoRAStudent(VideoTeacher):
         lora_dtype: dtype of the trainable matrices (default float32; ``None`` keeps peft's, the base's dtype).
     """
 
-    schedule = _delegated("schedule")
-    latent_channels = _delegated("latent_channels")
-    vae_scale_factor = _delegated("vae_scale_factor")
-    native_resolution = _delegated("native_resolution")
-    is_latent = _delegated("is_latent")
-    num_frames = _delegated("num_frames")
-    temporal_compression = _delegated("temporal_compression")
-    frame_rate = _delegated("frame_rate")
 
     def __init__(self, teacher: VideoTeacher, *, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
                  target_modules: Iterable[str] | None = None, exclude: str | None = VIDEO_LORA_EXCLUDE,
