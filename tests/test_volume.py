@@ -136,8 +136,9 @@ def test_neus_alpha_matches_definition():
     for ratio in (0.0, 0.3, 1.0):
         a = neus_alpha(sdf, cos, torch.tensor(30.0), dl, ratio)
         ref = torch.tensor([neus_alpha_torch(float(s), float(c), 30.0, float(x), ratio) for s, c, x in zip(sdf, cos, dl)])
-        # float32 (two sigmoids, a difference and a ratio; alpha in [0, 1]) vs the float64 definition: 16 ulps of 1
-        assert torch.allclose(a, ref.float(), rtol=0, atol=16 * torch.finfo(torch.float32).eps)
+        # float32 (two sigmoids, a difference and a ratio; alpha in [0, 1]) vs the float64 definition: the
+        # scalar sigmoid of ATEN_CPU_CAPABILITY=default measured 6.5 ulps of 1, vectorised ones 2.5; 64 allowed
+        assert torch.allclose(a, ref.float(), rtol=0, atol=64 * torch.finfo(torch.float32).eps)
     # a ray crossing a plane head-on accumulates ~full opacity around the surface (NeuS unbiasedness)
     t = torch.linspace(0, 2, 401)
     mid, dl = 0.5 * (t[1:] + t[:-1]), t[1:] - t[:-1]
