@@ -135,7 +135,7 @@ def run_contention_case(n: int, size: int, repeats: int) -> dict:
     return out | {"threads": torch.get_num_threads(), "repeats": repeats}
 
 
-def contention(n: int = 10_000, size: int = 128, repeats: int = 11, rounds: int = 2) -> dict:
+def contention(n: int = 10_000, size: int = 128, repeats: int = 11, rounds: int = 3) -> dict:
     """One render alone vs beside each competitor, per wait policy of torch's OpenMP runtime; ``rounds`` rounds
     interleaved, medians over rounds."""
     def measure(policy: str) -> dict:
@@ -178,6 +178,9 @@ def contention(n: int = 10_000, size: int = 128, repeats: int = 11, rounds: int 
     head = slow["as_imported"]
     return {
         "contention_slowdown": head["torch_job"]["omp"]["fwd_bwd"],
+        # per round (beside the torch job / median alone): with spinning waits the ratio is erratic round to round
+        "contention_slowdown_rounds": [round(r["omp"]["fwd_bwd_ms"] / ms["as_imported"]["alone"]["omp"]["fwd_bwd_ms"], 2)
+                                       for r in runs[("as_imported", "torch_job")]],
         "contention_slowdown_python_loop": head["python_loop"]["omp"]["fwd_bwd"],
         "contention_slowdown_spin": slow["spin"]["torch_job"]["omp"]["fwd_bwd"],
         "contention_slowdown_passive": slow["passive"]["torch_job"]["omp"]["fwd_bwd"],
