@@ -17,7 +17,7 @@ alone and beside one competing CPU-bound process: a pure-Python busy loop (one t
 (matmul loop on 2 threads, like a second studio run). Each measuring process alternates, call by call,
 between the kernels' default threads (torch's intra-op OpenMP team) and their own sleeping pool
 (``STUDIO_NATIVE_PARALLEL=pool``), so both see the same load; each is run under three wait policies of
-torch's OpenMP team (as the environment leaves it, libgomp's spinning default, passive).
+torch's OpenMP team (as the environment leaves it, a long spin, passive).
 ``contention_slowdown`` = forward+backward time beside the torch job / alone, default threads, environment
 as given (goal <= 2.5; two equal jobs sharing two cores cost about 2x); the other ratios sit next to it.
 """
@@ -87,7 +87,7 @@ COMPETITORS = {
 }
 MODES = {"omp": None, "pool": "pool"}  # STUDIO_NATIVE_PARALLEL, switched call by call
 # how torch's libgomp team waits, per measured process: as this environment (and studio's import) leaves it,
-# libgomp's own default spelled out (spin 300k iterations, then sleep), and passive (sleep at once)
+# a long spin (300k iterations, then sleep) and passive (sleep at once)
 WAIT_POLICIES = {"as_imported": {}, "spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
@@ -196,7 +196,7 @@ def contention(n: int = 10_000, size: int = 128, repeats: int = 11, rounds: int 
             "modes": {"omp": "torch's intra-op OpenMP team (default)",
                       "pool": "the kernels' own sleeping pool (STUDIO_NATIVE_PARALLEL=pool)"},
             "wait_policies": {"as_imported": "the environment as given, after `import studio` (headline)",
-                              "spin": "GOMP_SPINCOUNT=300000: libgomp's default, idle threads spin, then sleep",
+                              "spin": "GOMP_SPINCOUNT=300000: idle threads spin 300k iterations, then sleep",
                               "passive": "OMP_WAIT_POLICY=PASSIVE: idle threads sleep at once"},
             "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

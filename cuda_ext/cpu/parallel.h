@@ -12,18 +12,19 @@
 //     for the torch builds we install, so that team is torch's libgomp; our loops run in an OpenMP
 //     parallel region of it (the same threads as torch's own ops, nothing extra to wake or to compete with;
 //     at::parallel_for would be the same team with static chunks). How its idle threads wait is libgomp's
-//     wait policy, fixed when torch loads: by default they spin for a while (~300k iterations, milliseconds)
-//     before sleeping. On a machine shared with another job those spins, after every parallel region of
-//     torch's ops and ours, take the time slices the working threads need: one render measured 14 ms alone
-//     and 480 ms beside a 2-thread torch job. With OMP_WAIT_POLICY=PASSIVE in the environment before torch
-//     is imported, the same render measured 16 ms alone and 23 ms beside that job (benchmarks/render.py
-//     --contention). So the fix for sharing is the process's wait policy, not a second thread pool.
+//     wait policy, fixed when torch loads: by default they spin for a while before sleeping. On a machine
+//     shared with another job those spins, after every parallel region of torch's ops and ours, take the
+//     time slices the working threads need. One render (10k Gaussians, 128^2, fwd+bwd, 2 threads) beside a
+//     2-thread torch job, benchmarks/render.py --contention on a 2-core VM: 2.1-2.4x its time alone on an
+//     otherwise quiet machine, 6-34x while other jobs also ran, and 33x with GOMP_SPINCOUNT=300000;
+//     with OMP_WAIT_POLICY=PASSIVE in the environment before torch is imported: 1.4x (alone it costs
+//     ~15 %: 16-18 ms vs 14 ms). So the fix for sharing is the process's wait policy, not a second pool.
 //   * "pool": a small persistent pool of our own (at::get_num_threads() - 1 helpers) that sleep on a
 //     condition variable and never spin; the caller works too and returns once every item is done, never
 //     waiting for a helper the OS has not scheduled. Its own idle CPU time is zero, but beside torch's
-//     spinning team it adds a third runnable thread on two cores: measured 20-40 % slower alone (20 ms vs
-//     14 ms) and, beside the torch job, still 340 ms. Kept callable for measurements and for processes that
-//     cannot change the wait policy but must not spin in our kernels.
+//     spinning team it adds a third runnable thread on two cores: measured 20-35 % slower alone (17-19 ms vs
+//     14 ms) and no better beside the torch job (5.8x vs 2.4x; 1.4x both when passive). Kept callable for
+//     measurements and for processes that cannot change the wait policy but must not spin in our kernels.
 //   * "openmp": the default, spelled out.
 // Fallbacks: one thread, one item or a nested call (from a pool helper or inside torch's parallel region)
 // run the body inline; a second caller while the pool is busy (another Python thread) runs inline too.
