@@ -241,7 +241,9 @@ def main() -> None:
         print(json.dumps(run_contention_case(int(n), int(s), int(r))))
         return
     if args.contention:
-        print(json.dumps({"benchmark": "render", "contention": contention()}, indent=2))
+        c = contention()
+        head = {k: v for k, v in c.items() if k.startswith("contention_") or k == "alone_fwd_bwd_ms"}
+        print(json.dumps({"benchmark": "render", "headline": head, "contention": c}, indent=2))
         return
 
     grid = [(10_000, 128)] if args.quick else [(n, s) for n in (1_000, 10_000, 50_000) for s in (64, 128, 256)]
