@@ -120,3 +120,16 @@ def test_default_team_does_not_spin_under_a_passive_wait_policy():
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_no_spin(*json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_studio_first_makes_the_default_team_passive():
+    """``import studio`` before torch sets OMP_WAIT_POLICY=PASSIVE (the CLI, the app and benchmarks import it
+    first): the default OpenMP team then sleeps instead of spinning."""
+    code = ("import json, os, sys; import studio; assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'; "
+            "sys.path.insert(0, sys.argv[1]); import test_native_threads as t; print(json.dumps(t.spin_check()))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STUDIO_NATIVE_PARALLEL", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_no_spin(*json.loads(r.stdout.strip().splitlines()[-1]))
