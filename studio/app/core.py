@@ -517,13 +517,17 @@ _GT_LABELS = {"psnr": ("PSNR (dB)", 2), "ssim": ("SSIM", 3), "iou": ("mask IoU",
               "motion_accuracy": ("motion accuracy", 3), "frame_error": ("frame error", 4)}
 
 
+#: ground-truth entries that describe the evaluation rather than score it (counts, sizes)
+_GT_FACTS = ("n_views", "size", "n_gaussians", "n_frames", "prompts", "clips")
+
+
 def metrics_markdown(metrics: dict | None) -> str:
     """The metrics table of any run: its ground-truth numbers (labelled where known), then the run's facts."""
     if not metrics:
         return ""
     lines = ["| metric | value |", "|---|---|"]
     gt = metrics.get("ground_truth") or {}
-    keys = [k for k in _GT_LABELS if k in gt] + sorted(k for k in gt if k not in _GT_LABELS)
+    keys = [k for k in _GT_LABELS if k in gt] + sorted(k for k in gt if k not in _GT_LABELS and k not in _GT_FACTS)
     for key in keys:
         label, nd = _GT_LABELS.get(key, (key.replace("_", " "), 4))
         v = gt.get(key)
