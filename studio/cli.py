@@ -130,7 +130,11 @@ def _config_from_cli(cls: type, rest: list[str], prog: str, *, batch: bool, choi
     import dataclasses
     import typing
 
+    from .runs.protocol import field_docs
+
     hints = typing.get_type_hints(cls.Config)
+    docs = field_docs(cls.Config)  # make_dataclass loses the attribute docstrings: carry them as help texts
+    hints = {k: (typing.Annotated[tp, tyro.conf.arg(help=docs[k])] if docs.get(k) else tp) for k, tp in hints.items()}
     names = ", ".join(c.name for c in choices)
     desc = f"{cls.description}" + (f" ({cls.paper})" if cls.paper else "") + f". Methods here: {names}. Also: {COMMON}."
     fields = []

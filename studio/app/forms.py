@@ -8,19 +8,16 @@ dataclass, with a readable :class:`~studio.errors.UserError` naming the field fo
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import textwrap
 import types
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal, Union
 
 import yaml
 
 from ..errors import UserError
+from ..runs.protocol import field_docs
 
 #: fields shown in the main form (when the config has them); all others go to "Advanced settings"
 PRIMARY = ("prompt", "stage.negative_prompt", "teacher", "model", "steps", "resolution", "guidance_scale", "seed")
@@ -43,25 +40,6 @@ class FieldSpec:
     @property
     def is_primary(self) -> bool:
         return self.path in PRIMARY
-
-
-@lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string literal right after a field) of ``cls`` and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for a, b in zip(body, body[1:]):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
-                docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
 
 
 def _unwrap_optional(tp) -> tuple[Any, bool]:

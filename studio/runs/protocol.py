@@ -24,7 +24,11 @@ Ctrl-C -- is written once in :func:`studio.runs.skeleton.execute`. Callbacks rec
 """
 from __future__ import annotations
 
+import ast
+import inspect
 import re
+import textwrap
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -104,3 +108,23 @@ def method_info(cls: type) -> dict:
     """Name, kind and paper of a method class, as the CLI and the app list them."""
     return {"name": cls.name, "kind": cls.kind, "title": cls.kind_title or cls.kind, "paper": cls.paper,
             "description": cls.description, "input": cls.input, "verb": " ".join(cls.verb)}
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after a field) of the config dataclass ``cls`` and its bases:
+    the help text of its options in the CLI and the app."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
