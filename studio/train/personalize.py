@@ -1,4 +1,6 @@
-"""DreamBooth-LoRA personalisation of a text-to-image teacher (PlacidDreamer stage 2, DreamSteerer).
+"""Personalisation of a text-to-image teacher: DreamBooth-LoRA (PlacidDreamer stage 2, DreamSteerer) and, behind
+one interface (:func:`personalize` -> :class:`Personalization`), Textual Inversion and Custom Diffusion (the
+three baselines of DreamSteerer, spec dreamsteerer.md 9; see the section "the three baselines" below).
 
 PlacidDreamer fine-tunes SD-2.1-base on the 8 enhanced multi-view images of its object with diffusers'
 ``train_dreambooth_lora.py`` and then distils from the personalised model (spec §2.2 stage 2, §2.7):
@@ -34,6 +36,7 @@ match is loaded instead of retrained, and an unfinished one continues from its l
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -42,7 +45,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,15 @@ from ..teachers.diffusers_sd import peft_adapter_names
 from .loop import StepOutput, Trainer, TrainerConfig
 
 __all__ = [
+    "PERSONALIZATION_METHODS",
+    "Personalization",
+    "PersonalizeConfig",
+    "PretrainedView",
+    "TokenStage",
+    "add_concept_token",
+    "cross_attention_kv",
+    "load_personalization",
+    "personalize",
     "LORA_WEIGHT_NAME",
     "META_NAME",
     "DreamBoothConfig",
@@ -340,8 +352,12 @@ class DreamBoothStage:
         T = int(self.teacher.schedule.num_train_timesteps)
         t = torch.randint(0, T, (idx.numel(),), generator=self.generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
-        loss = dreambooth_loss(self.teacher, x0, self.embeds, t, noise)
+        loss = dreambooth_loss(self.teacher, x0, self._text_embeds(), t, noise)
         return StepOutput(loss=loss)
+
+    def _text_embeds(self) -> Tensor:
+        """The instance prompt's embedding for this step (fixed for DreamBooth: the text encoder is frozen)."""
+        return self.embeds
 
     def after_step(self, step: int, out: Any) -> None:
         pass
@@ -482,3 +498,424 @@ def dreambooth_lora(teacher: Any, images: Tensor, prompt: str, cfg: DreamBoothCo
         save_dreambooth_lora(teacher, folder, cfg.adapter_name)
         atomic_write_text(folder / META_NAME, json.dumps(dict(finger, complete=True, summary=summary), indent=2))
     return summary
+
+
+# ================================================================================ the three baselines
+# DreamSteerer (spec dreamsteerer.md 9) edits with a personalised model made by one of three baselines; all three
+# run behind :func:`personalize` and give a :class:`Personalization`, whose :meth:`Personalization.pretrained`
+# turns the teacher back into the pretrained model (the DDS-S source branch).
+
+#: the personalisation baselines (spec 9): Textual Inversion, DreamBooth-LoRA, Custom Diffusion
+PERSONALIZATION_METHODS = ("textual-inversion", "dreambooth-lora", "custom-diffusion")
+#: the concept token each baseline uses by default (diffusers' example scripts: ``<v*>`` is a new TI token,
+#: "sks" DreamBooth's rare word, ``<new1>`` Custom Diffusion's modifier token)
+DEFAULT_TOKENS = {"textual-inversion": "<v*>", "dreambooth-lora": "sks", "custom-diffusion": "<new1>"}
+#: learning rates of diffusers' example scripts (TI README 5e-4, DreamBooth-LoRA 1e-4, Custom Diffusion 1e-5)
+DEFAULT_LRS = {"textual-inversion": 5e-4, "dreambooth-lora": 1e-4, "custom-diffusion": 1e-5}
+PERSONALIZATION_META = "personalization.json"
+TI_WEIGHT_NAME = "learned_embeds.safetensors"
+CD_WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"
+_P_FORMAT = "studio-personalization/1"
+
+
+@dataclass
+class PersonalizeConfig:
+    """One personalisation baseline's settings (spec dreamsteerer.md 9).
+
+    Attributes:
+        method: ``textual-inversion`` (a new token embedding; UNet untouched), ``dreambooth-lora`` (a UNet LoRA,
+            :func:`dreambooth_lora`) or ``custom-diffusion`` (cross-attention K/V of the UNet + a new modifier
+            token, diffusers' ``--freeze_model crossattn_kv``).
+        token: the concept token in the instance prompt; None = :data:`DEFAULT_TOKENS` of the method. For TI and
+            CD it is added to the tokenizer (it must not be a word the tokenizer knows as one token).
+        initializer: word whose embedding initialises the new token (TI / CD; its tokens are averaged); None =
+            the last word of the prompt (the class noun in "a <v*> cube").
+        steps / lr / batch_size / seed / rank / resolution / max_grad_norm: as :class:`DreamBoothConfig`;
+            ``lr`` None = :data:`DEFAULT_LRS` (the tiny CPU settings of the benchmark raise them).
+    """
+
+    method: str = "dreambooth-lora"
+    token: str | None = None
+    initializer: str | None = None
+    steps: int = 400
+    lr: float | None = None
+    batch_size: int = 2
+    seed: int = 0
+    rank: int = 4
+    resolution: int | None = None
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    checkpoint_every: int = 100
+
+    def resolved_token(self) -> str:
+        return self.token or DEFAULT_TOKENS[self.method]
+
+    def resolved_lr(self) -> float:
+        return float(self.lr if self.lr is not None else DEFAULT_LRS[self.method])
+
+    def dreambooth(self) -> DreamBoothConfig:
+        return DreamBoothConfig(rank=self.rank, lr=self.resolved_lr(), steps=self.steps, batch_size=self.batch_size,
+                                seed=self.seed, resolution=self.resolution, max_grad_norm=self.max_grad_norm,
+                                weight_decay=self.weight_decay, checkpoint_every=self.checkpoint_every)
+
+
+def _check_pconfig(cfg: PersonalizeConfig) -> None:
+    if cfg.method not in PERSONALIZATION_METHODS:
+        raise UserError(f"unknown personalisation method {cfg.method!r}; choose one of "
+                        f"{', '.join(PERSONALIZATION_METHODS)}")
+    _check_config(cfg.dreambooth())
+
+
+def _text_parts(teacher: Any) -> tuple[Any, Any]:
+    tok, enc = getattr(teacher, "tokenizer", None), getattr(teacher, "text_encoder", None)
+    if tok is None or enc is None or not hasattr(enc, "get_input_embeddings"):
+        raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} has no CLIP tokenizer / text encoder: Textual "
+                        "Inversion and Custom Diffusion need a text-to-image teacher with one (SD 1.x/2.x, "
+                        "shapeworld-unet)")
+    return tok, enc
+
+
+def add_concept_token(teacher: Any, token: str, initializer: str | None = None,
+                      vector: Tensor | None = None) -> int:
+    """Add ``token`` to the teacher's tokenizer and a row to its text encoder's input embeddings (initialised
+    with ``vector``, else the mean embedding of ``initializer``'s tokens, else the mean of all rows); returns
+    the token id. A token the tokenizer already holds as an added token is reused (its row is set when
+    ``vector`` is given). Clears the teacher's prompt cache."""
+    tok, enc = _text_parts(teacher)
+    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
+        raise UserError(f"concept token {token!r} must be one word without spaces, e.g. <v*>")
+    emb = enc.get_input_embeddings()
+    if token in getattr(tok, "added_tokens_encoder", {}):
+        tid = int(tok.convert_tokens_to_ids(token))
+    else:
+        ids = tok(token, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and tok.convert_ids_to_tokens(ids[0]).replace("</w>", "") == token:
+            raise UserError(f"concept token {token!r} is already a word of the tokenizer; choose a new one such as "
+                            "<v*> (Textual Inversion / Custom Diffusion learn a new embedding)")
+        tok.add_tokens([token])
+        tid = int(tok.convert_tokens_to_ids(token))
+        enc.resize_token_embeddings(len(tok), mean_resizing=False)
+        emb = enc.get_input_embeddings()
+        with torch.no_grad():
+            init = None
+            if initializer:
+                iids = tok(initializer, add_special_tokens=False)["input_ids"]
+                iids = [i for i in iids if i != tid]
+                if iids:
+                    init = emb.weight[iids].mean(0)
+            emb.weight[tid] = init if init is not None else emb.weight[:tid].mean(0)
+    if vector is not None:
+        with torch.no_grad():
+            emb.weight[tid] = vector.reshape(-1).to(emb.weight)
+    if hasattr(teacher, "clear_prompt_cache"):
+        teacher.clear_prompt_cache()
+    return tid
+
+
+def cross_attention_kv(teacher: Any) -> dict[str, torch.nn.Linear]:
+    """The cross-attention (``attn2``) key / value projections of the UNet by diffusers processor-style name
+    (``...attn2.to_k``); the plain ``nn.Linear`` even when a peft LoRA wraps it (its ``base_layer``)."""
+    unet = _teacher_unet(teacher)
+    out: dict[str, torch.nn.Linear] = {}
+    for name, mod in unet.named_modules():
+        if name.endswith(".attn2") and hasattr(mod, "to_k") and hasattr(mod, "to_v"):
+            for k in ("to_k", "to_v"):
+                lin = getattr(mod, k)
+                lin = getattr(lin, "base_layer", lin)
+                out[f"{name}.{k}"] = lin
+    if not out:
+        raise UserError(f"teacher {getattr(teacher, 'name', '?')!r} has no cross-attention layers (attn2): Custom "
+                        "Diffusion fine-tunes their key / value projections")
+    return out
+
+
+class TokenStage(DreamBoothStage):
+    """Textual Inversion / Custom Diffusion as a :class:`~studio.train.loop.Trainer` stage (in place).
+
+    * TI (diffusers ``textual_inversion.py``): only the new token's embedding row is trained; the other rows are
+      put back after every optimizer step (as the script does), UNet and the rest of the text encoder frozen.
+    * CD (``train_custom_diffusion.py --freeze_model crossattn_kv``): the new modifier token's row plus the
+      weights of every cross-attention ``to_k`` / ``to_v`` (the originals are kept for the pretrained view).
+
+    The loss is :func:`dreambooth_loss` with the prompt embedded **with** grad every step (the text encoder
+    carries the trainable row). Reconstructed choice [S]: no prior preservation, AdamW (weight decay 1e-2),
+    constant lr, no warmup, gradient-norm clipping 1.0 -- the DreamBooth-LoRA defaults, for one code path.
+    """
+
+    def __init__(self, teacher: Any, images: Tensor, prompt: str, cfg: PersonalizeConfig, *,
+                 name: str = "personalize") -> None:
+        _check_pconfig(cfg)
+        if cfg.method == "dreambooth-lora":
+            raise ValueError("TokenStage trains textual-inversion / custom-diffusion; use DreamBoothStage")
+        db = cfg.dreambooth()
+        self.name, self.steps, self.cfg, self.pcfg = name, int(cfg.steps), db, cfg
+        self.teacher, self.prompt = teacher, prompt
+        token = cfg.resolved_token()
+        if token not in prompt.split():
+            raise UserError(f"the instance prompt {prompt!r} does not contain the concept token {token!r} as a word; "
+                            f"write it like 'a {token} cube'")
+        initializer = cfg.initializer or prompt.split()[-1]
+        _, enc = _text_parts(teacher)
+        self.token_id = add_concept_token(teacher, token, initializer)
+        self.x0, self.x0_flip, _ = prepare_instance_data(teacher, images, prompt, db)
+        teacher.freeze()
+        emb = enc.get_input_embeddings()
+        emb.weight.data = emb.weight.data.to(torch.float32)
+        emb.weight.requires_grad_(True)
+        self._emb = emb.weight
+        self._orig_emb = emb.weight.detach().clone()
+        self._keep = torch.ones(emb.weight.shape[0], dtype=torch.bool)
+        self._keep[self.token_id] = False
+        self._params = {"token_embedding": emb.weight}
+        self.kv_original: dict[str, Tensor] = {}
+        if cfg.method == "custom-diffusion":
+            for n, lin in cross_attention_kv(teacher).items():
+                self.kv_original[n] = lin.weight.detach().clone()
+                lin.weight.data = lin.weight.data.to(torch.float32)
+                lin.weight.requires_grad_(True)
+                self._params[n] = lin.weight
+        self.generator = torch.Generator().manual_seed(int(cfg.seed))
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+        self.optimizer = torch.optim.AdamW(list(self._params.values()), lr=cfg.resolved_lr(),
+                                           weight_decay=cfg.weight_decay)
+        if cfg.max_grad_norm > 0:
+            params, max_norm = list(self._params.values()), float(cfg.max_grad_norm)
+
+            def clip(*_: Any) -> None:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+            self.optimizer.register_step_pre_hook(clip)
+
+    def _text_embeds(self) -> Tensor:
+        return self.teacher._embed_texts([self.prompt])
+
+    def after_step(self, step: int, out: Any) -> None:
+        with torch.no_grad():  # only the new token's row may change (weight decay touches every row)
+            self._emb[self._keep] = self._orig_emb[self._keep].to(self._emb)
+
+    def state_dict(self) -> dict:
+        state = {k: v.detach().clone() for k, v in self._params.items() if k != "token_embedding"}
+        state["token_row"] = self._emb[self.token_id].detach().clone()
+        return {"params": state, "generator": self.generator.get_state(), "order": self._order.clone(),
+                "cursor": self._cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                if k == "token_row":
+                    self._emb[self.token_id] = v.to(self._emb)
+                else:
+                    self._params[k].copy_(v.to(self._params[k]))
+        self.generator.set_state(state["generator"].to(torch.uint8))
+        self._order = state["order"].to(torch.long)
+        self._cursor = int(state["cursor"])
+
+    def remove(self) -> None:
+        """Put the K/V weights back (the added token row stays; prompts without the token are unaffected)."""
+        with torch.no_grad():
+            for n, lin in cross_attention_kv(self.teacher).items():
+                if n in self.kv_original:
+                    lin.weight.data = self.kv_original[n].to(lin.weight.device)
+
+    def finish(self) -> None:
+        super().finish()
+        if hasattr(self.teacher, "clear_prompt_cache"):
+            self.teacher.clear_prompt_cache()
+
+
+class Personalization:
+    """A personalised teacher (in place) and how to get the pretrained model back (the DDS-S source branch).
+
+    Attributes: ``teacher``, ``method``, ``token``, ``prompt`` (the instance prompt), ``summary``,
+    ``adapter_name`` (DreamBooth-LoRA), ``kv_original`` (Custom Diffusion: the pretrained K/V weights).
+    """
+
+    def __init__(self, teacher: Any, method: str, token: str, prompt: str, summary: dict | None = None, *,
+                 adapter_name: str | None = None, kv_original: dict[str, Tensor] | None = None) -> None:
+        self.teacher, self.method, self.token, self.prompt = teacher, method, token, prompt
+        self.summary = dict(summary or {})
+        self.adapter_name = adapter_name
+        self.kv_original = dict(kv_original or {})
+        self.kv_personal = {n: lin.weight.detach().clone() for n, lin in cross_attention_kv(teacher).items()
+                            if n in self.kv_original} if self.kv_original else {}
+
+    @contextlib.contextmanager
+    def pretrained(self) -> Iterator[None]:
+        """The teacher as the pretrained model: every UNet LoRA adapter disabled (the DreamBooth LoRA and any
+        steering LoRA on top) and Custom Diffusion's K/V weights swapped back. Textual Inversion changes only a
+        new token's row, so prompts without the token are already pretrained."""
+        kv = cross_attention_kv(self.teacher) if self.kv_original else {}
+        saved = {n: kv[n].weight.data for n in self.kv_original if n in kv}
+        ctx = self.teacher.lora_disabled() if hasattr(self.teacher, "lora_disabled") else contextlib.nullcontext()
+        with ctx:
+            try:
+                for n, w in saved.items():
+                    kv[n].weight.data = self.kv_original[n].to(w)
+                yield
+            finally:
+                for n, w in saved.items():
+                    kv[n].weight.data = w
+
+    def source_teacher(self) -> "PretrainedView":
+        return PretrainedView(self)
+
+    def save(self, out: str | Path) -> Path:
+        """Write the personalisation to ``out``: diffusers-format weights (``learned_embeds.safetensors``,
+        ``pytorch_lora_weights.safetensors`` or ``pytorch_custom_diffusion_weights.safetensors`` + the token's
+        ``<token>.safetensors``) and ``personalization.json``."""
+        from safetensors.torch import save_file
+
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.method == "dreambooth-lora":
+            save_dreambooth_lora(self.teacher, folder, self.adapter_name or "personal")
+        else:
+            tok, enc = _text_parts(self.teacher)
+            tid = int(tok.convert_tokens_to_ids(self.token))
+            row = enc.get_input_embeddings().weight[tid:tid + 1].detach().to("cpu", torch.float32).contiguous()
+            name = TI_WEIGHT_NAME if self.method == "textual-inversion" else _token_file(self.token)
+            with atomic_path(folder / name) as tmp:
+                save_file({self.token: row}, str(tmp))
+            if self.method == "custom-diffusion":
+                kv = cross_attention_kv(self.teacher)
+                # diffusers' CustomDiffusionAttnProcessor keys (unet.save_attn_procs of train_custom_diffusion.py)
+                state = {f"{n.rsplit('.', 1)[0]}.processor.{n.rsplit('.', 1)[1]}_custom_diffusion.weight":
+                         kv[n].weight.detach().to("cpu", torch.float32).contiguous() for n in self.kv_original}
+                with atomic_path(folder / CD_WEIGHT_NAME) as tmp:
+                    save_file(state, str(tmp))
+        meta = {"format": _P_FORMAT, "method": self.method, "token": self.token, "prompt": self.prompt,
+                "teacher": str(getattr(self.teacher, "name", "?")), "complete": True, "summary": self.summary}
+        atomic_write_text(folder / PERSONALIZATION_META, json.dumps(meta, indent=2))
+        return folder
+
+
+def _token_file(token: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in token).strip("_") or "token"
+    return f"{safe}.safetensors"
+
+
+class PretrainedView:
+    """A teacher-protocol view that predicts with the pretrained model of a :class:`Personalization` (the
+    ``source_teacher`` of :func:`studio.distill.dds.dds` / :func:`studio.distill.edsd.edsd`)."""
+
+    def __init__(self, personalization: Personalization) -> None:
+        self.personalization = personalization
+        self.teacher = personalization.teacher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["teacher"], name)
+
+    def predict(self, *args, **kw) -> Tensor:
+        with self.personalization.pretrained():
+            return self.teacher.predict(*args, **kw)
+
+    def predict_branches(self, *args, **kw) -> tuple[Tensor, Tensor]:
+        with self.personalization.pretrained():
+            return self.teacher.predict_branches(*args, **kw)
+
+
+def is_personalization_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / PERSONALIZATION_META).is_file()
+
+
+def load_personalization(teacher: Any, folder: str | Path) -> Personalization:
+    """Load a saved personalisation (``personalization.json`` + weights) into ``teacher`` in place."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / PERSONALIZATION_META).read_text())
+        method, token, prompt = meta["method"], meta["token"], meta["prompt"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"personalisation folder {str(folder)!r}: {PERSONALIZATION_META} is missing or unreadable "
+                        f"({e}); give a folder written by studio edit / personalize(), or reference images") from None
+    if method not in PERSONALIZATION_METHODS:
+        raise UserError(f"personalisation folder {str(folder)!r} names an unknown method {method!r}")
+    try:
+        if method == "dreambooth-lora":
+            teacher.load_lora(str(folder), adapter_name="personal", scale=1.0)
+            return Personalization(teacher, method, token, prompt, meta.get("summary"), adapter_name="personal")
+        name = TI_WEIGHT_NAME if method == "textual-inversion" else _token_file(token)
+        vec = load_file(str(folder / name))[token]
+        add_concept_token(teacher, token, vector=vec)
+        kv_orig = {}
+        if method == "custom-diffusion":
+            state = load_file(str(folder / CD_WEIGHT_NAME))
+            kv = cross_attention_kv(teacher)
+            with torch.no_grad():
+                for n, lin in kv.items():
+                    key = f"{n.rsplit('.', 1)[0]}.processor.{n.rsplit('.', 1)[1]}_custom_diffusion.weight"
+                    if key in state:
+                        kv_orig[n] = lin.weight.detach().clone()
+                        lin.weight.copy_(state[key].to(lin.weight))
+            if not kv_orig:
+                raise ValueError("no cross-attention K/V weight of this UNet is in the file")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"personalisation folder {str(folder)!r} could not be loaded into teacher "
+                        f"{getattr(teacher, 'name', '?')!r}: {e}; was it made for this base model?") from None
+    teacher.freeze()
+    if hasattr(teacher, "clear_prompt_cache"):
+        teacher.clear_prompt_cache()
+    return Personalization(teacher, method, token, prompt, meta.get("summary"), kv_original=kv_orig)
+
+
+def personalize(teacher: Any, images: Tensor, prompt: str, cfg: PersonalizeConfig | None = None, *,
+                progress: bool | Callable[[dict], Any] | None = None, out: str | Path | None = None,
+                resume: bool = False) -> Personalization:
+    """Personalise ``teacher`` in place with one baseline (``cfg.method``) on ``images [N,3,H,W]`` in [0,1]
+    and the instance prompt ``prompt`` (which contains ``cfg.resolved_token()``, e.g. "a <v*> cube").
+
+    ``out``: save the result there (:meth:`Personalization.save`); with ``resume=True`` a complete saved
+    personalisation of the same method / token / prompt / teacher is loaded instead of retrained.
+    """
+    cfg = cfg or PersonalizeConfig()
+    _check_pconfig(cfg)
+    _teacher_unet(teacher)
+    images = _check_images(images)
+    token = cfg.resolved_token()
+    if not isinstance(prompt, str) or token not in prompt.split():
+        raise UserError(f"the instance prompt {prompt!r} must contain the concept token {token!r} as a word, e.g. "
+                        f"'a {token} cube'")
+    folder = Path(out) if out is not None else None
+    if resume and folder is not None and is_personalization_folder(folder):
+        meta = json.loads((folder / PERSONALIZATION_META).read_text())
+        if (meta.get("complete") and meta.get("method") == cfg.method and meta.get("token") == token
+                and meta.get("prompt") == prompt and meta.get("teacher") == str(getattr(teacher, "name", "?"))
+                and (meta.get("summary") or {}).get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))):
+            p = load_personalization(teacher, folder)
+            p.summary["resumed"] = True
+            return p
+    t0 = time.perf_counter()
+    if cfg.method == "dreambooth-lora":
+        summary = dreambooth_lora(teacher, images, prompt, cfg.dreambooth(), progress=progress)
+        p = Personalization(teacher, cfg.method, token, prompt, summary, adapter_name=cfg.dreambooth().adapter_name)
+    else:
+        stage = TokenStage(teacher, images, prompt, cfg)
+        callbacks = [progress] if callable(progress) else []
+        try:
+            with tempfile.TemporaryDirectory(prefix="personalize_") as tmp:
+                trainer = Trainer(TrainerConfig(out_dir=Path(tmp), seed=cfg.seed, preview_every=0,
+                                                progress=progress is True, checkpoint_every=0,
+                                                log_every=max(1, cfg.steps // 20)), callbacks=callbacks)
+                history = trainer.run([stage])
+        except BaseException:
+            stage.finish()
+            stage.remove()
+            raise
+        stage.finish()
+        losses = [float(r["loss"]) for r in history if r.get("stage") == stage.name]
+        k = max(1, min(10, len(losses)))
+        summary = {"steps": cfg.steps, "lr": cfg.resolved_lr(), "num_images": int(images.shape[0]),
+                   "loss_first_mean": sum(losses[:k]) / k if losses else None,
+                   "loss_last_mean": sum(losses[-k:]) / k if losses else None,
+                   "trainable_parameters": int(sum(p.numel() for p in stage._params.values())),
+                   "token_id": stage.token_id}
+        p = Personalization(teacher, cfg.method, token, prompt, summary, kv_original=stage.kv_original)
+    p.summary.update(method=cfg.method, token=token, seconds=round(time.perf_counter() - t0, 3), resumed=False,
+                     config=json.loads(json.dumps(dataclasses.asdict(cfg))))
+    if folder is not None:
+        p.save(folder)
+    return p
