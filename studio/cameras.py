@@ -230,6 +230,73 @@ def ring_cameras(n: int, *, elevation_deg: float = 15.0, radius: float = 3.0, fo
     return orbit_cameras(elevation_deg, az, radius, fovy_deg, width, height)
 
 
+#: the azimuth sector (degrees, ``(start, end)``, 0 = front, 90 = right) that the text-to-3D methods keep out of
+#: training by default and evaluate inside (``TextTo3DConfig.heldout_azimuth``)
+HELDOUT_AZIMUTH = (60.0, 120.0)
+
+
+def _sector_pieces(sector) -> list[tuple[float, float]]:
+    """The sector ``(start, end)`` (degrees, wrapping: ``(300, 30)`` is 90 degrees wide) as intervals of the
+    real line repeated every 360 degrees (enough copies to cover any azimuth range within [-720, 720])."""
+    s0 = float(sector[0])
+    width = (float(sector[1]) - s0) % 360.0
+    if width == 0.0:
+        return []
+    return [(s0 + k * 360.0, s0 + width + k * 360.0) for k in range(-3, 4)]
+
+
+def azimuth_in_sector(azimuth: Tensor, sector) -> Tensor:
+    """``[C]`` bool: the azimuths (degrees, any wrap) that lie inside ``sector = (start, end)`` (start inclusive,
+    end exclusive, wrapping). An empty sector (``start == end`` mod 360) contains nothing."""
+    az = torch.as_tensor(azimuth, dtype=torch.float32)
+    width = (float(sector[1]) - float(sector[0])) % 360.0
+    if width == 0.0:
+        return torch.zeros_like(az, dtype=torch.bool)
+    rel = torch.remainder(az - float(sector[0]), 360.0)
+    return rel < width
+
+
+def sample_azimuths(n: int, azimuth_range, *, exclude=None, stratified: bool = True,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """``n`` azimuths (degrees, wrapped into (-180, 180]) uniform over ``azimuth_range`` minus the sector
+    ``exclude`` (``(start, end)``, wrapping; ``None`` or an empty sector = nothing excluded), one per equal
+    slice of the allowed length when ``stratified`` (with ``n > 1``). The allowed set is the union of the
+    intervals left after removing the sector; a uniform draw over its total length is mapped through them,
+    so the density stays uniform on what is left and no sample ever falls in the sector."""
+    a0, a1 = float(azimuth_range[0]), float(azimuth_range[1])
+    pieces = [(a0, a1)]
+    for e0, e1 in ([] if exclude is None else _sector_pieces(exclude)):
+        nxt = []
+        for lo, hi in pieces:
+            if e1 <= lo or e0 >= hi:
+                nxt.append((lo, hi))
+                continue
+            if lo < e0:
+                nxt.append((lo, e0))
+            if e1 < hi:
+                nxt.append((e1, hi))
+        pieces = nxt
+    total = sum(hi - lo for lo, hi in pieces)
+    if not pieces or total <= 0:
+        raise ValueError(f"the excluded azimuth sector {tuple(exclude)} covers the whole azimuth range {(a0, a1)}")
+    if stratified and n > 1:
+        u = (torch.arange(n) + torch.rand(n, generator=generator)) / n * total
+    else:
+        u = torch.rand(n, generator=generator) * total
+    az = torch.empty(n)
+    start = 0.0
+    for i, (lo, hi) in enumerate(pieces):
+        last = i == len(pieces) - 1
+        sel = (u >= start) & ((u < start + (hi - lo)) | torch.tensor(last))
+        az[sel] = lo + (u[sel] - start).clamp(max=hi - lo)
+        start += hi - lo
+    if exclude is not None:  # the boundary value hi of a piece may equal a sector start after wrapping
+        inside = azimuth_in_sector(az, exclude)
+        if bool(inside.any()):
+            az[inside] = az[inside] - 1e-3
+    return (az + 180.0) % 360.0 - 180.0
+
+
 @dataclass
 class OrbitSample:
     cameras: Cameras
@@ -258,6 +325,8 @@ class OrbitSampler:
     uniform_sphere: bool = False
     stratified_azimuth: bool = True
     target: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0))
+    exclude_azimuth: tuple[float, float] | None = None
+    """an azimuth sector ``(start, end)`` (degrees, wrapping) never sampled: the held-out evaluation region"""
 
     def __post_init__(self) -> None:
         for name in ("elevation_range", "azimuth_range", "radius_range", "fovy_range"):
@@ -279,13 +348,17 @@ class OrbitSampler:
             elev = torch.rad2deg(torch.asin(u(s0, s1)))
         else:
             elev = u(lo, hi)
-        a0, a1 = self.azimuth_range
-        if self.stratified_azimuth and n > 1:
-            # One azimuth per equal slice (random offset), as multi-view SDS batches do.
-            azim = a0 + (a1 - a0) * ((torch.arange(n) + torch.rand(n, generator=generator)) / n)
+        if self.exclude_azimuth is not None:
+            azim = sample_azimuths(n, self.azimuth_range, exclude=self.exclude_azimuth,
+                                   stratified=self.stratified_azimuth, generator=generator)
         else:
-            azim = u(a0, a1)
-        azim = (azim + 180.0) % 360.0 - 180.0
+            a0, a1 = self.azimuth_range
+            if self.stratified_azimuth and n > 1:
+                # One azimuth per equal slice (random offset), as multi-view SDS batches do.
+                azim = a0 + (a1 - a0) * ((torch.arange(n) + torch.rand(n, generator=generator)) / n)
+            else:
+                azim = u(a0, a1)
+            azim = (azim + 180.0) % 360.0 - 180.0
         radius = u(*self.radius_range)
         fovy = u(*self.fovy_range)
         tgt = torch.tensor(self.target, dtype=torch.float32).expand(n, 3)

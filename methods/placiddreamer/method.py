@@ -36,12 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
+from studio.cameras import azimuth_in_sector
 from studio.distill.bsd import bsd
 from studio.distill.sds import sds
 from studio.errors import UserError
-from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod
+from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod, heldout_sector
 from studio.train.gaussian_stage import GaussianDistillStage, GaussianStageConfig, ScoreContext
 
+from .latent_plane.ring import RING_N
 from .prepare import personalise_teacher, prepare_init, reference_image
 
 #: the paper's run length; schedule fields of the stage config are given for it and scaled to --steps
@@ -138,8 +142,14 @@ class PlacidDreamerMethod(TextTo3DMethod):
         self.init_model, views, init_info = prepare_init(cfg, ref, run_dir, resume, progress)
         info.update(init_info)
         info["multiview_seconds"] = round(time.perf_counter() - t0, 2)
-        # 2. DreamBooth-LoRA of the text-to-image teacher on the 8 views
+        # 2. DreamBooth-LoRA of the text-to-image teacher on the ring views outside the held-out azimuth sector
+        #    (ring view k sits at azimuth 45 k from the reference's front view: the sector's views never train it)
         t0 = time.perf_counter()
+        sector = heldout_sector(cfg)
+        if sector is not None and views is not None and len(views) == RING_N:
+            keep = ~azimuth_in_sector(torch.arange(RING_N, dtype=torch.float32) * (360.0 / RING_N), sector)
+            views = views[keep]
+            info["personalise_views_dropped_in_heldout_sector"] = int((~keep).sum())
         self.personal_teacher, p_info = personalise_teacher(cfg, teacher, views, run_dir, resume, progress)
         info.update(p_info)
         info["personalise_seconds"] = round(time.perf_counter() - t0, 2)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cameras import OrbitSample, orbit_cameras
+from ..cameras import OrbitSample, orbit_cameras, sample_azimuths
 
 __all__ = ["PolishCameraConfig", "polish_cameras", "polish_normal_loss"]
 
@@ -72,6 +72,8 @@ class PolishCameraConfig:
     elevation_range: tuple[float, float] = (-10.0, 60.0)
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
     object_radius: float = 0.6
+    exclude_azimuth: tuple[float, float] | None = None
+    """an azimuth sector ``(start, end)`` (degrees) never sampled (the held-out evaluation region)"""
 
 
 def polish_cameras(cfg: PolishCameraConfig, n: int, size: int, generator: torch.Generator | None = None
@@ -87,7 +89,9 @@ def polish_cameras(cfg: PolishCameraConfig, n: int, size: int, generator: torch.
     # the sphere of radius r at distance d subtends a half-angle asin(r / d) = fill * fovy / 2
     dist = cfg.object_radius / torch.sin((fill * half).clamp(max=math.pi / 2 - 1e-3))
     dist = torch.maximum(dist, torch.full_like(dist, cfg.object_radius * 1.05))  # never inside the sphere
-    elev, azim = u(*cfg.elevation_range), u(*cfg.azimuth_range)
+    elev = u(*cfg.elevation_range)
+    azim = (u(*cfg.azimuth_range) if cfg.exclude_azimuth is None else
+            sample_azimuths(n, cfg.azimuth_range, exclude=cfg.exclude_azimuth, stratified=False, generator=generator))
     d = torch.randn(n, 3, generator=generator)
     d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     target = torch.where(closeup[:, None], d * cfg.object_radius * cfg.closeup_offset, torch.zeros(n, 3))

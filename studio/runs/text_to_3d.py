@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..cameras import HELDOUT_AZIMUTH
 from ..errors import UserError
 from ..io import write_mp4, write_png
 from ..render.turntable import render_turntable
@@ -35,6 +36,11 @@ class TextTo3DConfig:
     guidance_scale: float | None = None
     """CFG scale; None = the method's default for the teacher"""
     seed: int = 0
+    heldout_azimuth: tuple[float, float] = HELDOUT_AZIMUTH
+    """azimuth sector (start, end) in degrees (0 = front, 90 = right, wrapping) that no training camera of any stage
+    samples; the ground-truth metrics are measured at views inside it, so they score generation, not fitting the
+    training views. Equal ends (0 0) turn it off: training covers every azimuth and the metrics use views between
+    the training ring's azimuths (inside the training camera distribution)"""
     stage: GaussianStageConfig = field(default_factory=GaussianStageConfig)
     turntable_frames: int = 36
     turntable_size: int = 128
@@ -112,6 +118,7 @@ class TextTo3DMethod(Method):
         prepared = self.prepare(cfg, teacher, run_dir, resume, progress)
         prep_seconds = time.perf_counter() - t_prep
         stages = self.stages(cfg, teacher, stage_kwargs)
+        exclude_training_azimuth(stages, cfg.heldout_azimuth)
         history, seconds = train_stages(stages, run_dir, seed=cfg.seed, callbacks=callbacks, resume=resume,
                                         progress=progress, checkpoint_every=max(50, cfg.steps // 4),
                                         preview_every=max(10, cfg.steps // 20))
@@ -129,6 +136,30 @@ class TextTo3DMethod(Method):
         gt = metrics.get("ground_truth")
         extra = f", PSNR {gt['psnr']:.2f} dB, IoU {gt['iou']:.3f}" if gt and gt.get("psnr") is not None else ""
         return f"done in {metrics['train_seconds']:.0f}s{extra}: {run_dir}/"
+
+
+def heldout_sector(cfg) -> tuple[float, float] | None:
+    """``cfg.heldout_azimuth`` as a sector, or ``None`` when it is off (equal ends) or absent."""
+    sector = getattr(cfg, "heldout_azimuth", None)
+    if sector is None or (float(sector[1]) - float(sector[0])) % 360.0 == 0.0:
+        return None
+    return (float(sector[0]), float(sector[1]))
+
+
+def exclude_training_azimuth(stages: list, sector) -> None:
+    """Keep every training camera of ``stages`` out of the azimuth ``sector`` (see ``heldout_azimuth``): each
+    stage's orbit ``sampler`` (Gaussian, field, mesh and texture stages) and polishing cameras
+    (``cfg.cameras``, a ``PolishCameraConfig``) get ``exclude_azimuth``. ``None`` / equal ends: no change."""
+    if sector is None or (float(sector[1]) - float(sector[0])) % 360.0 == 0.0:
+        return
+    sector = (float(sector[0]), float(sector[1]))
+    for st in stages:
+        sampler = getattr(st, "sampler", None)
+        if sampler is not None and hasattr(sampler, "exclude_azimuth"):
+            sampler.exclude_azimuth = sector
+        cams = getattr(getattr(st, "cfg", None), "cameras", None)
+        if cams is not None and hasattr(cams, "exclude_azimuth"):
+            st.cfg.cameras = dataclasses.replace(cams, exclude_azimuth=sector)
 
 
 def export(stage, cfg: TextTo3DConfig, run_dir: Path) -> dict:
@@ -153,10 +184,11 @@ def export(stage, cfg: TextTo3DConfig, run_dir: Path) -> dict:
     obj = find_object_for_prompt(cfg.prompt)
     if obj is not None:
         with torch.no_grad():
-            gt = evaluate_gaussians(obj, model, size=64, n_views=8)
+            gt = evaluate_gaussians(obj, model, size=64, n_views=8, azimuth_sector=heldout_sector(cfg))
         metrics["ground_truth"] = {k: (None if v is None else float(v)) if isinstance(v, (int, float)) or v is None else v
                                    for k, v in gt.items()}
     return metrics
 
 
-__all__ = ["TextTo3DConfig", "TextTo3DMethod", "export", "load_teacher_cached"]
+__all__ = ["TextTo3DConfig", "TextTo3DMethod", "exclude_training_azimuth", "export", "heldout_sector",
+           "load_teacher_cached"]

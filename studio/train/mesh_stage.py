@@ -82,7 +82,9 @@ class MeshExportMixin:
 
         obj = find_object_for_prompt(getattr(cfg, "prompt", ""))
         if obj is not None:
-            metrics["ground_truth"] = evaluate_mesh(obj, verts, faces, color, size=64, n_views=8)
+            sector = getattr(cfg, "heldout_azimuth", None)  # the run's held-out azimuth sector (text_to_3d)
+            metrics["ground_truth"] = evaluate_mesh(obj, verts, faces, color, size=64, n_views=8,
+                                                    azimuth_sector=sector)
         return metrics
 
     @torch.no_grad()

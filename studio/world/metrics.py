@@ -181,7 +181,7 @@ def evaluate_gaussians(obj, gaussians: Any, size: int = 64, n_views: int = 8, ba
                        sh_degree: int | None = None, seed: int = 0, n_reference: int | None = None,
                        n_surface: int = 10000, opacity_threshold: float = 0.1, background=(1.0, 1.0, 1.0),
                        janus: bool = True, janus_elevations=(0.0, 20.0), janus_azimuth_offsets=(-20.0, 0.0, 20.0),
-                       cache: bool = True, cache_path=None) -> dict[str, Any]:
+                       cache: bool = True, cache_path=None, azimuth_sector=None) -> dict[str, Any]:
     """Score a Gaussian student of ShapeWorld object ``obj`` against the ground truth.
 
     Renders the student and the reference Gaussians at ``n_views`` held-out views
@@ -194,10 +194,12 @@ def evaluate_gaussians(obj, gaussians: Any, size: int = 64, n_views: int = 8, ba
     ``n_views``,
     ``size`` and ``n_gaussians``. ``gaussians``: a dict of activated parameters (colours RGB ``[N,3]`` or SH
     ``[N,K,3]``) or a ``GaussianModel``. ``n_reference`` sets the reference set's size (default
-    ``REFERENCE_N_GAUSSIANS``).
+    ``REFERENCE_N_GAUSSIANS``). ``azimuth_sector = (start, end)``: the views are
+    ``references.sector_cameras(azimuth_sector, n_views, size, seed)`` instead, inside the sector the run kept
+    out of training (named in ``views``).
     """
     from .objects import get_object
-    from .references import (REFERENCE_N_GAUSSIANS, front_back_cameras, held_out_cameras, render_gaussian_views,
+    from .references import (REFERENCE_N_GAUSSIANS, front_back_cameras, render_gaussian_views,
                              render_reference)
 
     obj = get_object(obj)
@@ -205,7 +207,7 @@ def evaluate_gaussians(obj, gaussians: Any, size: int = 64, n_views: int = 8, ba
     n_ref = REFERENCE_N_GAUSSIANS if n_reference is None else n_reference
     ref_kw = dict(background=background, n_gaussians=n_ref, seed=0, backend=backend, cache=cache, cache_path=cache_path)
 
-    views = held_out_cameras(n_views, size, seed)
+    views = _eval_views(n_views, size, seed, azimuth_sector)
     gt = render_reference(obj, views.cameras, **ref_kw)
     pred = render_gaussian_views(g, views.cameras, background=background, sh_degree=deg, backend=backend)
     fg = gt["alphas"] > 0.5
@@ -227,8 +229,26 @@ def evaluate_gaussians(obj, gaussians: Any, size: int = 64, n_views: int = 8, ba
         out["janus"] = janus_score(pf["images"], pb["images"], gf["images"], gb["images"])
     else:
         out["janus"] = None
-    out.update(n_views=n_views, size=size, n_gaussians=int(g["means"].shape[0]))
+    out.update(n_views=n_views, size=size, n_gaussians=int(g["means"].shape[0]), views=_views_name(azimuth_sector))
     return out
+
+
+def _sector_on(azimuth_sector) -> bool:
+    return azimuth_sector is not None and (float(azimuth_sector[1]) - float(azimuth_sector[0])) % 360.0 != 0.0
+
+
+def _eval_views(n_views: int, size: int, seed: int, azimuth_sector):
+    from .references import held_out_cameras, sector_cameras
+
+    if not _sector_on(azimuth_sector):
+        return held_out_cameras(n_views, size, seed)
+    return sector_cameras(azimuth_sector, n_views, size, seed)
+
+
+def _views_name(azimuth_sector) -> str:
+    if not _sector_on(azimuth_sector):
+        return "ring gaps (inside the training camera distribution)"
+    return f"held-out azimuth sector [{float(azimuth_sector[0]):g}, {float(azimuth_sector[1]):g}) deg"
 
 
 def sample_mesh_surface(verts: Tensor, faces: Tensor, n: int = 10000, seed: int = 0) -> Tensor:
@@ -252,24 +272,26 @@ def sample_mesh_surface(verts: Tensor, faces: Tensor, n: int = 10000, seed: int 
 @torch.no_grad()
 def evaluate_mesh(obj, verts: Tensor, faces: Tensor, texture=None, size: int = 64, n_views: int = 8, *,
                   seed: int = 0, n_surface: int = 10000, background=(1.0, 1.0, 1.0), backend: str = "auto",
-                  cache: bool = True) -> dict[str, Any]:
+                  cache: bool = True, azimuth_sector=None) -> dict[str, Any]:
     """Score a triangle mesh student of ShapeWorld object ``obj`` against the ground truth.
 
     At ``n_views`` held-out views (``references.held_out_cameras``): ``iou`` (silhouettes), ``normal_error_deg``
     (mean angle between the mesh's rendered vertex normals and the true normals, world frame, over pixels
     covered by both), and with a colour ``texture`` (``points [P,3] -> rgb``) ``psnr`` and ``saturation_gap``
     (over the true foreground). ``chamfer`` / ``chamfer_precision`` / ``chamfer_completeness``: ``n_surface``
-    area-uniform mesh samples against ``obj.surface(n_surface, seed=1)``."""
+    area-uniform mesh samples against ``obj.surface(n_surface, seed=1)``. ``azimuth_sector``: evaluate at
+    views inside it (as :func:`evaluate_gaussians`)."""
     from ..render.mesh import render_mesh
     from ..render.mesh_field import render_mesh_field
     from .objects import get_object
-    from .references import held_out_cameras, render_reference
+    from .references import render_reference
 
     obj = get_object(obj)
-    views = held_out_cameras(n_views, size, seed)
+    views = _eval_views(n_views, size, seed, azimuth_sector)
     gt = render_reference(obj, views.cameras, background=background, backend=backend, cache=cache)
     v, f = verts.detach().float(), faces.long()
-    out: dict[str, Any] = {"n_views": n_views, "size": size, "n_verts": int(v.shape[0]), "n_faces": int(f.shape[0])}
+    out: dict[str, Any] = {"n_views": n_views, "size": size, "n_verts": int(v.shape[0]), "n_faces": int(f.shape[0]),
+                           "views": _views_name(azimuth_sector)}
     ch = chamfer_to_surface(sample_mesh_surface(v, f, n_surface, seed), obj.surface(n_surface, seed=1).points)
     out.update(chamfer=float(ch["chamfer"]), chamfer_precision=float(ch["precision"]),
                chamfer_completeness=float(ch["completeness"]))

@@ -18,6 +18,8 @@ Camera sets (y-up world, azimuth 0 = the object's front, see ``studio.cameras``)
   elevation, elevation-major order.
 * ``held_out_cameras``: evaluation views disjoint from the rings (azimuths in the middle between ring
   azimuths +- a quarter step, elevations between the ring elevations).
+* ``sector_cameras``: evaluation views inside an azimuth sector that training never sampled
+  (``TextTo3DConfig.heldout_azimuth``).
 * ``front_back_cameras``: paired front / back views for the Janus score.
 
 Renders are cached as safetensors under ``$STUDIO_SHAPEWORLD_CACHE`` or ``~/.cache/studio/shapeworld``,
@@ -42,7 +44,7 @@ from .primitives import gaussian_normals
 
 __all__ = [
     "DEFAULT_FOVY", "DEFAULT_RADIUS", "REFERENCE_N_GAUSSIANS", "cache_dir", "reference_gaussians",
-    "reference_cameras", "held_out_cameras", "front_back_cameras", "render_gaussian_views", "render_reference",
+    "reference_cameras", "held_out_cameras", "sector_cameras", "front_back_cameras", "render_gaussian_views", "render_reference",
     "reference_views", "camera_normals",
 ]
 
@@ -99,6 +101,32 @@ def held_out_cameras(n: int = 8, size: int = 64, seed: int = 0, *, n_azimuth_tra
     slot = torch.div(torch.arange(n) * n_azimuth_train, n, rounding_mode="floor").float()
     jit = (torch.rand(n, generator=g) * 2 - 1) * (step / 4)
     az = slot * step + step / 2 + jit
+    el_base = torch.as_tensor(elevations, dtype=torch.float32).reshape(-1)
+    el = el_base[torch.arange(n) % el_base.numel()] + (torch.rand(n, generator=g) * 2 - 1) * elevation_jitter
+    return _orbit(el, az, size, fovy, radius)
+
+
+def sector_cameras(sector, n: int = 8, size: int = 64, seed: int = 0, *, elevations=(5.0, 20.0, 35.0),
+                   elevation_jitter: float = 3.0, margin: float = 0.1, fovy: float = DEFAULT_FOVY,
+                   radius: float = DEFAULT_RADIUS) -> OrbitSample:
+    """``n`` evaluation views **inside** the azimuth sector ``(start, end)`` (degrees, wrapping), the region a
+    run kept out of training (``TextTo3DConfig.heldout_azimuth``). View ``k`` sits at the middle of the ``k``-th
+    of ``n`` equal slices of the sector shrunk by ``margin`` of its width at each side, +- a random quarter
+    slice, at elevation ``elevations[k % len]`` +- ``elevation_jitter``. Deterministic in ``seed``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    s0 = float(sector[0])
+    width = (float(sector[1]) - s0) % 360.0
+    if width == 0.0:
+        raise ValueError(f"the held-out azimuth sector {tuple(sector)} is empty; give (start, end) with start != end")
+    if not 0 <= margin < 0.5:
+        raise ValueError(f"margin must be in [0, 0.5), got {margin}")
+    g = torch.Generator().manual_seed(int(seed))
+    inner = width * (1 - 2 * margin)
+    step = inner / n
+    jit = (torch.rand(n, generator=g) * 2 - 1) * (step / 4)
+    az = s0 + width * margin + (torch.arange(n, dtype=torch.float32) + 0.5) * step + jit
+    az = (az + 180.0) % 360.0 - 180.0
     el_base = torch.as_tensor(elevations, dtype=torch.float32).reshape(-1)
     el = el_base[torch.arange(n) % el_base.numel()] + (torch.rand(n, generator=g) * 2 - 1) * elevation_jitter
     return _orbit(el, az, size, fovy, radius)
