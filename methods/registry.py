@@ -21,6 +21,10 @@ _BUILTIN = {
     "video-sample": "studio.runs.video_generate:VideoGenerateMethod",
     "lcm": "methods.video_lcm:VideoLCMMethod",
     "mcm": "methods.mcm:MCMMethod",
+    "dreamscene4d": "methods.dreamscene4d:DreamScene4DMethod",
+    "euphonium": "methods.euphonium:EuphoniumMethod",
+    "dreamsteerer": "methods.dreamsteerer:DreamSteererMethod",
+    "stream-r1": "methods.stream_r1:StreamR1Method",
 }
 _REGISTRY: dict[str, type] = {}
 
