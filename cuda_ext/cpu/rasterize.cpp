@@ -27,6 +27,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "parallel.h"
+#include "project.h"
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +36,9 @@
 #include <numeric>
 #include <type_traits>
 #include <vector>
+#include <cstring>
+#include <string>
+#include <cstdlib>
 
 namespace {
 
@@ -494,6 +498,37 @@ void dispatch_channels(int64_t D, F&& f) {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Vectorised blend of the fused path (blend_simd.inc): an AVX2+FMA build and a baseline build, chosen at
+// run time (STUDIO_NATIVE_SIMD=0 forces the baseline one).
+// ---------------------------------------------------------------------------------------------
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define STUDIO_HAVE_AVX2_BUILD 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace blend_avx2 {
+#include "blend_simd.inc"
+}  // namespace blend_avx2
+#pragma GCC pop_options
+#endif
+namespace blend_generic {
+#include "blend_simd.inc"
+}  // namespace blend_generic
+
+bool use_avx2() {
+#ifdef STUDIO_HAVE_AVX2_BUILD
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("STUDIO_NATIVE_SIMD");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return has;
+#else
+  return false;
+#endif
+}
+
+std::string simd_isa() { return use_avx2() ? "avx2" : "generic"; }
+
 // ---------------------------------------------------------------------------------------------
 // Python-facing entry points
 // ---------------------------------------------------------------------------------------------
@@ -670,6 +705,310 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
   return {gmeans, gconics, gcolors, gopac, gbg};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused path: Gaussians -> image in one call (projection + SH + binning + blend), and back in one call
+// ---------------------------------------------------------------------------------------------
+//
+// render_forward(means [N,3], quats [N,4], scales [N,3], opacities [N], colors, viewmats [C,4,4], Ks [C,3,3],
+//                backgrounds [C,Dt] or empty, W, H, tile_size, sh_degree (-1: colors are features),
+//                depth_mode (0: none, 1: depth appended as the last channel, 2: depth only), near, far, eps2d)
+//   colors: features [N,D] / [C,N,D], or SH coefficients [N,K',D] / [C,N,K',D] (the first (deg+1)^2 used).
+//   -> render [C,H,W,Dt], alphas [C,H,W,1], means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N,2],
+//      feats [C,N,Dt], opac [C,N], isect_offsets, flatten_ids, tiles_per_gauss, T_final, last_ids
+// render_backward(the inputs, the saved outputs, grad render, grad alphas, the settings)
+//   -> grads of means, quats, scales, opacities, colors (input shape), viewmats [C,4,4], backgrounds, and
+//      d loss / d means2d [C,N,2] (the screen-space gradient densification reads)
+// Per-Gaussian work is parallel over fixed chunks of Gaussians; camera gradients are summed per chunk and then
+// over chunks in order, so results do not depend on the thread count.
+
+constexpr int64_t kChunk = 256;
+
+struct FusedDims {
+  int64_t C, N, D, Kp, K, Dt, col_cam_stride, col_g_stride;
+  int sh, depth_mode;
+  bool per_cam;
+};
+
+FusedDims fused_dims(const at::Tensor& means, const at::Tensor& colors, const at::Tensor& viewmats, int64_t sh,
+                     int64_t depth_mode) {
+  FusedDims f;
+  f.C = viewmats.size(0);
+  f.N = means.size(0);
+  f.sh = static_cast<int>(sh);
+  f.depth_mode = static_cast<int>(depth_mode);
+  TORCH_CHECK(sh >= -1 && sh <= 3, "sh_degree must be -1 (features) or 0..3");
+  TORCH_CHECK(depth_mode >= 0 && depth_mode <= 2, "depth_mode must be 0, 1 or 2");
+  const int64_t base_dim = sh < 0 ? 2 : 3;
+  TORCH_CHECK(colors.dim() == base_dim || colors.dim() == base_dim + 1, "colors has the wrong number of dims");
+  f.per_cam = colors.dim() == base_dim + 1;
+  if (f.per_cam) TORCH_CHECK(colors.size(0) == f.C, "per-camera colors must have C rows");
+  TORCH_CHECK(colors.size(f.per_cam ? 1 : 0) == f.N, "colors must have N Gaussians");
+  f.D = colors.size(-1);
+  f.Kp = sh < 0 ? 1 : colors.size(-2);
+  f.K = sh < 0 ? 1 : (sh + 1) * (sh + 1);
+  TORCH_CHECK(f.Kp >= f.K, "colors has fewer SH coefficients than sh_degree needs");
+  f.col_g_stride = f.Kp * f.D;
+  f.col_cam_stride = f.per_cam ? f.N * f.col_g_stride : 0;
+  f.Dt = depth_mode == 2 ? 1 : f.D + (depth_mode == 1 ? 1 : 0);
+  return f;
+}
+
+template <typename S>
+std::vector<studio_project::Camera<S>> load_cameras(const at::Tensor& viewmats, const at::Tensor& Ks, int W, int H) {
+  const int64_t C = viewmats.size(0);
+  std::vector<studio_project::Camera<S>> cams(C);
+  const S* V = viewmats.data_ptr<S>();
+  const S* K = Ks.data_ptr<S>();
+  for (int64_t c = 0; c < C; ++c) cams[c].load(V + c * 16, K + c * 9, W, H);
+  return cams;
+}
+
+template <typename F>
+void dispatch_blend(int64_t D, F&& f) {
+  dispatch_channels(D, std::forward<F>(f));
+}
+
+std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
+                                       at::Tensor colors, at::Tensor viewmats, at::Tensor Ks, at::Tensor backgrounds,
+                                       int64_t width, int64_t height, int64_t tile_size, int64_t sh_degree,
+                                       int64_t depth_mode, double near_plane, double far_plane, double eps2d) {
+  for (auto* pr : {&means, &quats, &scales, &opacities, &colors, &viewmats, &Ks, &backgrounds})
+    check_cpu(*pr, "input");
+  const auto st = means.scalar_type();
+  for (auto* pr : {&quats, &scales, &opacities, &colors, &viewmats, &Ks})
+    TORCH_CHECK(pr->scalar_type() == st, "native fused render: every input must have the dtype of means");
+  TORCH_CHECK(means.dim() == 2 && means.size(1) == 3, "means must be [N,3]");
+  const FusedDims f = fused_dims(means, colors, viewmats, sh_degree, depth_mode);
+  const int64_t C = f.C, N = f.N, Dt = f.Dt;
+  TORCH_CHECK(C * N <= std::numeric_limits<int32_t>::max(), "native rasterizer: C*N must fit in int32");
+  TORCH_CHECK(backgrounds.numel() == 0 || backgrounds.numel() == C * Dt, "backgrounds must be [C,Dt] or empty");
+  const int W = static_cast<int>(width), H = static_cast<int>(height), ts = static_cast<int>(tile_size);
+  int tw, th;
+  tile_dims(width, height, tile_size, tw, th);
+  auto fopt = means.options();
+  auto i32 = at::TensorOptions().dtype(at::kInt);
+  at::Tensor means2d = at::empty({C, N, 2}, fopt), conics = at::empty({C, N, 3}, fopt);
+  at::Tensor depths = at::empty({C, N}, fopt), feats = at::empty({C, N, Dt}, fopt), opac = at::empty({C, N}, fopt);
+  at::Tensor radii = at::empty({C, N, 2}, i32);
+  at::Tensor render = at::empty({C, height, width, Dt}, fopt), alphas = at::empty({C, height, width, 1}, fopt);
+  at::Tensor tfinal = at::empty({C, height, width}, fopt), last = at::empty({C, height, width}, i32);
+  at::Tensor offsets = at::empty({C, th, tw}, i32), tiles_per_gauss = at::zeros({C, N}, i32);
+  std::vector<int32_t> flat;
+  AT_DISPATCH_FLOATING_TYPES(st, "render_forward", [&] {
+    using S = scalar_t;
+    const auto cams = load_cameras<S>(viewmats, Ks, W, H);
+    const S *mp = means.data_ptr<S>(), *qp = quats.data_ptr<S>(), *sp = scales.data_ptr<S>();
+    const S *op = opacities.data_ptr<S>(), *cp = colors.data_ptr<S>();
+    S *m2 = means2d.data_ptr<S>(), *cn = conics.data_ptr<S>(), *dp = depths.data_ptr<S>();
+    S *fp = feats.data_ptr<S>(), *oc = opac.data_ptr<S>();
+    int32_t* rp = radii.data_ptr<int32_t>();
+    const int64_t nchunks = (N + kChunk - 1) / kChunk;
+    studio_parallel::run(nchunks, [&](const Claim& next) {
+      studio_project::Projected<S> pr;
+      studio_project::ShDir<S> dir;
+      S basis[16];
+      for (int64_t ch; next(ch);) {
+        for (int64_t n = ch * kChunk; n < std::min(N, (ch + 1) * kChunk); ++n) {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t g = c * N + n;
+            pr.compute(cams[c], mp + n * 3, qp + n * 4, sp + n * 3, S(eps2d), S(near_plane), S(far_plane));
+            m2[g * 2] = pr.mean2d[0];
+            m2[g * 2 + 1] = pr.mean2d[1];
+            for (int j = 0; j < 3; ++j) cn[g * 3 + j] = pr.conic[j];
+            dp[g] = pr.p[2];
+            oc[g] = op[n];
+            pr.radii(op[n], W, H, rp + g * 2);
+            S* fo = fp + g * Dt;
+            if (f.depth_mode != 2) {
+              const S* col = cp + c * f.col_cam_stride + n * f.col_g_stride;
+              if (f.sh < 0) {
+                for (int64_t d = 0; d < f.D; ++d) fo[d] = col[d];
+              } else {
+                dir.compute(mp + n * 3, cams[c].centre);
+                studio_project::sh_basis<S>(f.sh, dir.d[0], dir.d[1], dir.d[2], basis, nullptr);
+                for (int64_t d = 0; d < f.D; ++d) {
+                  S v = 0;
+                  for (int64_t k = 0; k < f.K; ++k) v += basis[k] * col[k * f.D + d];
+                  v += S(0.5);
+                  fo[d] = v > S(0) ? v : S(0);
+                }
+              }
+            }
+            if (f.depth_mode != 0) fo[Dt - 1] = pr.p[2];
+          }
+        }
+      }
+    });
+    bin_impl<S>(m2, rp, dp, C, N, W, H, ts, tw, th, flat, offsets.data_ptr<int32_t>(),
+                tiles_per_gauss.data_ptr<int32_t>());
+  });
+  at::Tensor flatten_ids = at::empty({static_cast<int64_t>(flat.size())}, i32);
+  std::copy(flat.begin(), flat.end(), flatten_ids.data_ptr<int32_t>());
+  AT_DISPATCH_FLOATING_TYPES(st, "render_forward_blend", [&] {
+    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids,
+                                                     width, height, tile_size);
+    dispatch_blend(Dt, [&](auto dc) {
+      constexpr int DC = decltype(dc)::value;
+#ifdef STUDIO_HAVE_AVX2_BUILD
+      if (use_avx2()) {
+        blend_avx2::forward_tiles<scalar_t, DC>(p, render.data_ptr<scalar_t>(), alphas.data_ptr<scalar_t>(),
+                                                tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>());
+        return;
+      }
+#endif
+      blend_generic::forward_tiles<scalar_t, DC>(p, render.data_ptr<scalar_t>(), alphas.data_ptr<scalar_t>(),
+                                                 tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>());
+    });
+  });
+  return {render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flatten_ids, tiles_per_gauss,
+          tfinal, last};
+}
+
+std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
+                                        at::Tensor colors, at::Tensor viewmats, at::Tensor Ks, at::Tensor backgrounds,
+                                        at::Tensor means2d, at::Tensor conics, at::Tensor feats, at::Tensor opac,
+                                        at::Tensor radii, at::Tensor offsets, at::Tensor flatten_ids, at::Tensor tfinal,
+                                        at::Tensor last, at::Tensor g_render, at::Tensor g_alphas, int64_t width,
+                                        int64_t height, int64_t tile_size, int64_t sh_degree, int64_t depth_mode,
+                                        double near_plane, double far_plane, double eps2d) {
+  for (auto* pr : {&means, &quats, &scales, &opacities, &colors, &viewmats, &Ks, &backgrounds, &means2d, &conics,
+                   &feats, &opac, &radii, &offsets, &flatten_ids, &tfinal, &last, &g_render, &g_alphas})
+    check_cpu(*pr, "input");
+  const FusedDims f = fused_dims(means, colors, viewmats, sh_degree, depth_mode);
+  const int64_t C = f.C, N = f.N, Dt = f.Dt;
+  TORCH_CHECK(g_render.numel() == C * height * width * Dt && g_render.scalar_type() == means.scalar_type(),
+              "grad render must be [C,H,W,Dt]");
+  TORCH_CHECK(g_alphas.numel() == C * height * width && g_alphas.scalar_type() == means.scalar_type(),
+              "grad alphas must be [C,H,W,1]");
+  const int W = static_cast<int>(width), H = static_cast<int>(height);
+  auto fopt = means.options();
+  // 1. blend backward: per-intersection records, reduced per (camera, Gaussian)
+  at::Tensor gm2 = at::zeros({C, N, 2}, fopt), gcn = at::zeros({C, N, 3}, fopt);
+  at::Tensor gft = at::zeros({C, N, Dt}, fopt), gop = at::zeros({C, N}, fopt);
+  const bool has_bg = backgrounds.numel() > 0;
+  at::Tensor gbg = has_bg ? at::zeros({C, Dt}, fopt) : at::empty({0}, fopt);
+  const int64_t n_isect = flatten_ids.numel(), ntiles = offsets.numel();
+  at::Tensor partial = at::empty({n_isect, kRec + Dt}, fopt);
+  at::Tensor bg_partial = has_bg ? at::zeros({ntiles, Dt}, fopt) : at::empty({0}, fopt);
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "render_backward_blend", [&] {
+    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids,
+                                                     width, height, tile_size);
+    dispatch_blend(Dt, [&](auto dc) {
+      constexpr int DC = decltype(dc)::value;
+      scalar_t* bgp = has_bg ? bg_partial.data_ptr<scalar_t>() : nullptr;
+#ifdef STUDIO_HAVE_AVX2_BUILD
+      if (use_avx2()) {
+        blend_avx2::backward_tiles<scalar_t, DC>(p, g_render.data_ptr<scalar_t>(), g_alphas.data_ptr<scalar_t>(),
+                                                 tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>(),
+                                                 partial.data_ptr<scalar_t>(), bgp);
+        return;
+      }
+#endif
+      blend_generic::backward_tiles<scalar_t, DC>(p, g_render.data_ptr<scalar_t>(), g_alphas.data_ptr<scalar_t>(),
+                                                  tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>(),
+                                                  partial.data_ptr<scalar_t>(), bgp);
+    });
+    reduce_impl<scalar_t>(p.flat, n_isect, partial.data_ptr<scalar_t>(), Dt, C * N, gm2.data_ptr<scalar_t>(),
+                          gcn.data_ptr<scalar_t>(), gop.data_ptr<scalar_t>(), gft.data_ptr<scalar_t>());
+    if (has_bg) {
+      const scalar_t* bp = bg_partial.data_ptr<scalar_t>();
+      scalar_t* gb = gbg.data_ptr<scalar_t>();
+      const int64_t T = ntiles / C;
+      for (int64_t t = 0; t < ntiles; ++t)
+        for (int64_t d = 0; d < Dt; ++d) gb[(t / T) * Dt + d] += bp[t * Dt + d];
+    }
+  });
+  // 2. projection + SH backward, per Gaussian over all cameras
+  at::Tensor gmeans = at::zeros({N, 3}, fopt), gquats = at::zeros({N, 4}, fopt), gscales = at::zeros({N, 3}, fopt);
+  at::Tensor gopac = at::zeros({N}, fopt), gcolors = at::zeros(colors.sizes(), fopt);
+  at::Tensor gview = at::zeros({C, 4, 4}, fopt);
+  const int64_t nchunks = (N + kChunk - 1) / kChunk;
+  std::vector<double> cam_part(static_cast<size_t>(nchunks * C * 12), 0.0);  // per chunk: dR (9), dt (3)
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "render_backward_project", [&] {
+    using S = scalar_t;
+    const auto cams = load_cameras<S>(viewmats, Ks, W, H);
+    const S *mp = means.data_ptr<S>(), *qp = quats.data_ptr<S>(), *sp = scales.data_ptr<S>();
+    const S* cp = colors.data_ptr<S>();
+    const int32_t* rp = radii.data_ptr<int32_t>();
+    const S *g2 = gm2.data_ptr<S>(), *gq = gcn.data_ptr<S>(), *gf = gft.data_ptr<S>(), *go = gop.data_ptr<S>();
+    S *gM = gmeans.data_ptr<S>(), *gQ = gquats.data_ptr<S>(), *gS = gscales.data_ptr<S>();
+    S *gO = gopac.data_ptr<S>(), *gC = gcolors.data_ptr<S>();
+    studio_parallel::run(nchunks, [&](const Claim& next) {
+      studio_project::Projected<S> pr;
+      studio_project::ShDir<S> dir;
+      S basis[16], dbasis[48];
+      for (int64_t ch; next(ch);) {
+        double* part = cam_part.data() + ch * C * 12;
+        for (int64_t n = ch * kChunk; n < std::min(N, (ch + 1) * kChunk); ++n) {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t g = c * N + n;
+            if (rp[g * 2] <= 0 || rp[g * 2 + 1] <= 0) continue;  // not binned: every incoming gradient is zero
+            const auto& cam = cams[c];
+            S gR[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, gt[3] = {0, 0, 0}, gcen[3] = {0, 0, 0};
+            const S* gfo = gf + g * Dt;
+            if (f.depth_mode != 2) {
+              const int64_t coff = c * f.col_cam_stride + n * f.col_g_stride;
+              const S* col = cp + coff;
+              S* gcol = gC + coff;
+              if (f.sh < 0) {
+                for (int64_t d = 0; d < f.D; ++d) gcol[d] += gfo[d];
+              } else {
+                dir.compute(mp + n * 3, cam.centre);
+                studio_project::sh_basis<S>(f.sh, dir.d[0], dir.d[1], dir.d[2], basis, dbasis);
+                S gdir[3] = {0, 0, 0};
+                for (int64_t d = 0; d < f.D; ++d) {
+                  S v = 0;
+                  for (int64_t k = 0; k < f.K; ++k) v += basis[k] * col[k * f.D + d];
+                  if (!(v + S(0.5) >= S(0))) continue;  // clamp_min(., 0) blocks the gradient
+                  const S gd = gfo[d];
+                  for (int64_t k = 0; k < f.K; ++k) {
+                    gcol[k * f.D + d] += basis[k] * gd;
+                    const S gb = col[k * f.D + d] * gd;
+                    gdir[0] += gb * dbasis[3 * k];
+                    gdir[1] += gb * dbasis[3 * k + 1];
+                    gdir[2] += gb * dbasis[3 * k + 2];
+                  }
+                }
+                S gv[3];
+                dir.backward(gdir, gv);
+                for (int j = 0; j < 3; ++j) {
+                  gM[n * 3 + j] += gv[j];
+                  gcen[j] -= gv[j];
+                }
+              }
+            }
+            const S gdepth = f.depth_mode != 0 ? gfo[Dt - 1] : S(0);
+            gO[n] += go[g];
+            pr.compute(cam, mp + n * 3, qp + n * 4, sp + n * 3, S(eps2d), S(near_plane), S(far_plane));
+            pr.backward(cam, mp + n * 3, sp + n * 3, g2 + g * 2, gq + g * 3, gdepth, gM + n * 3, gQ + n * 4,
+                        gS + n * 3, gR, gt);
+            // centre = -R^T t
+            for (int i = 0; i < 3; ++i)
+              for (int j = 0; j < 3; ++j) {
+                gR[i * 3 + j] -= gcen[j] * cam.t[i];
+                gt[i] -= cam.R[i * 3 + j] * gcen[j];
+              }
+            double* pc = part + c * 12;
+            for (int j = 0; j < 9; ++j) pc[j] += gR[j];
+            for (int j = 0; j < 3; ++j) pc[9 + j] += gt[j];
+          }
+        }
+      }
+    });
+    S* gV = gview.data_ptr<S>();
+    for (int64_t c = 0; c < C; ++c) {
+      double acc[12] = {0};
+      for (int64_t ch = 0; ch < nchunks; ++ch)
+        for (int j = 0; j < 12; ++j) acc[j] += cam_part[(ch * C + c) * 12 + j];
+      for (int i = 0; i < 3; ++i) {
+        for (int j = 0; j < 3; ++j) gV[c * 16 + i * 4 + j] = static_cast<S>(acc[i * 3 + j]);
+        gV[c * 16 + i * 4 + 3] = static_cast<S>(acc[9 + i]);
+      }
+    }
+  });
+  return {gmeans, gquats, gscales, gopac, gcolors, gview, gbg, gm2};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -678,6 +1017,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rasterize_forward", &rasterize_forward, "Blend: (render, alphas, T_final, last_ids)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("render_forward", &render_forward,
+        "Fused Gaussians -> image: (render, alphas, means2d, conics, depths, radii, feats, opac, isect_offsets, "
+        "flatten_ids, tiles_per_gauss, T_final, last_ids)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("render_backward", &render_backward,
+        "Fused backward: (d means, d quats, d scales, d opacities, d colors, d viewmats, d backgrounds, d means2d)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("simd_isa", &simd_isa, "The blend build the fused path uses now: 'avx2' or 'generic'");
   m.def("rasterize_backward", &rasterize_backward,
         "Analytic backward: (d means2d, d conics, d colors, d opacities, d backgrounds)",
         pybind11::call_guard<pybind11::gil_scoped_release>());

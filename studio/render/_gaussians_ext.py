@@ -37,6 +37,7 @@ channel count D (1..4 register-resident, others through a generic kernel). Its `
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -153,6 +154,93 @@ def _native_rasterize_to_pixels(
     )
     extra = {"isect_offsets": isect_offsets, "flatten_ids": flatten_ids, "tiles_per_gauss": tiles_per_gauss}
     return render, alphas, extra
+
+
+# ------------------------------------------------------------------------------------------ native, fused
+DEPTH_MODES = {"RGB": 0, "RGB+D": 1, "RGB+ED": 1, "D": 2, "ED": 2}
+
+
+def native_fused_enabled() -> bool:
+    """The fused native path is on unless ``$STUDIO_NATIVE_FUSED`` is ``0`` (read on every call); off, backend
+    ``native`` runs the reference path: torch projection + SH, then the native blend above."""
+    return os.environ.get("STUDIO_NATIVE_FUSED", "1") != "0"
+
+
+def native_simd_isa() -> str:
+    """Which build of the fused blend runs now: ``avx2`` or ``generic`` (``$STUDIO_NATIVE_SIMD=0`` forces it)."""
+    return _NATIVE.load().simd_isa()
+
+
+class _NativeRender(torch.autograd.Function):
+    """Gaussians -> image in one C++ call (projection, SH, binning, blend) and back in one."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, tap, settings):
+        lib = _NATIVE.load()
+        bg = backgrounds if backgrounds is not None else means.new_empty((0,))
+        out = lib.render_forward(means, quats, scales, opacities, colors, viewmats, Ks, bg, *settings)
+        (render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flat, tpg, t_final, last) = out
+        ctx.save_for_backward(means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats,
+                              opac, radii, offsets, flat, t_final, last)
+        ctx.settings = settings
+        ctx.has_bg = backgrounds is not None
+        ctx.mark_non_differentiable(means2d, conics, depths, radii, opac, offsets, flat, tpg)
+        return render, alphas, means2d, conics, depths, radii, opac, offsets, flat, tpg
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_render, g_alphas, *_unused):
+        (means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats, opac, radii, offsets,
+         flat, t_final, last) = ctx.saved_tensors
+        dt = means.dtype
+        if g_render is None:
+            g_render = t_final.new_zeros(*t_final.shape, feats.shape[-1])
+        g_render = g_render.to(dt).contiguous()
+        g_alphas = torch.zeros_like(t_final) if g_alphas is None else g_alphas.to(dt).contiguous()
+        width, height, tile_size, sh_degree, depth_mode, near, far, eps2d = ctx.settings
+        gm, gq, gs, go, gc, gv, gb, gm2 = _NATIVE.load().render_backward(
+            means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats, opac, radii, offsets,
+            flat, t_final, last, g_render, g_alphas, width, height, tile_size, sh_degree, depth_mode, near, far, eps2d,
+        )
+        return gm, gq, gs, go, gc, gv, None, (gb if ctx.has_bg else None), gm2, None
+
+
+def native_render(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmats: Tensor,
+                  Ks: Tensor, width: int, height: int, *, sh_degree: int | None, backgrounds: Tensor | None,
+                  render_mode: str, near_plane: float, far_plane: float, eps2d: float, tile_size: int):
+    """The fused native path of ``rasterize_gaussians`` (inputs already validated there; CPU tensors of one float
+    dtype). Returns ``(render [C,H,W,Dt], alphas [C,H,W,1], proj, extra)``: for ``ED`` modes the last channel is
+    still accumulated depth (the caller divides). ``proj`` holds ``means2d`` (see below), ``conics``, ``depths``,
+    ``radii``, ``opacities`` as values (no graph: their gradients flow inside the fused backward).
+
+    ``proj["means2d"]``, when gradients are on, is a *gradient tap*: a leaf holding the projected centres whose
+    ``.grad`` receives d loss / d means2d (what densification reads), exactly as ``retain_grad()`` on the torch
+    path's ``means2d``; using it in another loss term does not carry gradients back to ``means``.
+    """
+    dt = means.dtype if means.dtype in (torch.float32, torch.float64) else torch.float32
+    C, N = viewmats.shape[0], means.shape[0]
+    depth_mode = DEPTH_MODES[render_mode]
+    if depth_mode == 2:
+        backgrounds = None
+    elif depth_mode == 1 and backgrounds is not None:
+        backgrounds = torch.cat([backgrounds, torch.zeros_like(backgrounds[:, :1])], dim=-1)
+    inputs = [t.to(dt).contiguous() for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
+    if backgrounds is not None:
+        backgrounds = backgrounds.to(dt).contiguous()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means, quats, scales, opacities, colors, viewmats)
+                                           + ((backgrounds,) if backgrounds is not None else ()))
+    tap = torch.zeros(C, N, 2, dtype=dt, requires_grad=True) if grad else None
+    settings = (int(width), int(height), int(tile_size), -1 if sh_degree is None else int(sh_degree), depth_mode,
+                float(near_plane), float(far_plane), float(eps2d))
+    render, alphas, means2d, conics, depths, radii, opac, offsets, flat, tpg = _NativeRender.apply(
+        *inputs, backgrounds, tap, settings)
+    if tap is not None:
+        with torch.no_grad():
+            tap.copy_(means2d)
+        means2d = tap
+    proj = {"means2d": means2d, "conics": conics, "depths": depths, "radii": radii, "opacities": opac}
+    extra = {"isect_offsets": offsets, "flatten_ids": flat, "tiles_per_gauss": tpg}
+    return render, alphas, proj, extra
 
 
 # -------------------------------------------------------------------------------------------------- cuda

@@ -175,6 +175,18 @@ def rasterize_gaussians(
             eps2d=eps2d, tile_size=tile_size,
         )
 
+    if backend == "native" and N > 0:
+        from ._gaussians_ext import native_fused_enabled, native_render
+
+        if native_fused_enabled():
+            render, alphas, proj, extra = native_render(
+                means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
+                backgrounds=backgrounds, render_mode=render_mode, near_plane=near_plane, far_plane=far_plane,
+                eps2d=eps2d, tile_size=tile_size)
+            if render_mode in ("ED", "RGB+ED"):
+                render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)
+            return render, alphas, _meta(proj, proj["opacities"], width, height, tile_size, C, "native", extra)
+
     covars = covariance_3d(quats, scales)
     opac_c = opacities[None].expand(C, N)
     proj = project_gaussians(means, covars, opac_c, viewmats, Ks, width, height,
@@ -218,7 +230,12 @@ def rasterize_gaussians(
     if render_mode in ("ED", "RGB+ED"):
         render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)
 
-    meta = {
+    return render, alphas, _meta(proj, opac_c, width, height, tile_size, C, backend, extra)
+
+
+def _meta(proj: dict[str, Any], opac_c: Tensor, width: int, height: int, tile_size: int, C: int, backend: str,
+          extra: dict[str, Any]) -> dict[str, Any]:
+    return {
         "means2d": proj["means2d"],
         "radii": proj["radii"],
         "depths": proj["depths"],
@@ -233,4 +250,3 @@ def rasterize_gaussians(
         "backend": backend,
         **extra,
     }
-    return render, alphas, meta
