@@ -11,9 +11,10 @@ DreamCraft3D's [CODE] where known and our reconstruction [INF] elsewhere):
         range and close-ups; n_hat = sg(NormalEstimator(RGB));
         L = mean_mask (1 - cos(n_r, n_hat)) + beta |n_r - n_hat|_1 + lam_nc NC + lam_lap Lap
     T   texture, geometry fixed: TextureField with DSD
-        G = w(t) [lam_base (eps_y - eps) + lam_cfg (eps_y - eps_null) + lam_var (eps_y - eps_lora(c))]
-        (DSD: lam_base = 0 with *independent* lam_cfg and lam_var; the presets sds = (1, s - 1, 0) and
-        vsd = (0, s - 1, 1) run the same stage), the LoRA trained online on the renders.
+        G = w(t) [lam_base (eps_y - eps) + lam_cfg(t) (eps_y - eps_null) + lam_var(t) (eps_y - eps_lora(c))]
+        (DSD: lam_base = 0 with *separate time schedules* lam_cfg(t), lam_var(t), see studio/distill/dsd.py for
+        the reading and why constants would be VSD; the presets sds = (1, s - 1, 0) and vsd = (0, s - 1, 1) run
+        the same stage), the LoRA trained online on the renders.
 
 Every stage writes its artefact into ``<run>/stages/`` (``nerf.safetensors``, ``neus.safetensors``,
 ``dmtet.safetensors`` + ``dmtet_color.safetensors``, ``polish.safetensors`` + colour, ``texture.safetensors``);
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from studio.distill.dsd import dsd_preset
+from studio.distill.dsd import DSD_LAM_CFG, DSD_LAM_VAR, dsd_preset
 from studio.distill.normals import PolishCameraConfig
 from studio.errors import UserError
 from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod, load_teacher_cached
@@ -107,10 +108,15 @@ class DreamPolishConfig(TextTo3DConfig):
     normal_estimator: str = "shapeworld-normals"
     """shapeworld-normals (tiny trained, assets/), marigold-normals, oracle (ground truth, ablation only) or a path"""
     texture_preset: Literal["dsd", "sds", "vsd"] = "dsd"
-    dsd_lambda_cfg: float = 6.5
-    """DSD's CFG-domain strength (independent of the variational one)"""
-    dsd_lambda_var: float = 1.0
-    """DSD's variational-domain strength (LoRA branch)"""
+    texture_guidance: float | None = None
+    """CFG of the texture preset: sds / vsd use it as their CFG scale (None = the texture teacher's default for the
+    role); dsd with a number s scales the CFG-domain schedule to VSD(s)'s weights on average over t
+    (``dsd_preset("dsd", s)``) and ignores --dsd-lambda-cfg / --dsd-lambda-var (None = use them)"""
+    dsd_lambda_cfg: tuple[float, float] = DSD_LAM_CFG
+    """DSD's CFG-domain strength (at t=0, at t=T), linear in t/T, independent of the variational one; equal ends =
+    a constant (the old form: with constants, DSD(0, a, b) = b VSD(1 + a/b))"""
+    dsd_lambda_var: tuple[float, float] = DSD_LAM_VAR
+    """DSD's variational-domain strength (LoRA branch) (at t=0, at t=T), linear in t/T"""
     from_stage: Literal["nerf", "neus", "dmtet", "polish", "texture"] = "nerf"
     """start here, from the previous stage's artefact in the run folder"""
     skip_polish: bool = False
@@ -123,9 +129,13 @@ class DreamPolishConfig(TextTo3DConfig):
 def texture_lambdas(cfg: DreamPolishConfig, teacher_name: str) -> tuple[float, float, float]:
     """``(lam_base, lam_cfg, lam_var)`` of the texture stage for ``cfg.texture_preset``."""
     if cfg.texture_preset == "dsd":
-        return (0.0, float(cfg.dsd_lambda_cfg), float(cfg.dsd_lambda_var))
-    # the presets' CFG scale: the texture teacher's default for the role (as in methods/sds, methods/vsd)
-    return dsd_preset(cfg.texture_preset, default_guidance(teacher_name, cfg.texture_preset))
+        if cfg.texture_guidance is not None:
+            return dsd_preset("dsd", cfg.texture_guidance)
+        return (0.0, tuple(float(v) for v in cfg.dsd_lambda_cfg), tuple(float(v) for v in cfg.dsd_lambda_var))
+    # the presets' CFG scale: --texture-guidance, else the texture teacher's default for the role (as in
+    # methods/sds, methods/vsd)
+    s = cfg.texture_guidance if cfg.texture_guidance is not None else default_guidance(teacher_name, cfg.texture_preset)
+    return dsd_preset(cfg.texture_preset, s)
 
 
 def load_polish_estimator(name: str, prompt: str):

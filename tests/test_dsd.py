@@ -171,3 +171,64 @@ def test_lora_isolation_and_errors(tiny):  # property 6
         dsd(teacher, z, cond, t, lam_var=1.0)
     with pytest.raises(ValueError, match="preset"):
         dsd_preset("nope", 1.0)
+
+
+def _span_residual(target, basis):
+    """Relative least-squares residual of ``target`` in the span of ``basis`` (flattened tensors)."""
+    A = torch.stack([b.reshape(-1).double() for b in basis], 1)
+    y = target.reshape(-1).double()
+    coef = torch.linalg.lstsq(A, y[:, None]).solution
+    return float((A @ coef - y[:, None]).norm() / y.norm())
+
+
+def test_default_dsd_differs_from_vsd_at_every_cfg(tiny):
+    """DSD's default is not VSD at any CFG s, nor any rescaling k VSD(s): over the diffusion times a run visits
+    (one batch spanning t = 50 ... 950), G_vsd(s) = w (eps_y - eps_lora) + (s - 1) w (eps_y - eps_null) spans a
+    2-d space {a A + b C} as (k, s) vary; the default schedules leave it. The constant form (0, 6.5, 1) lies in
+    it (residual ~ 0): the check can fail."""
+    teacher, lora = tiny
+    B = 6
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(B, teacher.latent_channels, 16, 16, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    cond = teacher.encode_prompt(["a red cube"] * B, negative="")
+    t = torch.linspace(50, 950, B).round().long()
+    c2w = c2w_from_cameras(orbit_cameras(torch.zeros(B), torch.linspace(0, 300, B), 3.2, 40.0, 32, 32))
+    kw = dict(lora_score=lora, camera_c2w=c2w, noise=noise)
+    A = dsd(teacher, z, cond, t, lam_base=0.0, lam_cfg=0.0, lam_var=1.0, **kw).grad   # w (eps_y - eps_lora)
+    C = dsd(teacher, z, cond, t, lam_base=0.0, lam_cfg=1.0, lam_var=0.0, **kw).grad   # w (eps_y - eps_null)
+    for s in (1.5, 4.0, 7.5, 20.0):  # the basis does give VSD(s) exactly
+        v = vsd(teacher, lora, z, cond, t, guidance_scale=s, camera_c2w=c2w, noise=noise).grad
+        assert _span_residual(v, [A, C]) < 1e-5
+    default = dsd(teacher, z, cond, t, **kw).grad  # the default schedules
+    assert _span_residual(default, [A, C]) > 0.05  # measured 0.24
+    for s in (2.0, 4.0, 7.5, 20.0):  # every swept preset too
+        b, c, v = dsd_preset("dsd", s)
+        assert _span_residual(dsd(teacher, z, cond, t, lam_base=b, lam_cfg=c, lam_var=v, **kw).grad, [A, C]) > 0.05
+    constant = dsd(teacher, z, cond, t, lam_base=0.0, lam_cfg=6.5, lam_var=1.0, **kw).grad
+    assert _span_residual(constant, [A, C]) < 1e-5
+
+
+def test_schedules_pairs_callables_and_the_constant_form(tiny):
+    from studio.distill.dsd import DSD_LAM_CFG, DSD_LAM_VAR, schedule_is_zero, schedule_value
+
+    teacher, lora = tiny
+    like = torch.zeros(3, 4, 2, 2)
+    T = teacher.schedule.num_train_timesteps
+    v = schedule_value((2.0, 10.0), torch.tensor([0, T // 2, T]), T, like)
+    assert v.shape == (3, 1, 1, 1)
+    torch.testing.assert_close(v.reshape(-1), torch.tensor([2.0, 6.0, 10.0]))
+    v = schedule_value(lambda u: 1 + u * u, torch.tensor([0, T // 2, T]), T, like)
+    torch.testing.assert_close(v.reshape(-1), torch.tensor([1.0, 1.25, 2.0]))
+    assert schedule_value(3.0, torch.tensor([5]), T, like) == 3.0
+    assert schedule_is_zero(0.0) and schedule_is_zero((0.0, 0.0)) and not schedule_is_zero((0.0, 1.0))
+    # a pair with equal ends is the constant; per-sample t picks per-sample weights
+    z, noise, cond, t, c2w = _inputs(teacher)
+    a = dsd(teacher, z, cond, t, lam_cfg=(3.0, 3.0), lam_var=(1.0, 1.0), lora_score=lora, camera_c2w=c2w, noise=noise)
+    b = dsd(teacher, z, cond, t, lam_cfg=3.0, lam_var=1.0, lora_score=lora, camera_c2w=c2w, noise=noise)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7 * float(b.grad.abs().max()))
+    assert DSD_LAM_CFG[0] != DSD_LAM_CFG[1] and DSD_LAM_VAR[0] != DSD_LAM_VAR[1]
+    with pytest.raises(ValueError, match="lam_cfg must be"):
+        dsd(teacher, z, cond, t, lam_cfg=(1.0, 2.0, 3.0), lam_var=0.0, noise=noise)
+    with pytest.raises(ValueError, match="lora_score"):
+        dsd(teacher, z, cond, t, lam_var=(0.0, 1.0), noise=noise)

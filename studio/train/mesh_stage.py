@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..cameras import OrbitSampler, orbit_cameras, world_to_camera_normals
-from ..distill.dsd import dsd
+from ..distill.dsd import DSD_LAM_CFG, DSD_LAM_VAR, dsd, schedule_is_zero
 from ..distill.normals import PolishCameraConfig, polish_cameras, polish_normal_loss
 from ..distill.timesteps import TimestepSampler
 from ..errors import UserError
@@ -282,8 +282,8 @@ class TextureStageConfig:
     lr_encoding: float = 0.01
     lr_mlp: float = 3e-3
     encoding: str = "fourier"
-    lambdas: tuple[float, float, float] = (0.0, 6.5, 1.0)
-    """(lam_base, lam_cfg, lam_var) of ``dsd`` (presets: ``dsd_preset``)"""
+    lambdas: tuple = (0.0, DSD_LAM_CFG, DSD_LAM_VAR)
+    """(lam_base, lam_cfg, lam_var) of ``dsd``: numbers or (at t=0, at t=T) schedules (presets: ``dsd_preset``)"""
     lora_rank: int = 4
     lora_lr: float = 1e-4
     camera_condition: bool = True
@@ -306,7 +306,7 @@ class TextureStage(MeshExportMixin, ChainedStage):
                                     cfg.resolution, cfg.resolution)
         self.timesteps = TimestepSampler(s.t_min, s.t_max, s.t_schedule, t_max_end=s.t_max_end)
         self.lora = None
-        if cfg.lambdas[2] != 0:
+        if not schedule_is_zero(cfg.lambdas[2]):
             from ..students.lora_score import LoRAScore
 
             if lora_base is None:
