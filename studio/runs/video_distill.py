@@ -24,6 +24,7 @@ or a text file with one prompt per line.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -160,6 +161,17 @@ class VideoDistillMethod(Method):
     def stages(self, cfg, teacher, student, data: VideoData) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def make_student(self, cfg, teacher):
+        """The trainable student: a LoRA on the teacher's own denoiser (a method with another student, such as a
+        causal streaming generator, overrides this)."""
+        from ..students.video_lora import VideoLoRAStudent
+
+        return VideoLoRAStudent(teacher, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+
+    def export(self, cfg, stages: list, student):
+        """A context in which ``student`` holds the weights to write and evaluate (e.g. its EMA); default: as is."""
+        return contextlib.nullcontext()
+
     def validate(self, cfg: VideoDistillConfig) -> None:
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise UserError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
@@ -168,7 +180,6 @@ class VideoDistillMethod(Method):
     def run(self, cfg: VideoDistillConfig, run_dir: Path, *, callbacks=None, resume: bool = False,
             progress: bool = True) -> dict:
         """One video distillation (module doc) into ``run_dir``; returns the metrics."""
-        from ..students.video_lora import VideoLoRAStudent
         from ..teachers.registry import load_video_teacher
         from .video_generate import write_student
 
@@ -176,22 +187,27 @@ class VideoDistillMethod(Method):
         teacher = load_video_teacher(cfg.teacher)
         prompts = resolve_prompts(cfg.prompts)
         data = VideoData(cfg.data, teacher, prompts, cfg.seed)
-        student = VideoLoRAStudent(teacher, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+        student = self.make_student(cfg, teacher)
         stages = self.stages(cfg, teacher, student, data)
         history, seconds = train_stages(stages, run_dir, seed=cfg.seed, callbacks=callbacks, resume=resume,
                                         progress=progress, grad_accum=cfg.grad_accum,
                                         max_grad_norm=cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every,
                                         preview_every=max(10, cfg.steps // 10))
         sampler = self.sampler(cfg)
-        folder = write_student(Path(run_dir) / "student", student, teacher=cfg.teacher, sampler=sampler,
-                               info={"method": self.name, "train_steps": cfg.steps})
+        with self.export(cfg, stages, student):
+            folder = write_student(Path(run_dir) / "student", student, teacher=cfg.teacher, sampler=sampler,
+                                   info={"method": self.name, "train_steps": cfg.steps})
+            return self._evaluate(cfg, student, prompts, sampler, history, seconds, folder)
+
+    def _evaluate(self, cfg, student, prompts, sampler, history, seconds, folder) -> dict:
         metrics: dict[str, Any] = {"method": self.name, "teacher": cfg.teacher, "data": cfg.data,
                                    "steps": cfg.steps, "train_seconds": round(seconds, 2),
                                    "it_s": round(cfg.steps / max(seconds, 1e-9), 3),
                                    "final_loss": history[-1]["loss"] if history else None, "student": str(folder)}
         if cfg.eval_prompts and cfg.data in ("shapeworld", "shapeworld-lq"):
             eval_prompts = prompts[: cfg.eval_prompts]
-            with torch.no_grad(), student.adapter_enabled(True):
+            on = student.adapter_enabled(True) if hasattr(student, "adapter_enabled") else contextlib.nullcontext()
+            with torch.no_grad(), on:
                 rows = evaluate_video_model(student, eval_prompts, cfg.eval_steps, sampler, seed=cfg.seed + 10_000)
             metrics["eval"] = {"prompts": len(eval_prompts), "rows": rows}
             metrics["headline"] = {f"student_{s}_{k}": rows[str(s)][k] for s in cfg.eval_steps

@@ -90,6 +90,7 @@ __all__ = [
 #: LoRA targets of a Wan transformer: the attention projections (self and cross) and the feed-forward layers
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 ADAPTER_NAME = "stream_lora"
+CAUSAL_FORMAT = "studio-causal-wan"
 
 
 # --------------------------------------------------------------------------------------- masks and windows
@@ -283,6 +284,8 @@ class WanScore(TeacherClipFacts, VideoTeacher):
         self.denoiser = copy.deepcopy(den)
         self._name = name or f"{getattr(teacher, 'name', 'wan')}:{type(self).__name__}"
         self.lora_rank = None if lora_rank is None else int(lora_rank)
+        self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
+        self.lora_targets = tuple(lora_targets)
         if self.lora_rank is None:
             for p in self.denoiser.parameters():
                 p.requires_grad_(True)
@@ -512,6 +515,60 @@ class CausalWanStudent(WanScore):
         kwargs.setdefault("context_noise", self.context_noise)
         return causal_block_rollout(self, cond, num_frames, seed=seed, kv_cache=kv_cache,
                                     grad_exit_step=grad_exit_step, **kwargs)
+
+    # ------------------------------------------------------------------ save / load (student folders)
+    def options(self) -> dict[str, Any]:
+        """The constructor options that rebuild this student on its teacher (what :meth:`save` stores)."""
+        return {"block_size": self.block_size, "local_attn_size": self.local_attn_size, "sink_size": self.sink_size,
+                "denoising_steps": list(self.denoising_steps), "warp_denoising_step": self.warp_denoising_step,
+                "context_noise": self.context_noise, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                "lora_targets": list(self.lora_targets)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the trainable weights (the whole transformer copy, or its LoRA matrices) as safetensors,
+        atomically, with :meth:`options` in the metadata (``format = studio-causal-wan``)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from ..io.atomic import atomic_path
+
+        tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in self.denoiser.named_parameters()
+                   if p.requires_grad}
+        meta = {"format": CAUSAL_FORMAT, "options": json.dumps(self.options()),
+                "teacher": str(getattr(self.teacher, "name", ""))}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def from_file(cls, teacher: VideoTeacher, path: str | Path, **overrides: Any) -> "CausalWanStudent":
+        """A student on ``teacher`` with the options stored in ``path`` (``overrides`` win), weights loaded."""
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"causal student weights '{p}' not found; give a file written by CausalWanStudent.save")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            tensors = load_file(str(p))
+        except Exception as e:  # any parse failure is a bad file
+            raise UserError(f"'{p}' is not a readable safetensors file ({e})") from e
+        if meta.get("format") != CAUSAL_FORMAT:
+            raise UserError(f"'{p}' is not a causal Wan student (format {meta.get('format')!r}, expected "
+                            f"{CAUSAL_FORMAT!r})")
+        opts = {**json.loads(meta["options"]), **overrides}
+        student = cls(teacher, **opts)
+        expected = {n for n, q in student.denoiser.named_parameters() if q.requires_grad}
+        if set(tensors) != expected:
+            raise UserError(f"'{p}' holds {len(tensors)} tensors that do not match the student it describes "
+                            f"({len(expected)} trainable); was it written for another teacher?")
+        student.denoiser.load_state_dict(tensors, strict=False)
+        return student
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, block_size={self.block_size}, local_attn_size={self.local_attn_size}, "

@@ -438,3 +438,18 @@ class VideoAlignReward(RewardModel):
             hs = res.hidden_states[-1][0, -3:]
             out.append(self.head(hs)[:, 0])
         return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------ loading
+REWARD_NAMES = ("shapeworld",)
+
+
+def load_reward(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> RewardModel:
+    """A frozen reward model by name or folder: ``shapeworld`` (:class:`ShapeWorldReward`, the embedded default)
+    or a VideoReward / VideoAlign folder (:class:`VideoAlignReward`; a Hugging Face id works once downloaded)."""
+    spec = str(spec).strip()
+    if spec in REWARD_NAMES or spec == ShapeWorldReward.name:
+        return ShapeWorldReward().freeze()
+    if not spec:
+        raise UserError("--reward is empty; use shapeworld or the folder of a VideoReward (VideoAlign) model")
+    return VideoAlignReward(spec, device=device, dtype=dtype)

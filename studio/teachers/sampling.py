@@ -631,6 +631,15 @@ def rollout_timesteps(schedule: NoiseSchedule, denoising_steps: Sequence[int | f
     return out
 
 
+def causal_denoising_steps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """``steps`` evenly spaced Self-Forcing denoising steps from ``T`` down: 4 -> ``[1000, 750, 500, 250]`` (the
+    list a 4-step causal student is trained with), 2 -> ``[1000, 500]``, 1 -> ``[1000]``."""
+    n, T = int(steps), int(num_train_timesteps)
+    if n < 1 or n > T:
+        raise UserError(f"steps must be in [1, {T}], got {steps}")
+    return [round(T * (n - i) / n) for i in range(n)]
+
+
 def _guided_raw(model, x: Tensor, t: Tensor, cond: TextCond, guidance_scale: float) -> Tensor:
     """Raw ``_forward`` output with CFG on the raw prediction (per-frame ``t`` ``[B, F]``)."""
     B = x.shape[0]
@@ -672,7 +681,7 @@ def causal_block_rollout(model, cond: str | Sequence[str] | TextCond, num_frames
                          negative: str | Sequence[str] | None = None, context_window: int | None = None,
                          noise: Tensor | None = None, size: int | tuple[int, int] | None = None,
                          callback: Callable | None = None, output: str = "latents",
-                         return_trajectory: bool = False):
+                         return_trajectory: bool = False, on_block: Callable | None = None):
     """Self-Forcing autoregressive generation: latent frames in blocks of ``block_size``, each block denoised
     few-step conditioned on the frames already generated (see the module doc for the model protocol).
 
@@ -695,6 +704,8 @@ def causal_block_rollout(model, cond: str | Sequence[str] | TextCond, num_frames
     Returns the clean latents ``[B,C,F',h,w]`` (``output="decoded"``: decoded videos), plus, with
     ``return_trajectory``, a list of per-call records ``{"block", "step", "t", "x_t", "x0"}`` (detached).
     ``callback(k, t)`` runs before each denoising call (``k`` = step index within the block).
+    ``on_block(b, frames)`` runs once each block ``b`` is finished, with its clean latents ``[B,C,f,h,w]``
+    (detached), before the next block starts: what a streaming writer consumes (frames as they come).
     """
     if not _is_video(model):
         raise UserError("causal_block_rollout needs a video model (latents [B,C,F,h,w]); got "
@@ -778,6 +789,8 @@ def causal_block_rollout(model, cond: str | Sequence[str] | TextCond, num_frames
         outputs.append(x0)
         done = x0.detach()
         clean.append(done)
+        if on_block is not None:
+            on_block(b, done)
         with torch.no_grad():
             ctx_in = done if not context_noise else sched.add_noise(done, _randn(done.shape, ctx_gen, done), t_ctx)
             ctx_frames.append(ctx_in)
