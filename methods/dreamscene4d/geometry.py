@@ -228,15 +228,20 @@ def depth_ratio(mono_obj: Tensor, mono_ref: Tensor, rend_obj: Tensor, rend_ref: 
 
 
 def search_rho(target: Tensor, render_fn, rho0: float, lo: float = 0.65, step: float = 0.00085,
-               n: int = 1000) -> float:
-    """The 1-D search of spec 5.4: the candidate (``rho0`` and ``lo + step i``) with the lowest L1 between
-    ``render_fn(rho)`` and ``target`` (both normalised depth samples), rounded to 2 decimals (first wins)."""
-    best, best_loss = rho0, round(float((render_fn(rho0) - target).abs().mean()), 2)
+               n: int = 1000, decimals: int | None = 2) -> float:
+    """The 1-D search of spec 5.4: the candidate (``rho0``, then ``lo + step i``) with the lowest L1 between
+    ``render_fn(rho)`` and ``target`` (both normalised depth samples); the official code rounds the loss to 2
+    decimals (``decimals``; None = exact), so the first candidate within that rounding of the best wins."""
+    def loss(r: float) -> float:
+        v = float((render_fn(r) - target).abs().mean())
+        return round(v, decimals) if decimals is not None else v
+
+    best, best_loss = rho0, loss(rho0)
     for i in range(n):
         r = lo + step * i
-        loss = round(float((render_fn(r) - target).abs().mean()), 2)
-        if loss < best_loss:
-            best, best_loss = r, loss
+        v = loss(r)
+        if v < best_loss:
+            best, best_loss = r, v
     return best
 
 

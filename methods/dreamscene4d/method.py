@@ -60,8 +60,9 @@ class DreamScene4DConfig(VideoTo4DConfig):
     when the input has ground truth"""
     flow: Literal["auto", "none", "exact"] = "auto"
     """optical-flow targets: exact (the scene's ground-truth flow), none; auto = exact when available"""
-    depth: str = "exact"
-    """composition depth: exact (the scene's depth: absolute scale), none (rho = 1), or a transformers
+    depth: str = "auto"
+    """composition depth: exact (the scene's depth: absolute scale), none (rho = 1), auto (exact when the input has
+    ground truth, else none), or a transformers
     depth-estimation model (folder or HF id, e.g. LiheYoung/depth-anything-small-hf; output read as disparity)"""
     rho_search: int = 100
     """candidates of the 1-D rho search (spec: 1000 steps of 0.00085 over [0.65, 1.5]; here the same range)"""
@@ -123,7 +124,11 @@ class DreamScene4DMethod(VideoTo4DMethod):
         flow_src = cfg.flow if cfg.flow != "auto" else ("exact" if scene is not None else "none")
         if scene is None and (amodal == "exact" or flow_src == "exact"):
             raise UserError("--amodal exact / --flow exact need a ShapeWorld scene input (ground truth); use none")
-        info.update(amodal=amodal, flow=flow_src)
+        depth = cfg.depth if cfg.depth != "auto" else ("exact" if scene is not None else "none")
+        if depth == "exact" and scene is None:
+            raise UserError("--depth exact needs a ShapeWorld scene input; pass a depth model (folder or HF id) or none")
+        info.update(amodal=amodal, flow=flow_src, depth=depth)
+        depth_map, metric = _estimate_depth(depth, inp)  # before training: a bad model path fails fast
         kp = KPlanesConfig(resolution=cfg.kplanes_resolution, multires=tuple(cfg.kplanes_multires),
                            time_resolution=time_resolution_for(T), channels=cfg.kplanes_channels)
         fits, stages = [], []
@@ -154,7 +159,7 @@ class DreamScene4DMethod(VideoTo4DMethod):
             kind = rec["stage"].split("/")[-1]
             per_stage[kind] = per_stage.get(kind, 0.0) + 1.0 / max(rec.get("it_s", 1e9), 1e-9) / max(rec["step"], 1)
         t1 = time.perf_counter()
-        rhos = compose(fits, inp, cfg)
+        rhos = compose(fits, inp, cfg, depth_map, metric)
         info["compose_seconds"] = round(time.perf_counter() - t1, 2)
         info["rho"] = [round(float(r), 4) for r in rhos]
         info["fit_seconds"] = round(time.perf_counter() - t0, 2)
@@ -164,24 +169,23 @@ class DreamScene4DMethod(VideoTo4DMethod):
 
 
 # ------------------------------------------------------------------------------------------------ composition
-def _estimate_depth(cfg: DreamScene4DConfig, inp: VideoInput) -> tuple[Tensor | None, bool]:
+def _estimate_depth(depth: str, inp: VideoInput) -> tuple[Tensor | None, bool]:
     """Frame 0's depth map and whether it is metric (absolute)."""
-    if cfg.depth == "none":
+    if depth == "none":
         return None, False
-    if cfg.depth == "exact":
-        if inp.scene is None:
-            raise UserError("--depth exact needs a ShapeWorld scene input; pass a depth model (folder or HF id) or none")
+    if depth == "exact":
         return inp.scene.depth[0], True
     from studio.teachers.depth import DepthEstimator
 
-    est = DepthEstimator.from_pretrained(cfg.depth)
+    est = DepthEstimator.from_pretrained(depth)
     return est.depth(inp.frames[:1])[0], False
 
 
-def compose(fits: list[ObjectFit], inp: VideoInput, cfg: DreamScene4DConfig) -> list[float]:
-    """Spec 5: one ``rho_k`` per object from frame 0 (scaling about the camera centre)."""
+def compose(fits: list[ObjectFit], inp: VideoInput, cfg: DreamScene4DConfig, depth: Tensor | None,
+            metric: bool) -> list[float]:
+    """Spec 5: one ``rho_k`` per object from frame 0's ``depth`` (scaling about the camera centre); ``metric``
+    depth gives absolute scales, else ratios to the last object (rho 1) refined by the 1-D search."""
     K = len(fits)
-    depth, metric = _estimate_depth(cfg, inp)
     if depth is None:
         return [1.0] * K
     cam0 = inp.cameras[0]
