@@ -96,6 +96,7 @@ def main() -> None:
                 label = "unet_teacher" if key == "unet" else "exact_teacher"
                 head[f"{label}_{steps}_frame_error"] = rows[steps]["frame_error"]
                 head[f"{label}_{steps}_motion_accuracy"] = rows[steps]["motion_accuracy"]
+                head[f"{label}_{steps}_shape_accuracy"] = rows[steps]["shape_accuracy"]
                 head[f"{label}_{steps}_seconds_per_clip"] = rows[steps]["seconds_per_clip"]
     if "unet_teacher_50_motion_accuracy" in head and "unet_teacher_4_motion_accuracy" in head:
         head["goal_unet_50_motion_accuracy_ge_0.8"] = head["unet_teacher_50_motion_accuracy"] >= 0.8
