@@ -162,7 +162,7 @@ def main() -> None:
         ema = mae if ema is None else 0.98 * ema + 0.02 * mae
         step += 1
         if step % 50 == 0:
-            curve.append({"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss), 5),
+            curve.append({"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss.detach()), 5),
                           "mae_ema": round(ema, 5)})
             print(curve[-1], flush=True)
     net.eval()
