@@ -86,7 +86,7 @@ from .primitives import gaussian_normals, rotation_matrix, rotmat_to_quat
 
 __all__ = [
     "FOVY", "VIS_MARGIN", "ObjectTrack", "SceneSpec", "Scene4D", "scene_names", "scene_spec", "make_scene",
-    "random_scene", "random_spec", "render_scene", "save_scene", "load_scene", "load_video_input", "bend_points",
+    "random_scene", "random_spec", "render_scene", "save_scene", "load_scene", "load_video_input", "load_mask_tracks", "bend_points",
     "wall_texture", "camera_to_world", "relative_camera_poses", "camera_pose_records", "cameras_from_pose_records",
     "amodal_completion_target", "occlusion_region", "project_points",
 ]
@@ -793,6 +793,13 @@ def load_video_input(video: str | os.PathLike, masks: str | os.PathLike | Sequen
     if masks is None:
         return frames, None
     T, H, W = frames.shape[:3]
+    return frames, load_mask_tracks(masks, T, H, W)
+
+
+def load_mask_tracks(masks: str | os.PathLike | Sequence[str | os.PathLike], T: int, H: int, W: int) -> Tensor:
+    """Per-object mask tracks ``[K,T,H,W]`` bool for a video of ``T`` frames of ``H x W`` from a folder of
+    per-object PNG folders / mask videos (name order), one object's PNG folder, or a list of such entries
+    (see ``load_video_input``); ``UserError`` naming the input and the fix on any problem."""
     if isinstance(masks, (str, os.PathLike)):
         mdir = Path(masks)
         if not mdir.exists():
@@ -814,5 +821,4 @@ def load_video_input(video: str | os.PathLike, masks: str | os.PathLike | Sequen
         for p in entries:
             if not p.exists():
                 raise UserError(f"mask input '{p}' does not exist; pass existing mask folders or videos")
-    out = torch.stack([_read_mask_track(p, T, H, W) for p in entries])
-    return frames, out
+    return torch.stack([_read_mask_track(p, T, H, W) for p in entries])
