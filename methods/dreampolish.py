@@ -105,6 +105,10 @@ class DreamPolishConfig(TextTo3DConfig):
     polish_beta: float = 0.5
     polish_fovy: tuple[float, float] = (15.0, 60.0)
     polish_closeup_p: float = 0.25
+    geometry_camera: bool = True
+    """pass each view's camera to the geometry prior of G1-G3. With the default shapeworld-exact teacher this makes
+    the prior one Gaussian around the ground-truth render of that view: the geometry stages then fit the reference
+    renders (a reconstruction upper bound, not generation). False = the camera-free prior (view prompts only)"""
     normal_estimator: str = "shapeworld-normals"
     """shapeworld-normals (tiny trained, assets/), marigold-normals, oracle (ground truth, ablation only) or a path"""
     texture_preset: Literal["dsd", "sds", "vsd"] = "dsd"
@@ -194,7 +198,7 @@ class DreamPolishMethod(TextTo3DMethod):
             raise UserError(f"--from-stage {order[0]} needs the {prev} stage's artefact {self.artefact(prev)}; run "
                             f"the earlier stages first (same --out and prompt) or choose an earlier --from-stage")
         guidance = stage_kwargs["guidance_scale"]
-        score = ScoreSettings(batch_size=cfg.batch_size)
+        score = ScoreSettings(batch_size=cfg.batch_size, camera_conditioning=cfg.geometry_camera)
         R, seed = cfg.resolution, cfg.seed
         source = None if prev is None else (field_source(self.artefact(prev)) if prev in ("nerf", "neus")
                                             else mesh_source(self.artefact(prev)))

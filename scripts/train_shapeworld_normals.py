@@ -99,7 +99,7 @@ def downsample(rgb: torch.Tensor, alpha: torch.Tensor, normals: torch.Tensor, si
 
 
 def render_dataset(views_per_object: int, seed: int, n_gaussians: int, fov, closeup_fraction: float,
-                   size: int = RESOLUTION, render_size: int = RENDER_SIZE, log: bool = True):
+                   size: int = RESOLUTION, render_size: int = RENDER_SIZE, log: bool = True, exclude=()):
     """Premultiplied RGB ``[N,3,s,s]``, alpha ``[N,1,s,s]``, camera normals ``[N,3,s,s]``, object index
     ``[N]``, close-up flag ``[N]``, FoV ``[N]`` and the ``Cameras`` of every view (at ``render_size``)."""
     from studio.cameras import Cameras, world_to_camera_normals
@@ -109,6 +109,8 @@ def render_dataset(views_per_object: int, seed: int, n_gaussians: int, fov, clos
     gen = torch.Generator().manual_seed(seed + 4242)
     rgbs, alphas, normals, labels, closeups, fovs, cams_all = [], [], [], [], [], [], []
     for i, obj in enumerate(list_objects()):
+        if obj.name in exclude:  # objects held out from training (--hold-out)
+            continue
         g = reference_gaussians(obj, n_gaussians, seed=seed + i)
         radius = float(g["means"].norm(dim=-1).max()) * 1.02
         cams, closeup, fovy = sample_cameras(views_per_object, gen, radius, fov=fov,
@@ -214,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--closeup-fraction", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--hold-out", nargs="*", default=[],
+                    help="object names never rendered for training (evaluation objects of DreamPolish's polishing)")
     args = ap.parse_args(argv)
 
     from studio.teachers.normals import (
@@ -227,9 +231,18 @@ def main(argv=None) -> int:
     t_start = time.time()
     out = Path(args.out)
     print(f"rendering {len(list_objects())} objects x {args.views_per_object} views ...", flush=True)
-    train = render_dataset(args.views_per_object, args.seed, args.n_gaussians, tuple(args.fov), args.closeup_fraction)
+    unknown = sorted(set(args.hold_out) - {o.name for o in list_objects()})
+    if unknown:
+        raise SystemExit(f"--hold-out: unknown objects {unknown}; known: {[o.name for o in list_objects()]}")
+    train = render_dataset(args.views_per_object, args.seed, args.n_gaussians, tuple(args.fov), args.closeup_fraction,
+                           exclude=set(args.hold_out))
     held = render_dataset(args.held_out_views, args.seed + 1000, args.n_gaussians, tuple(args.fov),
                           args.closeup_fraction, size=RENDER_SIZE, log=False)
+    held_obj = None
+    if args.hold_out:  # the same evaluation restricted to the objects training never saw
+        held_obj = render_dataset(args.held_out_views, args.seed + 1000, args.n_gaussians, tuple(args.fov),
+                                  args.closeup_fraction, size=RENDER_SIZE, log=False,
+                                  exclude={o.name for o in list_objects()} - set(args.hold_out))
     t_data = time.time() - t_start
     rgb, alpha, normals = train[:3]
     print(f"dataset {tuple(rgb.shape)} (+ {len(held[0])} held-out at {RENDER_SIZE}px) in {t_data:.0f}s", flush=True)
@@ -284,6 +297,10 @@ def main(argv=None) -> int:
     t_eval = time.time()
     res = evaluate(est, held)
     preds = res.pop("preds")
+    if held_obj is not None:
+        r_obj = evaluate(est, held_obj)
+        r_obj.pop("preds")
+        res["held_out_objects_only"] = r_obj
     eval_time = time.time() - t_eval
     a = res["all"]
     verdict = ("better than both trivial baselines" if a["model"] < min(a["baseline_facing_camera"],
@@ -305,7 +322,8 @@ def main(argv=None) -> int:
         "optimizer": "AdamW(betas=(0.9,0.99), wd=0.01), clip 1.0", "ema": args.ema, "seed": args.seed,
         "threads": args.threads, "mask_weight": args.mask_weight,
         "loss": "sum(alpha * (1 - cos)) / sum(alpha) + mask_weight * BCE(foreground logit, alpha)",
-        "data": {"objects": [o.name for o in list_objects()], "views_per_object": args.views_per_object,
+        "data": {"objects": [o.name for o in list_objects() if o.name not in args.hold_out],
+                 "held_out_objects": list(args.hold_out), "views_per_object": args.views_per_object,
                  "n_gaussians": args.n_gaussians, "render_size": RENDER_SIZE, "fov_deg": list(args.fov),
                  "elevation_deg": [-20, 60], "fill_fraction_whole": [0.6, 0.9], "fill_fraction_closeup": [1.2, 2.2],
                  "closeup_fraction": args.closeup_fraction,
