@@ -310,3 +310,45 @@ def test_user_video_with_mask_folders(tmp_path, scene):
     assert m["status"] == "done" and m["camera_source"] == "default" and m["amodal"] == "none"
     assert "ground_truth" not in m
     assert (tmp_path / "out" / "video" / "tracks.npz").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ depth (tier 1)
+def make_tiny_depth_anything(path):
+    """A tiny random Depth-Anything (the real transformers classes), saved to ``path``."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(0)
+    bb = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=28,
+                      patch_size=14, out_features=["stage1", "stage2"], reshape_hidden_states=False)
+    cfg = DepthAnythingConfig(backbone_config=bb, reassemble_hidden_size=16, fusion_hidden_size=8, head_hidden_size=8,
+                              neck_hidden_sizes=[8, 16], reassemble_factors=[2, 1])
+    model = DepthAnythingForDepthEstimation(cfg)
+    with torch.no_grad():  # random weights give ~0 disparity after the final ReLU: lift it into the valid range
+        model.head.conv3.bias.fill_(1.0)
+    model.save_pretrained(path)
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, ensure_multiple_of=14,
+                      do_pad=False).save_pretrained(path)
+    return path
+
+
+def test_depth_estimator_by_path_and_method_composition(tmp_path, scene):
+    from methods.dreamscene4d import DreamScene4DConfig, DreamScene4DMethod
+    from studio.runs.skeleton import execute
+    from studio.teachers.depth import DepthEstimator
+
+    path = make_tiny_depth_anything(tmp_path / "depth")
+    est = DepthEstimator.from_pretrained(path)
+    raw = est.predict(scene.frames[:2])
+    d = est.depth(scene.frames[:2])
+    assert raw.shape == d.shape == (2, 32, 32)
+    ok = d > 0
+    assert bool(ok.any())
+    from studio.teachers.depth import median_filter
+
+    disp = median_filter(raw[0], 1, 1)
+    assert torch.allclose(d[0][ok[0]] * disp[ok[0]], torch.ones(()), rtol=1e-5)  # depth = 1 / disparity
+    cfg = DreamScene4DConfig(video="two_cross", depth=str(path),
+                             **{**TINY, "steps_deform": 1, "steps_translate": 1, "steps_joint": 0})
+    m = execute(DreamScene4DMethod(), cfg, out=tmp_path / "out", progress=False)
+    assert m["depth"] == str(path) and m["rho"][-1] == 1.0  # the last object is the reference
+    assert all(0.0 < r < 10.0 for r in m["rho"])
