@@ -88,7 +88,8 @@ __all__ = [
     "FOVY", "VIS_MARGIN", "ObjectTrack", "SceneSpec", "Scene4D", "scene_names", "scene_spec", "make_scene",
     "random_scene", "random_spec", "render_scene", "save_scene", "load_scene", "load_video_input", "load_mask_tracks", "bend_points",
     "wall_texture", "camera_to_world", "relative_camera_poses", "camera_pose_records", "cameras_from_pose_records",
-    "amodal_completion_target", "occlusion_region", "project_points",
+    "amodal_completion_target", "occlusion_region", "project_points", "object_gaussians", "posed_gaussians",
+    "scene_gaussians", "render_view", "wall_render", "object_center_depth", "object_median_depth", "camera_pose_errors",
 ]
 
 FOVY = 49.1
@@ -245,6 +246,7 @@ class Scene4D:
     prompts: list[str] = field(default_factory=list)
     name: str = ""
     spec: SceneSpec | None = None
+    seed: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -356,8 +358,9 @@ def wall_texture(xy: Tensor, seed: int = 0) -> Tensor:
     return col.clamp(0.1, 0.9)
 
 
-def _wall(cams: Cameras, wall_z: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Ray-trace the wall ``z = wall_z``: colours ``[T,H,W,3]``, view-space depth ``[T,H,W]`` and world points."""
+def wall_render(cams: Cameras, wall_z: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Ray-trace the back wall ``z = wall_z`` (texture ``wall_texture(xy, seed)``) into ``cams``: colours
+    ``[C,H,W,3]``, view-space depth ``[C,H,W]`` and the world points hit ``[C,H,W,3]``: the background's ground truth."""
     H, W = cams.height, cams.width
     jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
     Kinv = torch.linalg.inv(cams.Ks)  # [T,3,3]
@@ -378,6 +381,56 @@ def _y_range(points: Tensor) -> tuple[float, float]:
     return float(points[:, 1].min()), float(points[:, 1].max())
 
 
+def object_gaussians(spec: SceneSpec, k: int, seed: int = 0) -> dict[str, Tensor]:
+    """Object ``k``'s canonical Gaussian set (its own frame, before bend / scale / pose), as the scene renders it,
+    plus ``y_range`` (the bend's pivot span, a ``(lo, hi)`` tuple)."""
+    g = get_object(spec.objects[k].name).gaussians(spec.n_gaussians, seed=int(seed) * 1009 + k)
+    g["y_range"] = _y_range(g["means"])
+    return g
+
+
+def posed_gaussians(g: dict, pose: Tensor, bend: Tensor | float, scale: float) -> dict[str, Tensor]:
+    """A canonical set ``g`` (from ``object_gaussians``) bent by ``bend`` (radians, ``bend_points``) and moved by
+    the object-to-world ``pose [4,4]`` (rotation times ``scale``, translation): activated world Gaussians."""
+    m, Rb = bend_points(g["means"], bend, g["y_range"])
+    A = pose[:3, :3]
+    qb = rotmat_to_quat((A / scale)[None] @ Rb)
+    return {"means": m @ A.T + pose[:3, 3], "quats": _quat_mul(qb, g["quats"]), "scales": g["scales"] * scale,
+            "opacities": g["opacities"], "colors": g["colors"]}
+
+
+def scene_gaussians(scene: "Scene4D", t: int, objects: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """The ground-truth world Gaussians of ``scene`` at frame ``t`` (all objects or ``objects``), exactly those the
+    frames were rendered from, plus ``object [N]`` (each Gaussian's object index). Needs ``scene.spec``."""
+    if scene.spec is None:
+        raise UserError("this Scene4D has no spec (not a ShapeWorld scene), so its Gaussians are unknown")
+    ks = range(scene.num_objects) if objects is None else list(objects)
+    parts = [posed_gaussians(object_gaussians(scene.spec, k, scene.seed), scene.object_poses[k, t],
+                             scene.bend_angles[k, t], float(scene.object_scales[k])) for k in ks]
+    out = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    out["object"] = torch.cat([torch.full((p["means"].shape[0],), k) for k, p in zip(ks, parts)])
+    return out
+
+
+@torch.no_grad()
+def render_view(scene: "Scene4D", t: int, cameras: Cameras, *, wall: bool = True,
+                objects: Sequence[int] | None = None, backend: str = "auto") -> dict[str, Tensor]:
+    """Ground-truth render of frame ``t``'s objects from any ``cameras`` (novel views): ``images [C,H,W,3]`` over the
+    wall (``wall=True``, ray-traced as in the video) or white, ``alphas [C,H,W]``, ``depth [C,H,W]`` (objects'
+    expected depth, 0 where alpha <= 0.5)."""
+    g = scene_gaussians(scene, t, objects)
+    C = len(cameras)
+    r, a, _ = rasterize_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], cameras.viewmats,
+                                  cameras.Ks, cameras.width, cameras.height, render_mode="RGB+ED",
+                                  backgrounds=None if wall else torch.ones(C, 3), backend=backend)
+    a = a[..., 0].clamp(0, 1)
+    img = r[..., :3]
+    if wall:
+        rgb, _, _ = wall_render(cameras, scene.spec.wall_z, scene.spec.wall_seed)
+        img = img + (1 - a)[..., None] * rgb
+    return {"images": img.clamp(0, 1), "alphas": a, "depth": torch.where(a > 0.5, r[..., 3], torch.zeros(()))}
+
+
 @torch.no_grad()
 def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: int = 16, seed: int = 0,
                  backend: str = "auto") -> Scene4D:
@@ -393,7 +446,7 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         raise UserError("a SceneSpec needs at least one object")
     K = len(spec.objects)
     cams = _scene_cameras(spec, T, H, W)
-    wall_rgb, wall_depth, wall_pts = _wall(cams, spec.wall_z, spec.wall_seed)
+    wall_rgb, wall_depth, wall_pts = wall_render(cams, spec.wall_z, spec.wall_seed)
 
     gen = torch.Generator().manual_seed(int(seed))
     per_t: list[list[dict[str, Tensor]]] = []  # [K][T] world Gaussians
@@ -403,8 +456,7 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         obj = get_object(tr.name)
         names.append(obj.name)
         prompts.append(obj.prompt)
-        g = obj.gaussians(spec.n_gaussians, seed=int(seed) * 1009 + k)
-        yr = _y_range(g["means"])
+        g = object_gaussians(spec, k, seed)
         poses, bends = _object_state(tr, T)
         poses_all.append(poses)
         bends_all.append(bends)
@@ -416,15 +468,8 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         seq = []
         traj = []
         for t in range(T):
-            m, Rb = bend_points(g["means"], bends[t], yr)
-            A = poses[t, :3, :3]
-            R = A / tr.scale
-            means = m @ A.T + poses[t, :3, 3]
-            qb = rotmat_to_quat(R[None] @ Rb)
-            quats = _quat_mul(qb, g["quats"])
-            seq.append({"means": means, "quats": quats, "scales": g["scales"] * tr.scale,
-                        "opacities": g["opacities"], "colors": g["colors"]})
-            traj.append(means[idx])
+            seq.append(posed_gaussians(g, poses[t], bends[t], tr.scale))
+            traj.append(seq[-1]["means"][idx])
         per_t.append(seq)
         pts3d.append(torch.stack(traj, 1))  # [P,T,3]
     points_3d = torch.stack(pts3d)  # [K,P,T,3]
@@ -495,7 +540,8 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         background=wall_rgb[0].clone(), object_poses=poses, bend_angles=bends,
         object_scales=torch.tensor(scales, dtype=torch.float32), canonical_points=torch.stack(canon_pts),
         object_rgb=obj_rgb, object_alpha=obj_alpha, object_depth=obj_depth, background_depth=wall_depth,
-        scene_depth=scene_depth, background_frames=wall_rgb, prompts=prompts, name=spec.name, spec=spec)
+        scene_depth=scene_depth, background_frames=wall_rgb, prompts=prompts, name=spec.name, spec=spec,
+        seed=int(seed))
 
 
 def _transmittance_at(meta: dict, query: Tensor, query_depth: Tensor, margin: float, cell: int = 4) -> Tensor:
@@ -630,6 +676,44 @@ def cameras_from_pose_records(records: Sequence[dict], Ks: Tensor, width: int, h
     return Cameras(torch.linalg.inv(c2w), Ks.clone(), width, height)
 
 
+def object_center_depth(scene: Scene4D) -> Tensor:
+    """``[K,T]`` view-space depth (camera z) of each object's origin (its pose translation) in frame t's camera:
+    the ground truth of per-object depth placement (composition, spec 1.5 / part 7)."""
+    _, z = project_points(scene.cameras, scene.object_poses[:, None, :, :3, 3])
+    return z[:, 0]
+
+
+def object_median_depth(scene: Scene4D) -> Tensor:
+    """``[K,T]`` median rendered depth over each object's visible mask (NaN where the object is not visible)."""
+    K, T = scene.masks.shape[:2]
+    out = torch.full((K, T), float("nan"))
+    for k in range(K):
+        for t in range(T):
+            v = scene.object_depth[k, t][scene.masks[k, t]]
+            if v.numel():
+                out[k, t] = v.median()
+    return out
+
+
+def camera_pose_errors(estimated_c2w: Tensor, scene_or_c2w: Scene4D | Tensor) -> dict[str, Tensor]:
+    """Per-frame camera errors of estimated camera-to-world poses ``[T,4,4]`` (OpenCV axes) against the ground truth,
+    both taken *relative to frame 0* (``R_t R_0^-1``, ``p_t - p_0``: the gauge DreamScene4D fixes):
+    ``rot_deg [T]`` (geodesic angle of ``R_est_rel^T R_gt_rel``) and ``trans [T]`` (centre offset error, world
+    units), plus ``trans_scaled [T]`` after the best global scale of the estimated offsets (monocular scale)."""
+    gt = camera_to_world(scene_or_c2w) if isinstance(scene_or_c2w, Scene4D) else scene_or_c2w
+    est = estimated_c2w.to(gt)
+    if est.shape != gt.shape:
+        raise UserError(f"estimated poses {tuple(est.shape)} must match the ground truth {tuple(gt.shape)} ([T,4,4])")
+    Re, pe = est[:, :3, :3] @ est[0, :3, :3].T, est[:, :3, 3] - est[0, :3, 3]
+    Rg, pg = gt[:, :3, :3] @ gt[0, :3, :3].T, gt[:, :3, 3] - gt[0, :3, 3]
+    d = (Re.transpose(-1, -2) @ Rg).double()
+    cos = (d.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    sin = torch.stack([d[:, 2, 1] - d[:, 1, 2], d[:, 0, 2] - d[:, 2, 0], d[:, 1, 0] - d[:, 0, 1]], -1).norm(dim=-1) / 2
+    s = (pe * pg).sum() / (pe * pe).sum().clamp_min(1e-12)
+    return {"rot_deg": torch.rad2deg(torch.atan2(sin, cos)).float(), "trans": (pe - pg).norm(dim=-1),
+            "trans_scaled": (s * pe - pg).norm(dim=-1)}
+
+
 # ----------------------------------------------------------------------------------------------- save / load
 _ARRAYS = ("frames", "masks", "amodal_masks", "depth", "points_3d", "tracks_2d", "track_visible", "flow",
            "background", "object_poses", "bend_angles", "object_scales", "canonical_points", "object_rgb",
@@ -667,7 +751,7 @@ def save_scene(scene: Scene4D, directory: str | os.PathLike, *, quality: float =
         arrays["viewmats"] = scene.cameras.viewmats.numpy()
         arrays["Ks"] = scene.cameras.Ks.numpy()
         np.savez_compressed(tmp / "ground_truth.npz", **arrays)
-        meta = {"name": scene.name, "fps": scene.fps, "object_names": scene.object_names, "prompts": scene.prompts,
+        meta = {"name": scene.name, "seed": scene.seed, "fps": scene.fps, "object_names": scene.object_names, "prompts": scene.prompts,
                 "height": scene.size[0], "width": scene.size[1], "frames": scene.num_frames,
                 "spec": scene.spec.to_dict() if scene.spec is not None else None,
                 "camera_poses": camera_pose_records(scene), "fovy": FOVY, "format": "studio-scene4d-1"}
@@ -698,7 +782,7 @@ def load_scene(directory: str | os.PathLike) -> Scene4D:
     spec = SceneSpec.from_dict(meta["spec"]) if meta.get("spec") else None
     return Scene4D(**{k: arr[k] for k in _ARRAYS}, cameras=cams, fps=float(meta["fps"]),
                    object_names=list(meta["object_names"]), prompts=list(meta.get("prompts", [])),
-                   name=meta.get("name", ""), spec=spec)
+                   name=meta.get("name", ""), spec=spec, seed=int(meta.get("seed", 0)))
 
 
 # ----------------------------------------------------------------------------------------------- video input
