@@ -33,7 +33,14 @@ form). **A documented reconstruction**: the release has no explicit loss and the
 
 CPU defaults differ from the released HunyuanVideo recipe (lr 1e-6 full fine-tune, 16 steps, shift 5, eta 0.25,
 c_g 0.01, G = 8, accum 4, 501 steps): a LoRA (rank 16, lr 3e-4), 16 steps at the policy's own shift, G = 4 x 2
-prompts, and a guidance scale set for ShapeWorld's PRM, whose gradient norm differs from SoliReward's.
+prompts, and c_g = 10 for ShapeWorld's trained PRM: on the policy's late rollout states its gradient is about 1e-3
+RMS and 0.08 at most per element (measured), so ``c_g Delta G`` reaches the SDE noise's scale (``eta sqrt(Delta)``)
+only on the object's pixels, where the release's 0.01 would do nothing.
+
+Gaps kept as the release has them (spec 4.9): the process reward of transition i is the PRM score of its *input*
+state x_i; the KL-mode scale g^2 / (2 beta) alone does not sample the tilted target (the exact scale is
+``(sigma / (1 - sigma) + g^2 / 2) / beta``, :func:`studio.teachers.sampling.tilted_guidance_scale`; measured in
+``tests/test_euphonium_parts.py``); Flow-GRPO's SDE window is replaced by the same timestep subsampling.
 """
 from __future__ import annotations
 
@@ -79,7 +86,7 @@ class EuphoniumConfig(VideoRLConfig):
     adv_clip_max: float = 5.0
     prm: str | None = None
     """process reward model: shapeworld-video-prm (trained) | shapeworld-video-exact-prm | none | a folder; None = the preset's"""
-    guidance: float = 3.0
+    guidance: float = 10.0
     """c_g: the PRM gradient's scale in the drift (x Delta); the release uses 0.01 with its own PRM's gradients"""
     kl_beta: float | None = None
     """KL mode: c_g = g^2 / (2 beta) instead of --guidance (the release's negative guidance scale)"""
