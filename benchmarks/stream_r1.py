@@ -15,7 +15,8 @@ Every model is read with the same yardsticks: the three z-scored axes of the dif
 (``reward_vq``, ``reward_mq``, ``reward_ta``, ``reward_mean``) and the hard ShapeWorld metrics, which cannot be gamed
 (``studio.world.video_metrics``: ``motion_accuracy`` needs the right object, ``object_accuracy``, ``shape_accuracy``,
 ``frame_error_vs_floor``, ``still_fraction``, ``diversity`` of two clips per prompt). The correlation of the reward's
-mean with the hard motion accuracy over every generated clip is printed (``reward_metric_correlation``). Throughput:
+mean with the hard motion accuracy over every generated clip is printed (``reward_metric_correlation``; null when the
+motion accuracy is 0 for every clip), and of the reward with the negative per-clip frame error. Throughput:
 frames per second of the student's streaming rollout and of the 50-step teacher (batch 1, 8 frames), and the seconds
 of a 4x longer stream over the seconds of the 8-frame one (``long_video_cost_ratio``; linear cost = 4).
 
@@ -39,16 +40,17 @@ TEACHER = "shapeworld-video-wan"
 PRESETS = {"dmd": "dmd", "reward_forcing": "reward-forcing", "stream_r1": "stream-r1"}
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson correlation; ``None`` when either side does not vary (e.g. every clip's motion accuracy is 0)."""
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else float("nan")
+    return round(float((a * b).sum()) / den, 4) if den > 0 else None
 
 
 def evaluate(model, prompts: list[str], sampler: dict, reward, *, clips: int = 2, seed: int = 10_000) -> tuple[dict, dict]:
     """Row of metrics and per-clip ``(reward_mean, motion_accuracy)`` of ``model`` on ``prompts`` (``clips`` each)."""
     from studio.runs.video_generate import sample_videos
-    from studio.world.video_metrics import evaluate_videos, motion_accuracy
+    from studio.world.video_metrics import evaluate_videos, frame_error, motion_accuracy
 
     opts = {k: v for k, v in sampler.items()}
     many = [p for p in prompts for _ in range(clips)]
@@ -66,7 +68,8 @@ def evaluate(model, prompts: list[str], sampler: dict, reward, *, clips: int = 2
         row[f"reward_{a}"] = round(float(r[:, i].mean()), 4)
     row["reward_mean"] = round(float(r.mean()), 4)
     row["seconds_per_clip"] = round(seconds / len(many), 4)
-    per_clip = {"reward_mean": r.mean(1), "motion_accuracy": motion_accuracy(videos, many, per_clip=True)}
+    per_clip = {"reward_mean": r.mean(1), "reward_mq": r[:, 1], "motion_accuracy": motion_accuracy(videos, many, per_clip=True),
+                "frame_error": frame_error(videos, many, per_clip=True)}
     return row, per_clip
 
 
@@ -173,7 +176,9 @@ def main() -> None:
         "teacher_fps": round(n / t_sec, 2),
         "student_speedup_vs_teacher_50": round(t_sec / s1, 2),
         "long_video_cost_ratio": round(s4 / s1, 3),
-        "reward_metric_correlation": round(_pearson(allc["reward_mean"], allc["motion_accuracy"]), 4),
+        "reward_metric_correlation": _pearson(allc["reward_mean"], allc["motion_accuracy"]),
+        "reward_mq_motion_accuracy_correlation": _pearson(allc["reward_mq"], allc["motion_accuracy"]),
+        "reward_mean_neg_frame_error_correlation": _pearson(allc["reward_mean"], -allc["frame_error"]),
     }
     for a in ("vq", "mq", "ta"):
         for key in PRESETS:

@@ -470,10 +470,21 @@ class CausalWanStudent(WanScore):
         if start + Fr > limit:
             raise UserError(f"{self.name}: the stream reached latent frame {start + Fr}, beyond the transformer's "
                             f"RoPE table of {limit} frames (rope_max_seq_len); generate a shorter video")
-        probe = x.new_empty((1, 0, start + Fr) + tuple(x.shape[3:]))
-        cos, sin = self.denoiser.rope(probe)
-        n = Fr * self._tokens_per_frame(x)
-        return cos[:, -n:], sin[:, -n:]
+        rope = self.denoiser.rope
+        if not all(hasattr(rope, a) for a in ("t_dim", "freqs_cos", "freqs_sin")):  # another RoPE: the long way
+            probe = x.new_empty((1, 0, start + Fr) + tuple(x.shape[3:]))
+            cos, sin = rope(probe)
+            n = Fr * self._tokens_per_frame(x)
+            return cos[:, -n:], sin[:, -n:]
+        # the block's own frames only (a block's cost must not grow with its start): Wan's table is
+        # cat([time, height, width] frequencies); the time part of positions start.. replaces that of 0..
+        cos, sin = rope(x.new_empty((1, 0, Fr) + tuple(x.shape[3:])))
+        n, td = self._tokens_per_frame(x), int(rope.t_dim)
+        out = []
+        for table, full in ((cos, rope.freqs_cos), (sin, rope.freqs_sin)):
+            t_part = full[start:start + Fr, :td].to(table.device, table.dtype).repeat_interleave(n, dim=0)
+            out.append(torch.cat([t_part[None, :, None, :], table[..., td:]], dim=-1))
+        return out[0], out[1]
 
     def forward_block(self, x_block: Tensor, t: Tensor, cond: TextCond, context_frames: Tensor | None,
                       cache: StreamingKVCache | None, guidance_scale: float = 1.0) -> Tensor:
