@@ -34,9 +34,11 @@ All tensors are torch, CPU, float32 unless said otherwise.
   coordinates before bending, scaling, rotating and translating).
 * ``points_3d [K,P,T,3]``: world trajectories of those points.
 * ``tracks_2d [K,P,T,2]``: their pixel positions ``(x, y)`` in each frame's camera;
-  ``track_visible [K,P,T]`` bool: inside the image and not occluded, by the renderer's own blend rule: the
-  transmittance at the point's pixel position through all Gaussians (every object's) lying more than
-  ``VIS_MARGIN`` in front of it exceeds 0.5. The tracked points are Gaussian centres of the render.
+  ``track_visible [K,P,T]`` bool: inside the image, facing the camera (its surfel normal), and not occluded by
+  the renderer's own blend rule: the transmittance at the point's pixel position through every Gaussian (of any
+  object) nearer to the camera than the point, except its own surface patch (Gaussians within ``VIS_SIGMAS``
+  footprints or ``VIS_PATCH`` times the object's scale of it in 3D), exceeds 0.5. The tracked points are
+  Gaussian centres.
 * ``flow [T-1,H,W,2]``: forward optical flow ``t -> t+1`` in pixels, defined on frame t's pixels:
   object pixels carry the blend of their Gaussians' projected displacements (the renderer's
   N-channel features), wall pixels the exact displacement of the wall point (zero for a static camera),
@@ -85,7 +87,7 @@ from .objects import OBJECTS, get_object
 from .primitives import gaussian_normals, rotation_matrix, rotmat_to_quat
 
 __all__ = [
-    "FOVY", "VIS_MARGIN", "ObjectTrack", "SceneSpec", "Scene4D", "scene_names", "scene_spec", "make_scene",
+    "FOVY", "VIS_SIGMAS", "VIS_PATCH", "ObjectTrack", "SceneSpec", "Scene4D", "scene_names", "scene_spec", "make_scene",
     "random_scene", "random_spec", "render_scene", "save_scene", "load_scene", "load_video_input", "load_mask_tracks", "bend_points",
     "wall_texture", "camera_to_world", "relative_camera_poses", "camera_pose_records", "cameras_from_pose_records",
     "amodal_completion_target", "occlusion_region", "project_points", "object_gaussians", "posed_gaussians",
@@ -93,9 +95,13 @@ __all__ = [
 ]
 
 FOVY = 49.1
-#: ``track_visible``: a point counts as visible when the transmittance of everything at least ``VIS_MARGIN``
-#: (world units, about the surfels' thickness plus a pixel's depth slope) in front of it exceeds 0.5
-VIS_MARGIN = 0.1
+#: ``track_visible``: Gaussians closer in 3D to a tracked point than ``max(VIS_SIGMAS footprints, VIS_PATCH x object
+#: scale)`` are its own surface patch, never its occluders; the footprint is ``sqrt(s^2 + eps2d (z / f)^2)`` (the
+#: point's Gaussian scale ``s`` and the renderer's 0.3 px^2 screen dilation at its depth ``z``, in world units).
+#: The patch term keeps points seen at grazing angles visible (the nearer part of their own surface overlaps them
+#: within a pixel); occluders farther away (another object, a snowman's head over its body) still count.
+VIS_SIGMAS = 3.0
+VIS_PATCH = 0.25
 MASK_DIRS = ("masks", "amodal_masks")
 
 
@@ -513,7 +519,11 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         r, a, meta = rast(allg, t, feats, None)
         a = a[0, ..., 0].clamp(0, 1)
         gi = torch.cat(track_idx)
-        trans = _transmittance_at(meta, meta["means2d"][0, gi].detach(), meta["depths"][0, gi].detach(), VIS_MARGIN)
+        qz = meta["depths"][0, gi].detach()
+        s_q = allg["scales"][gi].amax(-1)
+        patch = torch.cat([torch.full((ti.numel(),), VIS_PATCH * float(o.scale)) for ti, o in zip(track_idx, spec.objects)])
+        rad = torch.maximum(VIS_SIGMAS * torch.sqrt(s_q ** 2 + 0.3 * (qz / cams.Ks[t, 0, 0]) ** 2), patch)
+        trans = _transmittance_at(meta, allg["means"], meta["means2d"][0, gi].detach(), qz, allg["means"][gi], rad)
         nrm = gaussian_normals(allg["quats"][gi])
         facing = (nrm * (cams.centers[t] - allg["means"][gi])).sum(-1) > 0
         visible[:, :, t] = ((trans > 0.5) & facing).reshape(K, -1)
@@ -544,16 +554,18 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         seed=int(seed))
 
 
-def _transmittance_at(meta: dict, query: Tensor, query_depth: Tensor, margin: float, cell: int = 4) -> Tensor:
+def _transmittance_at(meta: dict, means: Tensor, query: Tensor, query_depth: Tensor, query_xyz: Tensor,
+                      exclude_radius: Tensor, cell: int = 4) -> Tensor:
     """Transmittance ``[Q]`` at pixel positions ``query [Q,2]`` through every Gaussian of a one-camera render
-    (its ``meta``) whose view depth is below ``query_depth - margin``: ``prod (1 - alpha_j)`` with the
+    (its ``meta``; world ``means [N,3]``) whose view depth is below ``query_depth`` and whose centre lies farther
+    than ``exclude_radius [Q]`` from ``query_xyz [Q,3]``: ``prod (1 - alpha_j)`` with the
     renderer's alpha rule (``opacity * exp(-sigma)``, capped at 0.999, dropped below 1/255, within the
     Gaussian's 3-sigma ``radii``). Gaussians are binned into ``cell``-pixel cells by their extent."""
     alpha_max, alpha_min = 0.999, 1.0 / 255.0  # the rasterizer's rule (studio.render, module _common)
     m2, con, dep = meta["means2d"][0].detach(), meta["conics"][0].detach(), meta["depths"][0].detach()
     op, rad = meta["opacities"][0].detach(), meta["radii"][0]
     ok = (rad > 0).all(-1)
-    m2, con, dep, op, rad = m2[ok], con[ok], dep[ok], op[ok], rad[ok].float()
+    m2, con, dep, op, rad, xyz = m2[ok], con[ok], dep[ok], op[ok], rad[ok].float(), means[ok]
     W, H = int(meta["width"]), int(meta["height"])
     gw, gh = (W + cell - 1) // cell, (H + cell - 1) // cell
     lo = ((m2 - rad) / cell).floor().long()
@@ -584,7 +596,8 @@ def _transmittance_at(meta: dict, query: Tensor, query_depth: Tensor, margin: fl
         cg = con[g]
         sig = 0.5 * (cg[:, 0] * d[..., 0] ** 2 + cg[:, 2] * d[..., 1] ** 2) + cg[:, 1] * d[..., 0] * d[..., 1]
         a = torch.clamp(op[g] * torch.exp(-sig), max=alpha_max)
-        front = dep[g][None] < query_depth[qi][:, None] - margin
+        far = (xyz[g][None] - query_xyz[qi][:, None]).norm(dim=-1) > exclude_radius[qi][:, None]
+        front = (dep[g][None] < query_depth[qi][:, None]) & far
         a = torch.where((a >= alpha_min) & (sig >= 0) & front, a, torch.zeros(()))
         out[qi] = torch.exp(torch.log1p(-a).sum(-1))
     return out
