@@ -6,7 +6,8 @@ import torch
 
 from studio.errors import UserError
 from studio.teachers.inpaint import (CrossFrameAttnProcessor, DiffusersInpaintTeacher, ShapeWorldInpaintTeacher,
-                                     amodal_mask_from_completion, inpaint_video, load_inpaint_teacher)
+                                     amodal_mask_from_completion, complete_object, inpaint_video, load_inpaint_teacher,
+                                     occlusion_hole)
 from studio.world import scenes4d as S
 
 
@@ -142,3 +143,21 @@ def test_bad_inpaint_teacher_inputs(tmp_path):
         load_inpaint_teacher(str(tmp_path), device="cpu")
     with pytest.raises(UserError, match="not a folder or a Hugging Face id"):
         load_inpaint_teacher("no such thing", device="cpu")
+
+
+def test_complete_object_from_masks_only(scene):
+    k = 1
+    hole = occlusion_hole(scene.masks, k)
+    # the hole touches the object: it equals the scene's occlusion region in frames where the two objects meet
+    meet = (torch.nn.functional.max_pool2d(scene.masks[k].float()[:, None], 3, 1, 1)[:, 0].bool()
+            & scene.masks[0]).flatten(1).any(1)
+    ref = S.occlusion_region(scene, k)
+    assert torch.equal(hole[meet], ref[meet]) and not bool(hole[~meet].any())
+    teacher = ShapeWorldInpaintTeacher.for_scene_object(scene, k)
+    rgb, amodal = complete_object(teacher, scene.frames, scene.masks, k, steps=8)
+    assert rgb.shape == scene.frames.shape and amodal.shape == scene.masks[k].shape
+    gt = scene.amodal_masks[k]
+    iou = (amodal & gt).sum() / (amodal | gt).sum()
+    assert float(iou) > 0.95
+    with pytest.raises(UserError, match="must agree"):
+        complete_object(teacher, scene.frames[:2], scene.masks, k)

@@ -296,3 +296,13 @@ def test_depth_and_pose_ground_truth(cross, orbit):
     e = S.camera_pose_errors(bad, orbit)
     assert abs(float(e["rot_deg"][3]) - 2.0) < 1e-2 and float(e["rot_deg"][2]) < 1e-2
     assert float(e["trans"].max()) > 0.01 and float(e["trans_scaled"].max()) < 1e-4
+
+
+def test_ball_visibility_matches_the_analytic_cap():
+    """A lone ball: the visible fraction of its surface points is the spherical cap seen from the camera,
+    (1 - R/d) / 2 (grazing points count as visible, back-facing ones do not)."""
+    spec = S.SceneSpec("ball", [S.ObjectTrack("blue_ball", (0, 0, 0), (0, 0, 0), scale=0.6)], n_points=800)
+    sc = S.render_scene(spec, size=96, frames=2)
+    R, d = 0.6 * 0.6, spec.camera_radius
+    frac = float(sc.track_visible[0, :, 0].float().mean())
+    assert abs(frac - (1 - R / d) / 2) < 0.04

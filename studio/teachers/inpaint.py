@@ -60,7 +60,7 @@ from .schedule import NoiseSchedule
 from .shapeworld_exact import mixture_epsilon
 
 __all__ = ["InpaintTeacher", "DiffusersInpaintTeacher", "ShapeWorldInpaintTeacher", "CrossFrameAttnProcessor",
-           "inpaint_video", "amodal_mask_from_completion", "load_inpaint_teacher"]
+           "inpaint_video", "amodal_mask_from_completion", "load_inpaint_teacher", "occlusion_hole", "complete_object"]
 
 
 def _check_pair(images: Tensor, hole: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,3 +372,40 @@ def load_inpaint_teacher(name_or_path: str | os.PathLike, **kw) -> InpaintTeache
         raise UserError(f"inpainting teacher {src!r} is not a folder or a Hugging Face id (owner/name); give a "
                             "folder saved with StableDiffusionInpaintPipeline.save_pretrained")
     return DiffusersInpaintTeacher.from_pretrained(src, **kw)
+
+
+def occlusion_hole(masks: Tensor, k: int, *, dilate: int = 1) -> Tensor:
+    """Where object ``k`` may be hidden ``[T,H,W]`` bool, from visible masks ``[K,T,H,W]`` alone: the other objects'
+    masks that touch ``k`` (the union of those within ``dilate`` pixels of ``k``'s mask in the same frame), minus
+    ``k``'s own mask (spec 1.3's occlusion region). Frames where no other object touches ``k`` get no hole."""
+    if masks.dim() != 4:
+        raise UserError(f"masks must be [K,T,H,W] bool, got {tuple(masks.shape)}")
+    m = masks.bool()
+    own = m[k]
+    near = F.max_pool2d(own.float()[:, None], 2 * dilate + 1, 1, dilate)[:, 0] > 0 if dilate > 0 else own
+    hole = torch.zeros_like(own)
+    for j in range(m.shape[0]):
+        if j == k:
+            continue
+        touches = (m[j] & near).flatten(1).any(1)  # [T]
+        hole |= m[j] & touches[:, None, None]
+    return hole & ~own
+
+
+def complete_object(teacher: InpaintTeacher, frames: Tensor, masks: Tensor, k: int, *, prompt: str = "",
+                    hole: Tensor | None = None, **kw) -> tuple[Tensor, Tensor]:
+    """Amodal completion of object ``k`` of a clip: ``frames [T,H,W,3]`` in [0, 1] and visible masks ``[K,T,H,W]``
+    -> ``(rgb [T,H,W,3]`` the object over white with its hidden part filled, ``amodal_mask [T,H,W])``. The input is
+    the object's visible pixels over white (the reference target of the lifting stages), the hole
+    ``occlusion_hole(masks, k)`` unless given; ``kw`` goes to :func:`inpaint_video`. As in DreamScene4D the result
+    is meant for object lifting only, never for composition (spec 1.3)."""
+    if frames.dim() != 4 or frames.shape[-1] != 3 or tuple(frames.shape[:3]) != tuple(masks.shape[1:]):
+        raise UserError(f"frames [T,H,W,3] and masks [K,T,H,W] must agree, got {tuple(frames.shape)} and "
+                        f"{tuple(masks.shape)}")
+    vis = masks[k].bool()
+    hole = occlusion_hole(masks, k) if hole is None else hole.bool()
+    m = vis.float()[:, None]
+    img = frames.permute(0, 3, 1, 2).float() * m + (1 - m)
+    out = inpaint_video(teacher, img, hole.float()[:, None], prompt, **kw)
+    amodal = amodal_mask_from_completion(out, vis, hole)
+    return out.permute(0, 2, 3, 1).contiguous(), amodal
