@@ -315,3 +315,33 @@ def test_generate_rejects_the_causal_sampler_for_a_teacher(tiny_wan, tmp_path):
     with pytest.raises(UserError, match="causal"):
         run(VideoGenerateConfig(PROMPT, model=str(tiny_wan), sampler="causal", steps=2), VideoGenerateMethod(),
             tmp_path, progress=False)
+
+
+def test_stream_r1_step_with_the_real_videoreward_class_by_path(tiny_wan, tmp_path):
+    """Tier 1: the generator step with a tiny random VideoReward (Qwen2-VL + reward head) loaded by path through
+    ``--reward DIR`` (``load_reward``): z-scores from its config, pixel saliency -> W, a finite weighted loss."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from studio.teachers.rewards import VideoAlignReward, load_reward
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+        image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(tmp_path / "vr")
+    save_file({"weight": torch.randn(1, 32), "bias": torch.zeros(1)}, str(tmp_path / "vr" / "reward_head.safetensors"))
+    stats = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.5, "MQ_std": 1.0, "TA_mean": 0.0, "TA_std": 4.0}
+    (tmp_path / "vr" / "model_config.json").write_text(json.dumps({"inference_config": stats, "use_norm": True,
+                                                                   "reward_token_ids": [294, 295, 296]}))
+    reward = load_reward(str(tmp_path / "vr"))
+    assert isinstance(reward, VideoAlignReward)
+    stage = _stage(tiny_wan, reward, preset="stream-r1")
+    loss, logs = stage.generator_loss(0)
+    assert torch.isfinite(loss) and {"reward_vq", "reward_mq", "reward_ta"} <= set(logs)
+    assert any(float(g.abs().max()) > 0 for g in _grads(stage, loss))
+    assert not any(p.requires_grad for p in reward.parameters())
