@@ -72,6 +72,8 @@ class VideoRLConfig:
     """held-out evaluation every n steps (0 = only before and after training)"""
     eval_samples: int = 2
     """samples per held-out prompt (seeds fixed across evaluations)"""
+    eval_seed: int = 10_000
+    """seed of the held-out samples' noise, independent of --seed, so runs of any seed are evaluated alike"""
     eval_steps: tuple[int, ...] = ()
     """extra sampling-step counts for the final ground-truth rows (evaluate_video_model); () = sampling_steps"""
     checkpoint_every: int = 50
@@ -238,7 +240,7 @@ class VideoRLMethod(Method):
         def evaluator(model=policy) -> dict:
             """Held-out evaluation of ``model`` (default: the policy being trained) with the plain sampler."""
             return evaluate_policy(model, held_out, reward, steps=cfg.sampling_steps, guidance_scale=g,
-                                   samples=cfg.eval_samples, seed=cfg.seed + 10_000)
+                                   samples=cfg.eval_samples, seed=cfg.eval_seed)
 
         before = evaluator(reference)  # the frozen reference (the LoRA adapter is off outside student calls)
         stages = self.stages(cfg, policy, reference, reward, train_prompts, evaluator)
@@ -266,7 +268,7 @@ class VideoRLMethod(Method):
             model, _ = load_video_model(folder)
             metrics["eval_rows"] = evaluate_video_model(model, held_out, cfg.eval_steps,
                                                         {"sampler": "flow", "guidance_scale": g},
-                                                        seed=cfg.seed + 10_000)
+                                                        seed=cfg.eval_seed)
         metrics["headline"] = {"reward_before": before["reward"], "reward_after": after["reward"],
                                **({"motion_accuracy_before": before["motion_accuracy"],
                                    "motion_accuracy_after": after["motion_accuracy"]}
