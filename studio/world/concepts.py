@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .objects import get_object
 from .primitives import Surface, surfels_to_gaussians
-from .references import DEFAULT_FOVY, DEFAULT_RADIUS, _orbit, render_gaussian_views
+from ..cameras import orbit_cameras
+from .references import DEFAULT_FOVY, DEFAULT_RADIUS, render_gaussian_views
 
 MAGENTA, CYAN = (0.9, 0.15, 0.75), (0.1, 0.85, 0.85)
 LIME, NAVY = (0.6, 0.95, 0.1), (0.1, 0.1, 0.45)
@@ -79,7 +80,7 @@ def concept_gaussians(name: str, n: int = 6000, seed: int = 0, shading: float = 
 def _cams(azimuths, elevations, size: int):
     az = torch.as_tensor(azimuths, dtype=torch.float32).reshape(-1)
     el = torch.as_tensor(elevations, dtype=torch.float32).reshape(-1).expand(az.numel())
-    return _orbit(el.contiguous(), az, size, DEFAULT_FOVY, DEFAULT_RADIUS).cameras
+    return orbit_cameras(el.contiguous(), az, DEFAULT_RADIUS, DEFAULT_FOVY, size, size)
 
 
 def concept_views(name: str, n: int = 6, size: int = 32, elevation: float = 15.0, n_gaussians: int = 6000
