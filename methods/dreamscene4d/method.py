@@ -66,7 +66,11 @@ class DreamScene4DConfig(VideoTo4DConfig):
     depth-estimation model (folder or HF id, e.g. LiheYoung/depth-anything-small-hf; output read as disparity)"""
     rho_search: int = 100
     """candidates of the 1-D rho search (spec: 1000 steps of 0.00085 over [0.65, 1.5]; here the same range)"""
-    lift_frame: Literal["first", "least_occluded"] = "first"
+    lift_frame: Literal["first", "least_occluded"] = "least_occluded"
+    """the frame each object is lifted from: first (the paper), or least_occluded (the largest mask not cut by the
+    frame border; with amodal completion the amodal mask)"""
+    init: Literal["carved", "ball"] = "carved"
+    """initial Gaussians: carved (ball points on the lift crop's mask, coloured from it) or ball (DreamGaussian)"""
     steps_static: int = 60
     steps_deform: int = 60
     steps_translate: int = 40
@@ -127,14 +131,16 @@ class DreamScene4DMethod(VideoTo4DMethod):
         depth = cfg.depth if cfg.depth != "auto" else ("exact" if scene is not None else "none")
         if depth == "exact" and scene is None:
             raise UserError("--depth exact needs a ShapeWorld scene input; pass a depth model (folder or HF id) or none")
-        info.update(amodal=amodal, flow=flow_src, depth=depth)
+        info.update(amodal=amodal, flow=flow_src, depth=depth, lift_frames=[])
         depth_map, metric = _estimate_depth(depth, inp)  # before training: a bad model path fails fast
         kp = KPlanesConfig(resolution=cfg.kplanes_resolution, multires=tuple(cfg.kplanes_multires),
                            time_resolution=time_resolution_for(T), channels=cfg.kplanes_channels)
         fits, stages = [], []
         for k in range(K):
-            lift = 0 if cfg.lift_frame == "first" else int(masks[k].flatten(1).sum(1).argmax())
-            st = FitSettings(crop_size=cfg.crop_size, init_points=cfg.init_points, lift_frame=lift,
+            lm = scene.amodal_masks[k] if (amodal == "exact") else masks[k]
+            lift = 0 if cfg.lift_frame == "first" else least_occluded_frame(lm)
+            info["lift_frames"].append(lift)
+            st = FitSettings(crop_size=cfg.crop_size, init_points=cfg.init_points, init=cfg.init, lift_frame=lift,
                              batch_frames=cfg.batch_frames, sds_views=cfg.sds_views,
                              sds_views_dynamic=cfg.sds_views_dynamic, sds_weight=cfg.sds_weight,
                              guidance_scale=cfg.guidance_scale, view_grid_deg=cfg.view_grid_deg, kplanes=kp,
@@ -166,6 +172,16 @@ class DreamScene4DMethod(VideoTo4DMethod):
         model = Composed4D(fits, rhos, cams.centers[0])
         model.save(Path(run_dir) / "model_4d.safetensors", cfg)
         return model, info
+
+
+def least_occluded_frame(masks: Tensor) -> int:
+    """The frame with the largest mask among those whose box does not touch the frame border (all frames when every
+    box does): the least occluded / truncated view of the object."""
+    T, H, W = masks.shape
+    area = masks.flatten(1).sum(1).float()
+    border = masks[:, 0].any(1) | masks[:, -1].any(1) | masks[:, :, 0].any(1) | masks[:, :, -1].any(1)
+    score = torch.where(border, area - H * W, area)
+    return int(score.argmax())
 
 
 # ------------------------------------------------------------------------------------------------ composition

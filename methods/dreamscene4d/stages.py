@@ -32,6 +32,7 @@ class FitSettings:
     crop_radius: float = 2.0
     crop_fovy: float = 49.1
     init_points: int = 1000
+    init: str = "carved"
     lift_frame: int = 0
     batch_frames: int = 4
     sds_views: int = 2
@@ -239,13 +240,39 @@ class StaticLiftStage(_Phase):
     def build(self):
         f, st = self.fit, self.fit.st
         if f.model is None:
-            f.model = GaussianModel.random_in_sphere(st.init_points, radius=0.5, seed=st.seed + 17 * f.k, sh_degree=0,
-                                                     opacity=0.1, rgb=torch.full((3,), 0.5))
+            f.model = self.initial_gaussians()
         p = f.model.params
         self.sched_means = (0.01, 2e-4, 500)
         return {"gaussians": _adamw([{"params": [p["means"]], "lr": 0.01, "name": "means"},
                                      {"params": [p["sh0"]], "lr": 0.01}, {"params": [p["opacities"]], "lr": 0.05},
                                      {"params": [p["scales"]], "lr": 0.005}, {"params": [p["quats"]], "lr": 0.005}])}
+
+    def initial_gaussians(self) -> GaussianModel:
+        """DreamGaussian's init (``ball``: uniform in a ball of radius 0.5, grey, opacity 0.1), or ``carved`` (the
+        default here): ball points whose crop-camera projection falls on the lift frame's mask, coloured from the
+        crop -- a visual-hull start that a few hundred CPU steps can refine (the ball init needs ~1000)."""
+        f, st = self.fit, self.fit.st
+        g = torch.Generator().manual_seed(st.seed * 7919 + 17 * f.k)
+        n = st.init_points
+        if st.init == "ball":
+            return GaussianModel.random_in_sphere(n, radius=0.5, generator=g, sh_degree=0, opacity=0.1,
+                                                  rgb=torch.full((3,), 0.5))
+        d = torch.randn(8 * n, 3, generator=g)
+        pts = 0.5 * d / d.norm(dim=1, keepdim=True) * torch.rand(8 * n, 1, generator=g) ** (1 / 3)
+        R = st.crop_size
+        pix, _ = f.crop_cam.project(pts)
+        pix = pix[0]
+        j = pix[:, 0].floor().long().clamp(0, R - 1)
+        i = pix[:, 1].floor().long().clamp(0, R - 1)
+        t0 = st.lift_frame
+        inside = f.crop_mask[t0][i, j]
+        sel = inside.nonzero(as_tuple=True)[0]
+        if sel.numel() < 8:
+            return GaussianModel.random_in_sphere(n, radius=0.5, generator=g, sh_degree=0, opacity=0.1,
+                                                  rgb=torch.full((3,), 0.5))
+        sel = sel[torch.randint(sel.numel(), (n,), generator=g)] if sel.numel() < n else sel[:n]
+        rgb = f.crop_rgb[t0][i[sel], j[sel]]
+        return GaussianModel.from_points(pts[sel], rgb, sh_degree=0, opacity=0.1, generator=g)
 
     def train_step(self, step: int, progress: float) -> StepOutput:
         f, st = self.fit, self.fit.st
