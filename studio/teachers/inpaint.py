@@ -352,9 +352,11 @@ def inpaint_video(teacher: InpaintTeacher, frames: Tensor, hole: Tensor, prompt:
     return hole * out + (1 - hole) * frames
 
 
-def amodal_mask_from_completion(completed: Tensor, visible: Tensor, hole: Tensor, threshold: float = 0.05) -> Tensor:
+def amodal_mask_from_completion(completed: Tensor, visible: Tensor, hole: Tensor, threshold: float = 0.1) -> Tensor:
     """Amodal mask ``[T,H,W]``: the visible mask plus hole pixels of a completion over white whose largest channel
-    departs from white by more than ``threshold``."""
+    departs from white by more than ``threshold``. Measured with the exact teacher on the shipped scenes (64 px,
+    16 frames; IoU against the rendered alpha > 0.5): 0.05 -> 0.957-0.996, 0.1 -> 0.968-0.997, 0.3 -> 0.847 (the
+    white snowman) to 0.999; a white object needs a low threshold, faint edges a high one."""
     if hole.dim() == 4:
         hole = hole[:, 0]
     away = (1 - completed).amax(1) > threshold
