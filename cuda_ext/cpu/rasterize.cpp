@@ -501,7 +501,8 @@ void dispatch_channels(int64_t D, F&& f) {
 
 // ---------------------------------------------------------------------------------------------
 // Vectorised blend of the fused path (blend_simd.inc): an AVX2+FMA build and a baseline build, chosen at
-// run time (STUDIO_NATIVE_SIMD=0 forces the baseline one).
+// run time (STUDIO_NATIVE_SIMD=0 forces the baseline one,
+// STUDIO_NATIVE_SIMD=scalar the reference scalar kernels).
 // ---------------------------------------------------------------------------------------------
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define STUDIO_HAVE_AVX2_BUILD 1
@@ -527,7 +528,13 @@ bool use_avx2() {
 #endif
 }
 
-std::string simd_isa() { return use_avx2() ? "avx2" : "generic"; }
+// STUDIO_NATIVE_SIMD=scalar: the fused path blends with the reference kernels (forward_impl / backward_impl).
+bool use_scalar_blend() {
+  const char* env = std::getenv("STUDIO_NATIVE_SIMD");
+  return env != nullptr && std::strcmp(env, "scalar") == 0;
+}
+
+std::string simd_isa() { return use_scalar_blend() ? "scalar" : (use_avx2() ? "avx2" : "generic"); }
 
 // ---------------------------------------------------------------------------------------------
 // Python-facing entry points
@@ -849,15 +856,23 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
                                                      width, height, tile_size);
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
+      constexpr bool kSimd = std::is_same_v<scalar_t, float> && (DC == 1 || DC == 3 || DC == 4);
+      if constexpr (kSimd) {
+        if (!use_scalar_blend()) {
 #ifdef STUDIO_HAVE_AVX2_BUILD
-      if (use_avx2()) {
-        blend_avx2::forward_tiles<scalar_t, DC>(p, render.data_ptr<scalar_t>(), alphas.data_ptr<scalar_t>(),
-                                                tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>());
-        return;
-      }
+          if (use_avx2()) {
+            blend_avx2::forward_tiles<DC>(p, render.data_ptr<float>(), alphas.data_ptr<float>(),
+                                          tfinal.data_ptr<float>(), last.data_ptr<int32_t>());
+            return;
+          }
 #endif
-      blend_generic::forward_tiles<scalar_t, DC>(p, render.data_ptr<scalar_t>(), alphas.data_ptr<scalar_t>(),
-                                                 tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>());
+          blend_generic::forward_tiles<DC>(p, render.data_ptr<float>(), alphas.data_ptr<float>(),
+                                           tfinal.data_ptr<float>(), last.data_ptr<int32_t>());
+          return;
+        }
+      }
+      forward_impl<scalar_t, DC>(p, render.data_ptr<scalar_t>(), alphas.data_ptr<scalar_t>(),
+                                 tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>());
     });
   });
   return {render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flatten_ids, tiles_per_gauss,
@@ -896,17 +911,26 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
       scalar_t* bgp = has_bg ? bg_partial.data_ptr<scalar_t>() : nullptr;
+      constexpr bool kSimd = std::is_same_v<scalar_t, float> && (DC == 1 || DC == 3 || DC == 4);
+      if constexpr (kSimd) {
+        if (!use_scalar_blend()) {
 #ifdef STUDIO_HAVE_AVX2_BUILD
-      if (use_avx2()) {
-        blend_avx2::backward_tiles<scalar_t, DC>(p, g_render.data_ptr<scalar_t>(), g_alphas.data_ptr<scalar_t>(),
-                                                 tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>(),
-                                                 partial.data_ptr<scalar_t>(), bgp);
-        return;
-      }
+          if (use_avx2()) {
+            blend_avx2::backward_tiles<DC>(p, g_render.data_ptr<float>(), g_alphas.data_ptr<float>(),
+                                           tfinal.data_ptr<float>(), last.data_ptr<int32_t>(),
+                                           partial.data_ptr<float>(), bgp);
+            return;
+          }
 #endif
-      blend_generic::backward_tiles<scalar_t, DC>(p, g_render.data_ptr<scalar_t>(), g_alphas.data_ptr<scalar_t>(),
-                                                  tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>(),
-                                                  partial.data_ptr<scalar_t>(), bgp);
+          blend_generic::backward_tiles<DC>(p, g_render.data_ptr<float>(), g_alphas.data_ptr<float>(),
+                                            tfinal.data_ptr<float>(), last.data_ptr<int32_t>(),
+                                            partial.data_ptr<float>(), bgp);
+          return;
+        }
+      }
+      backward_impl<scalar_t, DC>(p, g_render.data_ptr<scalar_t>(), g_alphas.data_ptr<scalar_t>(),
+                                  tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>(), partial.data_ptr<scalar_t>(),
+                                  bgp);
     });
     reduce_impl<scalar_t>(p.flat, n_isect, partial.data_ptr<scalar_t>(), Dt, C * N, gm2.data_ptr<scalar_t>(),
                           gcn.data_ptr<scalar_t>(), gop.data_ptr<scalar_t>(), gft.data_ptr<scalar_t>());
