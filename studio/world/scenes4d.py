@@ -52,9 +52,19 @@ All tensors are torch, CPU, float32 unless said otherwise.
   ``bend_points``. ``rigid [K]`` bool.
 * ``spec``: the ``SceneSpec`` the scene was made from (``save_scene`` stores it as JSON).
 
-Entry points: ``scene_names()``, ``make_scene(name_or_spec, size=, frames=, seed=)``, ``random_scene(seed)``,
-``render_scene(spec, size, frames)``, ``save_scene(scene, dir)`` / ``load_scene(dir)``,
-``load_video_input(video_or_frame_dir, masks=)`` and the pose accessors.
+Entry points:
+
+* scenes: ``scene_names()``, ``scene_spec(name)``, ``make_scene(name_or_spec, size=, frames=, seed=)``,
+  ``random_spec(seed)`` / ``random_scene(seed)``, ``render_scene(spec, size=, frames=, seed=)``;
+* files: ``save_scene(scene, dir)`` / ``load_scene(dir)``, ``load_video_input(video_or_frame_dir, masks=)``,
+  ``load_mask_tracks(masks, T, H, W)``;
+* ground truth for the method stages: ``scene_gaussians(scene, t)`` (the exact world Gaussians of frame t;
+  ``object_gaussians`` / ``posed_gaussians`` build them), ``render_view(scene, t, cameras)`` (novel views),
+  ``wall_render(cameras, wall_z, seed)`` and ``wall_texture`` (the background), ``occlusion_region`` /
+  ``amodal_completion_target`` (amodal completion), ``object_center_depth`` / ``object_median_depth``
+  (composition depth), ``camera_to_world`` / ``relative_camera_poses`` / ``camera_pose_records`` /
+  ``cameras_from_pose_records`` / ``camera_pose_errors`` (camera motion), ``bend_points`` (non-rigid motion),
+  ``project_points`` (per-frame projection).
 
 Saved layout (``save_scene``; the DreamScene4D data layout of spec 1.1 plus ground truth)::
 
