@@ -306,3 +306,12 @@ def test_ball_visibility_matches_the_analytic_cap():
     R, d = 0.6 * 0.6, spec.camera_radius
     frac = float(sc.track_visible[0, :, 0].float().mean())
     assert abs(frac - (1 - R / d) / 2) < 0.04
+
+
+def test_non_square_frames():
+    sc = S.make_scene("trio_orbit", size=(24, 36), frames=3)
+    assert sc.frames.shape == (3, 24, 36, 3) and sc.masks.shape[2:] == (24, 36) and sc.size == (24, 36)
+    r = S.render_view(sc, 1, sc.cameras[1])
+    assert float((r["images"][0] - sc.frames[1]).abs().max()) < 1e-5
+    pix, _ = sc.cameras[2].project(sc.points_3d[:, :, 2].reshape(-1, 3))
+    assert torch.allclose(pix[0], sc.tracks_2d[:, :, 2].reshape(-1, 2), atol=1e-3)

@@ -10,6 +10,10 @@
   angles, camera): ``parse_video_prompt``, ``video_prompts``, ``ClipSpec`` / ``Clip``, ``sample_clip_specs``,
   ``render_clip(s)``, ``sample_clips``, ``reference_clips``; the low-quality ``degrade`` and high-quality
   ``hq_images`` domains; ``check_video``, the shape check of pixel videos ``[B,F,3,H,W]``.
+* ``scenes4d``: dynamic 3D ShapeWorld for video-to-4D (imported on its own, ``studio.world.scenes4d``): ``Scene4D``
+  (frames, visible / amodal masks, depth, flow, 3D trajectories, 2D tracks with visibility, cameras, object poses,
+  bends, wall background), ``make_scene`` / ``scene_names`` / ``random_scene``, ``save_scene`` / ``load_scene``,
+  ``load_video_input`` (MP4 or frame folder + per-object mask folders / videos) and pose / depth ground truth.
 * ``video_metrics``: ``frame_error``, ``motion_accuracy``, ``flicker``, ``text_alignment``, ``diversity``,
   ``domain_quality``, ``clip_score`` and ``evaluate_videos`` (all of them at once) for generated videos.
 """
