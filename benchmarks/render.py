@@ -11,6 +11,16 @@ Gaussian, pixels chunked to ~2M pixel-Gaussian pairs, each chunk under ``torch.u
     python benchmarks/render.py               # full grid N in {1k,10k,50k} x {64,128,256}^2
     python benchmarks/render.py --quick       # only the headline case (10k Gaussians, 128^2)
     python benchmarks/render.py --contention  # shared cores: one render alone vs beside a busy process
+    python benchmarks/render.py --native-vs-ref  # fused native path vs the reference native path, 1 thread
+
+``--native-vs-ref`` times, in one process on one thread, the native backend as it ships (the fused path: projection,
+SH, binning and the SIMD blend in one C++ call each way) against the reference native path it replaced (torch
+projection + SH + autograd, then the scalar native blend; ``STUDIO_NATIVE_FUSED=0``), alternating call by call on the
+same inputs (10k Gaussians at 128^2 and 50k at 256^2), medians of ``--repeats``; ratios = reference / fused, from CPU
+time (``time.process_time``: on a busy machine it is much steadier than wall time) and from wall time. It also
+reports Gaussian-pixel pairs per second per core: pairs = the tile-list entries each pixel consumed (its
+``last_ids``, what the blend loops iterate over), summed over pixels, divided by the fused forward (backward) CPU
+time; and the same with the blend stage alone (the SIMD kernels vs the reference scalar ones, same lists).
 
 ``--contention`` times one native render (10k Gaussians, 128^2, 2 threads; forward and forward+backward)
 alone and beside one competing CPU-bound process: a pure-Python busy loop (one thread) and a torch job
@@ -78,6 +88,106 @@ def run_case(backend: str, n: int, size: int, repeats: int) -> dict:
     fb_ms = timed(fwd_bwd)
     return {"backend": used, "n": n, "size": size, "fwd_ms": round(f_ms, 3), "fwd_bwd_ms": round(fb_ms, 3),
             "peak_rss_above_baseline_mb": round(_rss_mb() - base, 1), "repeats": repeats}
+
+
+def run_native_vs_ref(repeats: int) -> dict:
+    """Fused native path vs the reference native path, interleaved call by call on one thread (see module doc)."""
+    import studio  # noqa: F401
+    import torch
+
+    from studio.cameras import ring_cameras
+    from studio.render import rasterize_gaussians
+    from studio.render._gaussians_ext import _NATIVE, native_simd_isa
+    from studio.world.objects import get_object
+
+    torch.set_num_threads(1)
+    lib = _NATIVE.load()
+    out: dict = {"simd": native_simd_isa(), "threads": torch.get_num_threads(), "repeats": repeats, "cases": {}}
+    for n, size in ((10_000, 128), (50_000, 256)):
+        torch.manual_seed(0)
+        g = get_object("snowman").gaussians(n, seed=0)
+        cams = ring_cameras(1, elevation_deg=15, radius=3.2, fovy_deg=35, width=size, height=size,
+                            start_azimuth_deg=30)
+        params = {k: v.clone().requires_grad_(True) for k, v in g.items()}
+        V = cams.viewmats.clone().requires_grad_(True)
+        bg = torch.ones(1, 3, requires_grad=True)
+
+        def fwd():
+            with torch.no_grad():
+                rasterize_gaussians(**params, viewmats=V, Ks=cams.Ks, width=size, height=size, backgrounds=bg,
+                                    backend="native")
+
+        def fwd_bwd():
+            img, alpha, _ = rasterize_gaussians(**params, viewmats=V, Ks=cams.Ks, width=size, height=size,
+                                                backgrounds=bg, backend="native")
+            (img.sum() + alpha.sum()).backward()
+
+        # the blend stage alone on the fused path's own lists: SIMD kernels vs the reference scalar kernels
+        fargs = (g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], cams.viewmats, cams.Ks,
+                 torch.ones(1, 3), size, size, 16, -1, 0, 0.01, 1e10, 0.3)
+        res = lib.render_forward(*fargs)
+        render, m2, con, feats, opac, radii, offs, flat, tf, last = (res[0], res[2], res[3], res[6], res[7], res[5],
+                                                                      res[8], res[9], res[11], res[12])
+        pairs = int(last.sum())
+        g_r, g_a = torch.ones_like(render), torch.ones_like(tf)
+
+        def stage_fwd():
+            lib.render_forward(*fargs)
+
+        def stage_bwd():
+            lib.render_backward(*fargs[:8], m2, con, feats, opac, radii, offs, flat, tf, last, g_r, g_a,
+                                *fargs[8:])
+
+        cpu: dict[str, list[float]] = {}
+        wall: dict[str, list[float]] = {}
+        plan = [("ref", {"STUDIO_NATIVE_FUSED": "0"}), ("fused", {"STUDIO_NATIVE_FUSED": "1"})]
+        stages = [("simd", {}), ("scalar", {"STUDIO_NATIVE_SIMD": "scalar"})]
+        for rep in range(repeats + 1):  # round 0 warms up
+            for name, envs in plan:
+                os.environ.update(envs)
+                for kind, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                    c, t = time.process_time(), time.perf_counter()
+                    fn()
+                    if rep:
+                        cpu.setdefault(f"{name}_{kind}", []).append((time.process_time() - c) * 1e3)
+                        wall.setdefault(f"{name}_{kind}", []).append((time.perf_counter() - t) * 1e3)
+            for name, envs in stages:
+                os.environ.update(envs)
+                for kind, fn in (("stage_fwd", stage_fwd), ("stage_bwd", stage_bwd)):
+                    c = time.process_time()
+                    fn()
+                    if rep:
+                        cpu.setdefault(f"{name}_{kind}", []).append((time.process_time() - c) * 1e3)
+                os.environ.pop("STUDIO_NATIVE_SIMD", None)
+        os.environ.pop("STUDIO_NATIVE_FUSED", None)
+        mc = {k: statistics.median(v) for k, v in cpu.items()}
+        mw = {k: statistics.median(v) for k, v in wall.items()}
+        fused_bwd = max(mc["fused_fwd_bwd"] - mc["fused_fwd"], 1e-6)
+        out["cases"][f"{n // 1000}k_{size}"] = {
+            "n": n, "size": size, "pairs": pairs,
+            "cpu_ms": {k: round(v, 3) for k, v in mc.items()},
+            "wall_ms": {k: round(v, 3) for k, v in mw.items()},
+            "ratio_fwd_cpu": round(mc["ref_fwd"] / mc["fused_fwd"], 2),
+            "ratio_fwd_bwd_cpu": round(mc["ref_fwd_bwd"] / mc["fused_fwd_bwd"], 2),
+            "ratio_fwd_wall": round(mw["ref_fwd"] / mw["fused_fwd"], 2),
+            "ratio_fwd_bwd_wall": round(mw["ref_fwd_bwd"] / mw["fused_fwd_bwd"], 2),
+            "stage_ratio_fwd_simd_vs_scalar": round(mc["scalar_stage_fwd"] / mc["simd_stage_fwd"], 2),
+            "stage_ratio_bwd_simd_vs_scalar": round(mc["scalar_stage_bwd"] / mc["simd_stage_bwd"], 2),
+            "pairs_per_s_per_core_fwd": round(pairs / (mc["fused_fwd"] / 1e3)),
+            "pairs_per_s_per_core_bwd": round(pairs / (fused_bwd / 1e3)),
+        }
+    c10, c50 = out["cases"]["10k_128"], out["cases"]["50k_256"]
+    out["headline"] = {
+        "native_fwd_bwd_ms_50k_256": c50["cpu_ms"]["fused_fwd_bwd"],
+        "native_pairs_per_s_per_core_fwd": c10["pairs_per_s_per_core_fwd"],
+        "native_pairs_per_s_per_core_bwd": c10["pairs_per_s_per_core_bwd"],
+        "native_vs_ref_fwd_bwd_ratio_10k_128": c10["ratio_fwd_bwd_cpu"],
+        "native_vs_ref_fwd_bwd_ratio_50k_256": c50["ratio_fwd_bwd_cpu"],
+        "native_vs_ref_fwd_ratio_10k_128": c10["ratio_fwd_cpu"],
+        "native_vs_ref_fwd_ratio_50k_256": c50["ratio_fwd_cpu"],
+        "native_vs_ref_goal_3x_met": min(c10["ratio_fwd_bwd_cpu"], c50["ratio_fwd_bwd_cpu"]) >= 3.0,
+    }
+    return out
 
 
 COMPETITORS = {
@@ -205,6 +315,18 @@ def contention(n: int = 10_000, size: int = 128, repeats: int = 11, rounds: int 
     }
 
 
+def _native_vs_ref(repeats: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, __file__, "--native-vs-ref-case", str(repeats)], capture_output=True,
+                       text=True, timeout=1800, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"native-vs-ref case failed: {r.stderr.strip()[-2000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["load_average"] = round(os.getloadavg()[0], 2)
+    out["machine"] = f"{platform.machine()} {os.cpu_count()} cpus"
+    return out
+
+
 def _subprocess_case(backend: str, n: int, size: int, repeats: int, timeout: float, threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--case", backend, str(n), str(size), str(repeats)]
     env = dict(os.environ)
@@ -226,6 +348,10 @@ def main() -> None:
     ap.add_argument("--contention", action="store_true",
                     help="only the shared-cores measurement: one render alone vs beside a busy process")
     ap.add_argument("--contention-case", nargs=3, metavar=("N", "SIZE", "REPEATS"), help=argparse.SUPPRESS)
+    ap.add_argument("--native-vs-ref", action="store_true",
+                    help="only the fused native path vs the reference native path, interleaved on one thread")
+    ap.add_argument("--native-vs-ref-case", type=int, metavar="REPEATS", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=9, help="repeats per measurement of --native-vs-ref")
     ap.add_argument("--torch-timeout", type=float, default=900.0, help="seconds before a torch case is abandoned")
     ap.add_argument("--skip-torch-above", type=float, default=2e9,
                     help="skip the dense twin when N*H*W pixel-Gaussian pairs exceed this (it would take an hour)")
@@ -240,6 +366,14 @@ def main() -> None:
         n, s, r = args.contention_case
         print(json.dumps(run_contention_case(int(n), int(s), int(r))))
         return
+    if args.native_vs_ref_case:
+        print(json.dumps(run_native_vs_ref(args.native_vs_ref_case)))
+        return
+    if args.native_vs_ref or not args.contention:
+        nvr = _native_vs_ref(args.repeats)
+        if args.native_vs_ref:
+            print(json.dumps({"benchmark": "render", "headline": nvr["headline"], "native_vs_ref": nvr}, indent=2))
+            return
     if args.contention:
         c = contention()
         head = {k: v for k, v in c.items() if k.startswith("contention_") or k == "alone_fwd_bwd_ms"}
@@ -272,7 +406,12 @@ def main() -> None:
             "torch_fwd_bwd_ms_10k_128": head["torch"].get("fwd_bwd_ms"),
             "native_vs_torch_fwd_speedup_10k_128": head.get("speedup_fwd"),
             "goal_100x_met": (head.get("speedup_fwd_bwd") or 0) >= 100,
+            **nvr["headline"],
+            # the grid's own (all threads) timing of the 50k / 256^2 case, next to the 1-thread one above
+            "native_fwd_bwd_ms_50k_256_grid": next((c["native"].get("fwd_bwd_ms") for c in cases
+                                                    if c["n"] == 50_000 and c["size"] == 256), None),
         },
+        "native_vs_ref": nvr,
         "cases": cases,
         "settings": {
             "scene": "ShapeWorld snowman surfels, 1 camera, radius 3.2, fovy 35, RGB + backgrounds",
