@@ -6,7 +6,7 @@ import torch
 
 from studio.errors import UserError
 from studio.teachers.inpaint import (CrossFrameAttnProcessor, DiffusersInpaintTeacher, ShapeWorldInpaintTeacher,
-                                     amodal_mask_from_completion, complete_object, inpaint_video, load_inpaint_teacher,
+                                     amodal_mask_from_completion, complete_object, complete_objects, inpaint_video, load_inpaint_teacher,
                                      occlusion_hole)
 from studio.world import scenes4d as S
 
@@ -102,6 +102,12 @@ def test_diffusers_inpaint_teacher_by_path(tiny_inpaint, scene):
     assert torch.equal(a[keep], frames[keep])
     # STSA is active inside the sampler (different result) and the image attention is restored afterwards
     c = inpaint_video(teacher, frames, hole, "a red cube", steps=3, guidance_scale=2.0, seed=1, cross_frame=False)
+    masks = torch.zeros(2, 3, 16, 16, dtype=torch.bool)
+    masks[0, :, 2:10, 2:10] = True
+    masks[1, :, 6:14, 6:14] = True
+    rgbs, ams = complete_objects(frames.permute(0, 2, 3, 1), masks, str(tiny_inpaint), prompts=["a cube", "a ball"],
+                                 device="cpu", steps=2)
+    assert rgbs.shape == (2, 3, 16, 16, 3) and bool((ams >= masks).all())
     assert not torch.equal(a, c)
     assert not any(isinstance(p, CrossFrameAttnProcessor) for p in teacher.unet.attn_processors.values())
     # the 9-channel input: UNet sees latents, the max-pooled mask and the masked-image latents
@@ -161,3 +167,9 @@ def test_complete_object_from_masks_only(scene):
     assert float(iou) > 0.95
     with pytest.raises(UserError, match="must agree"):
         complete_object(teacher, scene.frames[:2], scene.masks, k)
+    rgbs, ams = complete_objects(scene.frames, scene.masks, "shapeworld-exact", scene=scene, steps=8)
+    assert rgbs.shape == (2, *scene.frames.shape) and torch.equal(ams[1], amodal) and torch.equal(rgbs[1], rgb)
+    with pytest.raises(UserError, match="pass scene="):
+        complete_objects(scene.frames, scene.masks)
+    with pytest.raises(UserError, match="one per object"):
+        complete_objects(scene.frames, scene.masks, scene=scene, prompts=["a"])

@@ -60,7 +60,7 @@ from .schedule import NoiseSchedule
 from .shapeworld_exact import mixture_epsilon
 
 __all__ = ["InpaintTeacher", "DiffusersInpaintTeacher", "ShapeWorldInpaintTeacher", "CrossFrameAttnProcessor",
-           "inpaint_video", "amodal_mask_from_completion", "load_inpaint_teacher", "occlusion_hole", "complete_object"]
+           "inpaint_video", "amodal_mask_from_completion", "load_inpaint_teacher", "occlusion_hole", "complete_object", "complete_objects"]
 
 
 def _check_pair(images: Tensor, hole: Tensor) -> tuple[Tensor, Tensor]:
@@ -411,3 +411,33 @@ def complete_object(teacher: InpaintTeacher, frames: Tensor, masks: Tensor, k: i
     out = inpaint_video(teacher, img, hole.float()[:, None], prompt, **kw)
     amodal = amodal_mask_from_completion(out, vis, hole)
     return out.permute(0, 2, 3, 1).contiguous(), amodal
+
+
+def complete_objects(frames: Tensor, masks: Tensor, teacher: str | os.PathLike | InpaintTeacher = "shapeworld-exact",
+                     *, scene=None, prompts: Sequence[str] | None = None, device: str | None = None,
+                     **kw) -> tuple[Tensor, Tensor]:
+    """Amodal completion of every object of a clip: ``(rgb [K,T,H,W,3], amodal_masks [K,T,H,W])``.
+
+    ``teacher``: ``"shapeworld-exact"`` (needs ``scene``, a ``Scene4D``: one exact teacher per object), an SD-inpainting
+    folder / hub id (loaded once), or an ``InpaintTeacher``. ``prompts``: one per object (default empty; network
+    teachers only). ``kw`` goes to :func:`inpaint_video` (``steps``, ``seed``, ``consistency``, ...)."""
+    K = masks.shape[0]
+    prompts = list(prompts) if prompts is not None else [""] * K
+    if len(prompts) != K:
+        raise UserError(f"got {len(prompts)} prompts for {K} objects; give one per object or none")
+    shared = None
+    if isinstance(teacher, InpaintTeacher):
+        shared = teacher
+    elif os.fspath(teacher) == "shapeworld-exact":
+        if scene is None:
+            raise UserError("the shapeworld-exact inpainting teacher knows a ShapeWorld scene's renders: pass scene= "
+                            "(or give an SD-inpainting model folder / hub id)")
+    else:
+        shared = load_inpaint_teacher(teacher, **({"device": device} if device else {}))
+    rgbs, ams = [], []
+    for k in range(K):
+        t = shared if shared is not None else ShapeWorldInpaintTeacher.for_scene_object(scene, k)
+        rgb, am = complete_object(t, frames, masks, k, prompt=prompts[k], **kw)
+        rgbs.append(rgb)
+        ams.append(am)
+    return torch.stack(rgbs), torch.stack(ams)
