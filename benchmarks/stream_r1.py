@@ -106,7 +106,7 @@ def main() -> None:
     from studio.teachers.rewards import ShapeWorldReward
 
     steps = args.steps or (40 if args.quick else 200)
-    ode_steps = args.ode_steps if args.ode_steps is not None else (100 if args.quick else 300)
+    ode_steps = args.ode_steps if args.ode_steps is not None else (150 if args.quick else 300)
     ode_pairs = 32 if args.quick else 64
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
     held = resolve_prompts("static")[1::2]
@@ -134,10 +134,12 @@ def main() -> None:
     print(f"teacher_50: {row}", file=sys.stderr, flush=True)
     t_sec = stream_speed(teacher, t_sampler, held[0], teacher.num_frames, repeats=1)
     students: dict[str, list] = {}
-    runs = [("ode_init", "dmd", seeds[:1])] + [(k, n, seeds) for k, n in PRESETS.items()]
+    runs = [("ode_init", "dmd", seeds)] + [(k, n, seeds) for k, n in PRESETS.items()]
     for key, name, run_seeds in runs:
         for seed in run_seeds:
-            frozen = {"steps": 1, "lr": 0.0, "critic_lr": 0.0} if key == "ode_init" else {"steps": steps}
+            # the ODE-regression init is run once per seed (ode_init) and shared by the three presets (--init)
+            frozen = ({"steps": 1, "lr": 0.0, "critic_lr": 0.0} if key == "ode_init" else
+                      {"steps": steps, "init": str(out / f"ode_init_s{seed}" / "student")})
             cfg = StreamR1Config(teacher=TEACHER, preset=name, prompts=str(out / "train_prompts.txt"),
                                  ode_steps=ode_steps, ode_pairs=ode_pairs, ode_batch_size=4, seed=seed, eval_prompts=0,
                                  checkpoint_every=10 ** 9, balance_window=8, balance_warmup=8, **frozen)

@@ -86,13 +86,15 @@ class StreamR1Config(VideoDistillConfig):
     ema_decay: float = 0.99
     ema_start: int = 200
     """generator updates before the EMA starts averaging (Stream-R1: 200)"""
+    init: str = ""
+    """a causal student folder (e.g. of an earlier run's ODE init) to start the generator from; skips the ODE stage"""
     ode_steps: int = 60
     """ODE-regression initialisation steps (0 = none: start from the teacher's weights)"""
     ode_pairs: int = 16
     """teacher ODE trajectories in the initialisation set"""
     ode_substeps: int = 4
     """Euler steps of the teacher ODE between consecutive rollout levels"""
-    ode_lr: float = 5e-4
+    ode_lr: float = 1e-3
     ode_batch_size: int = 2
     eval_steps: tuple[int, ...] = (4,)
     """denoising steps per block at which the student is evaluated"""
@@ -134,7 +136,7 @@ class ODEInitStage:
         traj, ts = self.pairs()
         idx = torch.randint(traj.shape[0], (int(self.cfg.ode_batch_size),), generator=self.gen)
         cond = self.teacher.encode_prompt([self.prompts[int(i)] for i in idx], self.cfg.negative)
-        loss = ode_regression_loss(self.generator, traj[idx], ts, cond, generator=self.gen)
+        loss = ode_regression_loss(self.generator, traj[idx], ts, cond, generator=self.gen, clean_context=True)
         return StepOutput({"generator": loss})
 
     def after_step(self, step: int, out: StepOutput) -> None:
@@ -250,6 +252,29 @@ class StreamR1Stage:
         return v.permute(2, 0, 3, 1).reshape(v.shape[2], -1, 3)
 
 
+def load_causal_weights(generator, folder: str) -> None:
+    """Start ``generator`` from a causal student folder (its ``student.safetensors``; same teacher, same full / LoRA
+    choice), as Stream-R1 starts from Self-Forcing's ``ode_init.pt``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    meta_file = Path(folder) / "student.json"
+    if not meta_file.is_file():
+        raise UserError(f"--init {folder}: not a student folder (no student.json); give the student/ folder of an "
+                        f"earlier stream-r1 run")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("student") != "causal-wan":
+        raise UserError(f"--init {folder}: a {meta.get('student', 'LoRA')} student, not a causal one")
+    tensors = load_file(str(Path(folder) / meta.get("weights", "student.safetensors")))
+    expected = {n for n, p in generator.denoiser.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        raise UserError(f"--init {folder}: its weights do not match this generator (another teacher, or LoRA vs full "
+                        f"fine-tuning: use the same --lora-rank)")
+    generator.denoiser.load_state_dict(tensors, strict=False)
+
+
 # ------------------------------------------------------------------------------------------ the method
 class StreamR1Method(VideoDistillMethod):
     """Stream-R1 / Reward Forcing / Self-Forcing DMD into a causal streaming student (module doc)."""
@@ -282,13 +307,15 @@ class StreamR1Method(VideoDistillMethod):
             lora_alpha=cfg.lora_alpha, seed=cfg.seed)
         gen = self._nets.generator
         gen.denoising_steps = tuple(int(s) for s in cfg.denoising_steps)
+        if cfg.init:
+            load_causal_weights(gen, cfg.init)
         return gen
 
     def stages(self, cfg: StreamR1Config, teacher, student, data) -> list:
         from studio.teachers.rewards import load_reward
 
         reward = load_reward(cfg.reward, device=teacher.device)
-        stages = [ODEInitStage(cfg, teacher, student, data.prompts)] if cfg.ode_steps else []
+        stages = [ODEInitStage(cfg, teacher, student, data.prompts)] if cfg.ode_steps and not cfg.init else []
         self._dmd = StreamR1Stage(cfg, teacher, student, self._nets.critic, reward, data.prompts)
         return stages + [self._dmd]
 
