@@ -345,3 +345,54 @@ def test_stream_r1_step_with_the_real_videoreward_class_by_path(tiny_wan, tmp_pa
     assert torch.isfinite(loss) and {"reward_vq", "reward_mq", "reward_ta"} <= set(logs)
     assert any(float(g.abs().max()) > 0 for g in _grads(stage, loss))
     assert not any(p.requires_grad for p in reward.parameters())
+
+
+def test_ode_regression_with_clean_context(tiny_wan):
+    """Self-Forcing's ODE init draws the clean end point too (t = 0: clean context, as the rollout's cache holds);
+    those frames are left out of the loss."""
+    from studio.distill.ode_regression import ode_regression_inputs, ode_regression_loss
+    from studio.students.causal_video import CausalWanStudent, teacher_ode_pairs
+
+    teacher = load_video_teacher(str(tiny_wan))
+    cond = teacher.encode_prompt([PROMPT], "")
+    pairs = teacher_ode_pairs(teacher, cond, num_frames=4, substeps=1, seed=1)
+    K = pairs.trajectory.shape[1] - 1
+    x_t, t_frames, _ = ode_regression_inputs(pairs.trajectory, pairs.timesteps, 2, index=torch.tensor([[K, 1]]),
+                                             clean_context=True)
+    assert torch.equal(x_t[:, :, :2], pairs.trajectory[:, -1, :, :2]) and t_frames.tolist()[0][:2] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="index"):
+        ode_regression_inputs(pairs.trajectory, pairs.timesteps, 2, index=torch.tensor([[K, 1]]))
+    draws = ode_regression_inputs(pairs.trajectory, pairs.timesteps, 2, clean_context=True,
+                                  generator=torch.Generator().manual_seed(0))[2]
+    st = CausalWanStudent(teacher, block_size=2)
+    idx = torch.tensor([[K, 2]])
+    loss = ode_regression_loss(st, pairs.trajectory, pairs.timesteps, cond, index=idx, clean_context=True)
+    with torch.no_grad():
+        xi, tf, _ = ode_regression_inputs(pairs.trajectory, pairs.timesteps, 2, index=idx, clean_context=True)
+        pred = st.predict_frames(xi, tf.long(), cond)
+    expect = ((pred - pairs.trajectory[:, -1]) ** 2)[:, :, 2:].mean()
+    torch.testing.assert_close(loss.detach(), expect)
+    assert int(draws.max()) <= K
+
+
+def test_init_from_a_student_folder_skips_the_ode_stage(tiny_wan, tmp_path):
+    from studio.runs.video_generate import write_student
+
+    cfg = _cfg(tiny_wan)
+    teacher = load_video_teacher(cfg.teacher)
+    gen = StreamR1Method().make_student(cfg, teacher)
+    with torch.no_grad():
+        for p in gen.trainable_parameters():
+            p.add_(0.03)
+    folder = write_student(tmp_path / "init", gen, teacher=str(tiny_wan), sampler={"sampler": "causal"})
+    m = StreamR1Method()
+    cfg2 = _cfg(tiny_wan, init=str(folder), ode_steps=5, steps=1)
+    started = m.make_student(cfg2, teacher)
+    for a, b in zip(started.trainable_parameters(), gen.trainable_parameters()):
+        assert torch.equal(a, b)
+    data = VideoData("shapeworld", teacher, resolve_prompts("static"))
+    assert [s.name for s in m.stages(cfg2, teacher, started, data)] == ["dmd"]
+    from studio.errors import UserError
+
+    with pytest.raises(UserError, match="LoRA"):
+        StreamR1Method().make_student(_cfg(tiny_wan, init=str(folder), lora_rank=2), teacher)
