@@ -88,14 +88,14 @@ class StreamR1Config(VideoDistillConfig):
     """generator updates before the EMA starts averaging (Stream-R1: 200)"""
     init: str = ""
     """a causal student folder (e.g. of an earlier run's ODE init) to start the generator from; skips the ODE stage"""
-    ode_steps: int = 60
+    ode_steps: int = 150
     """ODE-regression initialisation steps (0 = none: start from the teacher's weights)"""
-    ode_pairs: int = 16
+    ode_pairs: int = 32
     """teacher ODE trajectories in the initialisation set"""
     ode_substeps: int = 4
     """Euler steps of the teacher ODE between consecutive rollout levels"""
     ode_lr: float = 1e-3
-    ode_batch_size: int = 2
+    ode_batch_size: int = 4
     eval_steps: tuple[int, ...] = (4,)
     """denoising steps per block at which the student is evaluated"""
 
