@@ -13,7 +13,7 @@ Claims checked (``claims``): steering lowers source error at equal or better con
 beyond the seed spread (the paper's claim); removing mode shifting lowers concept fidelity (mode trapping).
 A claim "held" only when the mean paired difference exceeds the std of the per-seed differences.
 
-    python benchmarks/dreamsteerer.py --quick   # DreamBooth presets only, 3 seeds x 1 source (~10-15 min, 2 cores)
+    python benchmarks/dreamsteerer.py --quick   # DreamBooth presets only, 3 seeds x 1 source (~10-15 min on a loaded 2-core CPU)
     python benchmarks/dreamsteerer.py           # TI / DB / CD x steered, + no-mode-shift, 3 seeds x 2 sources
 """
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main(argv=None) -> dict:
                     m = method.run(cfg, run_dir, progress=False)
                     rows.append({"preset": preset, "seed": seed, "azimuth": az,
                                  "concept_fidelity": m["concept_fidelity_exact"], "source_error": m["source_error"],
+                                 "palette_distance": m["concept_palette_distance"],
                                  "ssim_outside": m["ssim_outside_subject"], "nr_denoise_error": m["nr_denoise_error"],
                                  "mask_iou": m["mask_iou"], "seconds": m["seconds"], "personalize_seconds": p_secs})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -106,7 +107,8 @@ def main(argv=None) -> dict:
     table = {}
     for preset in dict.fromkeys(r["preset"] for r in rows):
         table[preset] = {k: {"mean": _mean(per_seed(preset, k)), "std_over_seeds": _std(per_seed(preset, k))}
-                         for k in ("concept_fidelity", "source_error", "ssim_outside", "nr_denoise_error", "seconds")}
+                         for k in ("concept_fidelity", "palette_distance", "source_error", "ssim_outside", "nr_denoise_error",
+                                   "seconds")}
 
     def paired(a, b, key):
         d = [x - y for x, y in zip(per_seed(a, key), per_seed(b, key)) if x is not None and y is not None]
@@ -120,10 +122,15 @@ def main(argv=None) -> dict:
                                                                           and -ds["mean"] > ds["std"]))
         claims[f"{b}_steering_keeps_concept_fidelity"] = dict(dc, held=bool(dc["mean"] is not None
                                                                              and dc["mean"] >= -dc["std"]))
+        dp = paired(f"{b}-steered", b, "palette_distance")
+        claims[f"{b}_steering_keeps_palette"] = dict(dp, held=bool(dp["mean"] is not None and dp["mean"] <= dp["std"]))
     if "db" in baselines:
         dm = paired("no-mode-shift", "db-steered", "concept_fidelity")
         claims["no_mode_shift_lowers_concept_fidelity"] = dict(dm, held=bool(dm["mean"] is not None and dm["mean"] < 0
                                                                               and -dm["mean"] > dm["std"]))
+        dq = paired("no-mode-shift", "db-steered", "palette_distance")
+        claims["no_mode_shift_raises_palette_distance"] = dict(dq, held=bool(dq["mean"] is not None and dq["mean"] > 0
+                                                                              and dq["mean"] > dq["std"]))
     g = lambda p, k: (table.get(p) or {}).get(k, {}).get("mean")  # noqa: E731
     result = {
         "benchmark": "dreamsteerer", "quick": bool(args.quick), "teacher": "shapeworld-unet",
@@ -136,10 +143,15 @@ def main(argv=None) -> dict:
         "db_source_error": g("db", "source_error"),
         "db_steered_source_error": g("db-steered", "source_error"),
         "no_mode_shift_concept_fidelity": g("no-mode-shift", "concept_fidelity"),
+        "db_palette_distance": g("db", "palette_distance"),
+        "db_steered_palette_distance": g("db-steered", "palette_distance"),
+        "no_mode_shift_palette_distance": g("no-mode-shift", "palette_distance"),
         "seconds_per_edit": _mean([r["seconds"] for r in rows]),
         "claims": claims, "presets": table, "rows": rows,
         "metric_labels": {"concept_fidelity": "non-paper exact: 1 - RMSE to the ground-truth concept render in the "
-                          "silhouette", "source_error": "non-paper exact: RMSE to the source outside the silhouette",
+                          "silhouette", "palette_distance": "non-paper exact: colour-set Chamfer distance of the "
+                          "edited subject to the concept's render (lower = concept colours present)",
+                          "source_error": "non-paper exact: RMSE to the source outside the silhouette",
                           "ssim_outside": "paper-like SSIM to the source, outside the silhouette",
                           "nr_denoise_error": "non-paper no-reference: pretrained teacher's denoising MSE"},
         "wall_seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads(),

@@ -197,7 +197,7 @@ def test_steering_stage_stop_gradients_with_a_dreambooth_personalisation():
 
 
 def test_edit_metrics_limits():
-    from studio.world.edit_metrics import background_error, concept_error, masked_ssim
+    from studio.world.edit_metrics import background_error, concept_error, masked_ssim, palette_distance
 
     pair = edit_pair("striped_cube", 30.0)
     src, tgt, m = pair["source"], pair["target"], pair["mask"]
@@ -205,6 +205,9 @@ def test_edit_metrics_limits():
     assert float(background_error(tgt, src, m)) < 1e-6  # the concept keeps the silhouette: nothing changes outside
     assert float(masked_ssim(src, src, m)) == pytest.approx(1.0, abs=1e-5)
     assert float(concept_error(src, tgt, m)) > 0.2 and float(background_error(1 - src, src, m)) > 0.5
+    # palette: exact colours score ~0 (cdist's float32 error), the source's red far, a 50/50 blend in between
+    assert float(palette_distance(tgt, tgt, m)) < 1e-3
+    assert float(palette_distance(src, tgt, m)) > float(palette_distance(0.5 * (src + tgt), tgt, m)) > 0.1
 
 
 def test_clip_scorer_with_a_tiny_real_clip_by_path(tmp_path):

@@ -19,7 +19,7 @@ SSIM to the source; here outside the subject mask), ``ssim_full``; with ``--clip
 CLIP-I to the concept's reference images) and ``feature_distance_outside`` (non-paper: LPIPS-style CLIP-feature
 distance to the source, with the subject region replaced by the source in both); for ShapeWorld sources the exact
 non-paper metrics ``concept_fidelity_exact`` / ``concept_error`` (edit vs the concept's ground-truth render inside
-the silhouette) and ``source_error`` (RMSE to the source outside the silhouette: background and pose); and the
+the silhouette), ``concept_palette_distance`` (colour-set Chamfer distance to it, pose-free) and ``source_error`` (RMSE to the source outside the silhouette: background and pose); and the
 non-paper no-reference quality score ``nr_denoise_error`` (the pretrained teacher's denoising error on the edit at
 fixed timesteps and noise; lower = more like the images the teacher knows; the paper's TOPIQ / MUSIQ / LIQE need
 pyiqa weights).
@@ -269,7 +269,7 @@ def edit_metrics(edited: Tensor, source: Tensor, mask: Tensor, *, teacher: Any =
                  pretrained: Any = None) -> dict:
     """The kind's metrics (module doc) of one edit; ``mask`` at image resolution. ``pretrained``: a context
     manager factory giving the teacher's pretrained model for the no-reference score (default: as is)."""
-    from ..world.edit_metrics import background_error, concept_error, masked_ssim
+    from ..world.edit_metrics import background_error, concept_error, masked_ssim, palette_distance
 
     m: dict[str, Any] = {
         "ssim_outside_mask": float(masked_ssim(edited, source, mask).mean()),
@@ -281,6 +281,7 @@ def edit_metrics(edited: Tensor, source: Tensor, mask: Tensor, *, teacher: Any =
         ce = concept_error(edited, truth["target"], gm)
         m["concept_error"] = float(ce.mean())
         m["concept_fidelity_exact"] = float(1 - ce.mean())
+        m["concept_palette_distance"] = float(palette_distance(edited, truth["target"], gm).mean())
         m["source_error"] = float(background_error(edited, source, gm).mean())
         m["ssim_outside_subject"] = float(masked_ssim(edited, source, gm).mean())
         inter = (mask * gm).sum()

@@ -27,6 +27,10 @@ from .primitives import Surface, surfels_to_gaussians
 from ..cameras import orbit_cameras
 from .references import DEFAULT_FOVY, DEFAULT_RADIUS, render_gaussian_views
 
+#: renders use the torch reference rasterizer [S]: a few thousand Gaussians at 32 px take about a second, the
+#: result does not depend on a native build, and edits are judged against the same renderer everywhere
+RENDER_BACKEND = "torch"
+
 MAGENTA, CYAN = (0.9, 0.15, 0.75), (0.1, 0.85, 0.85)
 LIME, NAVY = (0.6, 0.95, 0.1), (0.1, 0.1, 0.45)
 
@@ -83,22 +87,22 @@ def _cams(azimuths, elevations, size: int):
     return orbit_cameras(el.contiguous(), az, DEFAULT_RADIUS, DEFAULT_FOVY, size, size)
 
 
-def concept_views(name: str, n: int = 6, size: int = 32, elevation: float = 15.0, n_gaussians: int = 6000
-                  ) -> Tensor:
+def concept_views(name: str, n: int = 6, size: int = 32, elevation: float = 15.0, n_gaussians: int = 6000,
+                  backend: str = RENDER_BACKEND) -> Tensor:
     """``n`` reference renders ``[n,3,size,size]`` in [0,1] of the concept on white, azimuths ``k * 360 / n``."""
     az = torch.arange(n, dtype=torch.float32) * (360.0 / n)
-    out = render_gaussian_views(concept_gaussians(name, n_gaussians), _cams(az, elevation, size))
+    out = render_gaussian_views(concept_gaussians(name, n_gaussians), _cams(az, elevation, size), backend=backend)
     return out["images"].permute(0, 3, 1, 2).contiguous()
 
 
-def edit_pair(name: str, azimuth: float, elevation: float = 10.0, size: int = 32, n_gaussians: int = 6000
-              ) -> dict[str, Tensor]:
+def edit_pair(name: str, azimuth: float, elevation: float = 10.0, size: int = 32, n_gaussians: int = 6000,
+              backend: str = RENDER_BACKEND) -> dict[str, Tensor]:
     """``source`` (the base object), ``target`` (the concept at the same camera, the exact edit) ``[1,3,s,s]``
     and ``mask`` ``[1,1,s,s]`` (the shared silhouette, alpha > 0.5)."""
     c = get_concept(name)
     cams = _cams([azimuth], elevation, size)
-    src = render_gaussian_views(get_object(c.base).gaussians(n_gaussians), cams)
-    tgt = render_gaussian_views(concept_gaussians(name, n_gaussians), cams)
+    src = render_gaussian_views(get_object(c.base).gaussians(n_gaussians), cams, backend=backend)
+    tgt = render_gaussian_views(concept_gaussians(name, n_gaussians), cams, backend=backend)
     return {"source": src["images"].permute(0, 3, 1, 2).contiguous(),
             "target": tgt["images"].permute(0, 3, 1, 2).contiguous(),
             "mask": (src["alphas"].permute(0, 3, 1, 2) > 0.5).float()}

@@ -12,6 +12,9 @@ ShapeWorld exact metrics (the edit has a known answer: the concept rendered at t
 
 * :func:`concept_error` -- RMSE inside the silhouette between the edit and the ground-truth concept render
   (concept fidelity, lower is better); :func:`concept_fidelity_exact` = ``1 - concept_error``;
+* :func:`palette_distance` -- symmetric colour-space Chamfer distance between the edit's subject pixels and the
+  ground-truth concept's pixels (pose-free concept transfer: a muddy average of the concept's colours scores badly
+  because the concept's colours are missing from it, which the per-pixel RMSE rewards);
 * :func:`background_error` -- RMSE outside the silhouette between the edit and the source (source
   preservation: background and pose; the concept keeps the base object's shape, so any change there is error).
 """
@@ -71,3 +74,20 @@ def masked_ssim(edited: Tensor, source: Tensor, mask: Tensor | None = None, wind
     m = kornia.metrics.ssim(edited.float().contiguous(), source.float().contiguous(), ws).mean(1, keepdim=True)
     w = torch.ones_like(m) if mask is None else 1.0 - mask.float()
     return (m * w).sum((1, 2, 3)) / w.sum((1, 2, 3)).clamp_min(1e-12)
+
+
+def palette_distance(edited: Tensor, target: Tensor, mask: Tensor, target_mask: Tensor | None = None) -> Tensor:
+    """``[B]``: ``(mean_a min_b |a - b| + mean_b min_a |a - b|) / 2`` over the RGB values ``a`` of ``edited`` inside
+    ``mask`` and ``b`` of ``target`` inside ``target_mask`` (default ``mask``); 0 for identical colour sets."""
+    _check(edited, target, mask)
+    tm = mask if target_mask is None else target_mask
+    out = []
+    for i in range(edited.shape[0]):
+        a = edited[i].permute(1, 2, 0)[mask[i, 0] > 0.5].float()
+        b = target[i].permute(1, 2, 0)[tm[i, 0] > 0.5].float()
+        if a.numel() == 0 or b.numel() == 0:
+            out.append(torch.tensor(float("nan")))
+            continue
+        d = torch.cdist(a, b)
+        out.append(0.5 * (d.min(1).values.mean() + d.min(0).values.mean()))
+    return torch.stack(out)
