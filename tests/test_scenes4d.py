@@ -315,3 +315,27 @@ def test_non_square_frames():
     assert float((r["images"][0] - sc.frames[1]).abs().max()) < 1e-5
     pix, _ = sc.cameras[2].project(sc.points_3d[:, :, 2].reshape(-1, 3))
     assert torch.allclose(pix[0], sc.tracks_2d[:, :, 2].reshape(-1, 2), atol=1e-3)
+
+
+def test_backward_flow_and_fb_consistency(cross, orbit):
+    assert cross.flow_backward.shape == cross.flow.shape
+    v = S.flow_fb_valid(cross)
+    clear = ~(cross.object_alpha > 1e-3).any(0)  # [T,H,W]: wall only
+    still = clear[:-1] & clear[1:]  # static camera: the same wall pixel at t and t+1
+    assert bool(v[still].all()) and float(cross.flow_backward[still[:, :, :]].abs().max()) < 1e-5
+    # objects move: some object pixels are occluded / disoccluded, so not everything is valid
+    assert 0.5 < float(v.float().mean()) < 1.0
+    # orbiting camera: wall pixels landing on wall pixels are consistent; pixels leaving the frame are not
+    T, H, W = orbit.num_frames, *orbit.size
+    x = torch.arange(W) + 0.5 + orbit.flow[..., 0]
+    y = torch.arange(H)[:, None] + 0.5 + orbit.flow[..., 1]
+    inside = (x >= 0) & (x < W) & (y >= 0) & (y < H)
+    ccl = ~(orbit.object_alpha > 1e-3).any(0)
+    ccl = -torch.nn.functional.max_pool2d(-ccl.float()[:, None], 3, 1, 1)[:, 0] > 0.5  # a pixel away from objects
+    j, i = x.floor().long().clamp(0, W - 1), y.floor().long().clamp(0, H - 1)
+    lands = ccl[1:][torch.arange(T - 1)[:, None, None], i, j]
+    sel = ccl[:-1] & inside & lands
+    vo = S.flow_fb_valid(orbit)
+    assert float(vo[sel].float().mean()) > 0.98 and not bool(vo[~inside].any())
+    bw = S.warp_backward(orbit.flow_backward, orbit.flow)
+    assert float((orbit.flow + bw).norm(dim=-1)[sel].median()) < 0.05

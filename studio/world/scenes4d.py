@@ -42,7 +42,9 @@ All tensors are torch, CPU, float32 unless said otherwise.
 * ``flow [T-1,H,W,2]``: forward optical flow ``t -> t+1`` in pixels, defined on frame t's pixels:
   object pixels carry the blend of their Gaussians' projected displacements (the renderer's
   N-channel features), wall pixels the exact displacement of the wall point (zero for a static camera),
-  composited with the render's alpha like colour.
+  composited with the render's alpha like colour. ``flow_backward [T-1,H,W,2]``: entry t is the flow from frame
+  t+1 back to frame t, on frame t+1's pixels (same construction); ``flow_fb_valid(scene)`` applies the
+  forward-backward consistency rule of spec 1.6 to the pair.
 * ``background [H,W,3]``: the clean wall plate of frame 0; ``background_frames [T,H,W,3]`` of every frame
   (they differ only when the camera moves). The wall is the plane ``z = wall_z`` with the analytic
   texture ``wall_texture(xy, wall_seed)``.
@@ -102,6 +104,7 @@ __all__ = [
     "wall_texture", "camera_to_world", "relative_camera_poses", "camera_pose_records", "cameras_from_pose_records",
     "amodal_completion_target", "occlusion_region", "project_points", "object_gaussians", "posed_gaussians",
     "scene_gaussians", "render_view", "wall_render", "object_center_depth", "object_median_depth", "camera_pose_errors",
+    "flow_fb_valid", "warp_backward",
 ]
 
 FOVY = 49.1
@@ -259,6 +262,7 @@ class Scene4D:
     background_depth: Tensor
     scene_depth: Tensor
     background_frames: Tensor
+    flow_backward: Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     name: str = ""
     spec: SceneSpec | None = None
@@ -498,6 +502,7 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
     frames_out = torch.zeros(T, H, W, 3)
     depth = torch.zeros(T, H, W)
     flow = torch.zeros(max(T - 1, 0), H, W, 2)
+    flow_back = torch.zeros(max(T - 1, 0), H, W, 2)
     masks = torch.zeros(K, T, H, W, dtype=torch.bool)
     visible = torch.zeros(K, points_3d.shape[1], T, dtype=torch.bool)
     white = torch.ones(1, 3)
@@ -518,13 +523,14 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         allg = {key: torch.cat([per_t[k][t][key] for k in range(K)]) for key in per_t[0][t]}
         n_k = [per_t[k][t]["means"].shape[0] for k in range(K)]
         onehot = torch.cat([torch.nn.functional.one_hot(torch.full((n,), k), K).float() for k, n in enumerate(n_k)])
+        p0, _ = cams[t].project(allg["means"])
+        disp = torch.zeros(allg["means"].shape[0], 4)  # forward (to t+1) and backward (to t-1) displacements
         if t < T - 1:
-            nxt = torch.cat([per_t[k][t + 1]["means"] for k in range(K)])
-            p0, _ = cams[t].project(allg["means"])
-            p1, _ = cams[t + 1].project(nxt)
-            disp = (p1 - p0)[0]
-        else:
-            disp = torch.zeros(allg["means"].shape[0], 2)
+            p1, _ = cams[t + 1].project(torch.cat([per_t[k][t + 1]["means"] for k in range(K)]))
+            disp[:, :2] = (p1 - p0)[0]
+        if t > 0:
+            pm, _ = cams[t - 1].project(torch.cat([per_t[k][t - 1]["means"] for k in range(K)]))
+            disp[:, 2:] = (pm - p0)[0]
         feats = torch.cat([allg["colors"], onehot, disp], -1)
         r, a, meta = rast(allg, t, feats, None)
         a = a[0, ..., 0].clamp(0, 1)
@@ -545,11 +551,13 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
         owner = weights.argmax(-1)
         for k in range(K):
             masks[k, t] = cover & (owner == k) & (obj_alpha[k, t] > 0.5)
-        if t < T - 1:
-            bg_next, _ = cams[t + 1].project(wall_pts[t].reshape(-1, 3))
-            jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
-            bg_flow = bg_next[0].reshape(H, W, 2) - torch.stack([jj, ii], -1)
-            flow[t] = r[0, ..., 3 + K:3 + K + 2] + (1 - a)[..., None] * bg_flow
+        jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+        pix = torch.stack([jj, ii], -1)
+        for dt, out_flow, ch in ((1, flow, 0), (-1, flow_back, 2)):
+            if 0 <= t + dt < T:
+                bg_to, _ = cams[t + dt].project(wall_pts[t].reshape(-1, 3))
+                bg_flow = bg_to[0].reshape(H, W, 2) - pix
+                out_flow[t if dt == 1 else t - 1] = r[0, ..., 3 + K + ch:3 + K + ch + 2] + (1 - a)[..., None] * bg_flow
     amodal = obj_alpha > 0.5
     scene_depth = torch.where(depth > 0, depth, wall_depth)
     tracks, z = project_points(cams, points_3d)
@@ -557,7 +565,7 @@ def render_scene(spec: SceneSpec, *, size: int | tuple[int, int] = 64, frames: i
     return Scene4D(
         frames=frames_out, masks=masks, amodal_masks=amodal, depth=depth, cameras=cams, fps=float(spec.fps),
         object_names=names, points_3d=points_3d, tracks_2d=tracks, track_visible=visible, flow=flow,
-        background=wall_rgb[0].clone(), object_poses=poses, bend_angles=bends,
+        flow_backward=flow_back, background=wall_rgb[0].clone(), object_poses=poses, bend_angles=bends,
         object_scales=torch.tensor(scales, dtype=torch.float32), canonical_points=torch.stack(canon_pts),
         object_rgb=obj_rgb, object_alpha=obj_alpha, object_depth=obj_depth, background_depth=wall_depth,
         scene_depth=scene_depth, background_frames=wall_rgb, prompts=prompts, name=spec.name, spec=spec,
@@ -699,6 +707,35 @@ def cameras_from_pose_records(records: Sequence[dict], Ks: Tensor, width: int, h
     return Cameras(torch.linalg.inv(c2w), Ks.clone(), width, height)
 
 
+def warp_backward(field: Tensor, flow: Tensor) -> Tensor:
+    """Sample ``field [N,H,W,C]`` at ``pixel + flow`` (``flow [N,H,W,2]`` pixels, bilinear, border values outside)."""
+    N, H, W, _ = flow.shape
+    jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+    p = torch.stack([jj, ii], -1) + flow
+    grid = torch.stack([p[..., 0] / W * 2 - 1, p[..., 1] / H * 2 - 1], -1)
+    out = torch.nn.functional.grid_sample(field.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border",
+                                          align_corners=False)
+    return out.permute(0, 2, 3, 1)
+
+
+def flow_fb_valid(forward: Tensor | Scene4D, backward: Tensor | None = None, *, rel: float = 0.01,
+                  abs_px: float = 0.5) -> Tensor:
+    """Forward-backward consistency (UnFlow, spec 1.6): ``[T-1,H,W]`` bool, a pixel of frame t is valid when
+    ``|f + b(x + f)| <= rel (|f| + |b(x + f)|) + abs_px`` and ``x + f`` lands inside frame t+1. Takes a scene (its
+    ground-truth pair) or ``forward`` / ``backward`` flows ``[T-1,H,W,2]`` (``backward[t]``: t+1 -> t)."""
+    if isinstance(forward, Scene4D):
+        forward, backward = forward.flow, forward.flow_backward
+    if backward is None:
+        raise UserError("flow_fb_valid needs the backward flow too (Scene4D.flow_backward or backward=)")
+    H, W = forward.shape[1:3]
+    bw = warp_backward(backward, forward)
+    err = (forward + bw).norm(dim=-1)
+    ok = err <= rel * (forward.norm(dim=-1) + bw.norm(dim=-1)) + abs_px
+    jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+    x, y = jj + forward[..., 0], ii + forward[..., 1]
+    return ok & (x >= 0) & (x < W) & (y >= 0) & (y < H)
+
+
 def object_center_depth(scene: Scene4D) -> Tensor:
     """``[K,T]`` view-space depth (camera z) of each object's origin (its pose translation) in frame t's camera:
     the ground truth of per-object depth placement (composition, spec 1.5 / part 7)."""
@@ -740,7 +777,7 @@ def camera_pose_errors(estimated_c2w: Tensor, scene_or_c2w: Scene4D | Tensor) ->
 # ----------------------------------------------------------------------------------------------- save / load
 _ARRAYS = ("frames", "masks", "amodal_masks", "depth", "points_3d", "tracks_2d", "track_visible", "flow",
            "background", "object_poses", "bend_angles", "object_scales", "canonical_points", "object_rgb",
-           "object_alpha", "object_depth", "background_depth", "scene_depth", "background_frames")
+           "object_alpha", "object_depth", "background_depth", "scene_depth", "background_frames", "flow_backward")
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
@@ -770,7 +807,7 @@ def save_scene(scene: Scene4D, directory: str | os.PathLike, *, quality: float =
                 mk = (m[k].numpy().astype(np.uint8) * 255)
                 for t in range(mk.shape[0]):
                     _write_png(d / f"{t:05d}.png", mk[t])
-        arrays = {k: getattr(scene, k).numpy() for k in _ARRAYS}
+        arrays = {k: getattr(scene, k).numpy() for k in _ARRAYS if getattr(scene, k) is not None}
         arrays["viewmats"] = scene.cameras.viewmats.numpy()
         arrays["Ks"] = scene.cameras.Ks.numpy()
         np.savez_compressed(tmp / "ground_truth.npz", **arrays)
@@ -803,7 +840,7 @@ def load_scene(directory: str | os.PathLike) -> Scene4D:
         arr = {k: torch.from_numpy(z[k].copy()) for k in z.files}
     cams = Cameras(arr.pop("viewmats"), arr.pop("Ks"), int(meta["width"]), int(meta["height"]))
     spec = SceneSpec.from_dict(meta["spec"]) if meta.get("spec") else None
-    return Scene4D(**{k: arr[k] for k in _ARRAYS}, cameras=cams, fps=float(meta["fps"]),
+    return Scene4D(**{k: arr[k] for k in _ARRAYS if k in arr}, cameras=cams, fps=float(meta["fps"]),
                    object_names=list(meta["object_names"]), prompts=list(meta.get("prompts", [])),
                    name=meta.get("name", ""), spec=spec, seed=int(meta.get("seed", 0)))
 
