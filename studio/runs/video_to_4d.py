@@ -172,6 +172,9 @@ def turned_cameras(cams: Cameras, degrees: float, center: Tensor | None = None) 
 
 
 # ------------------------------------------------------------------------------------------------ ground truth
+_GT_CACHE: dict[tuple, dict[str, Tensor]] = {}
+
+
 def ground_truth_gaussians(scene, seed: int, t: int) -> dict[str, Tensor]:
     """The scene's objects at frame ``t`` as activated world Gaussians (rebuilt exactly as the scene renderer
     builds them: same object sets, bend, pose), for renders at views the video does not have."""
@@ -183,7 +186,11 @@ def ground_truth_gaussians(scene, seed: int, t: int) -> dict[str, Tensor]:
     spec = scene.spec
     out: dict[str, list[Tensor]] = {k: [] for k in ("means", "quats", "scales", "opacities", "colors", "object")}
     for k in range(K):
-        g = get_object(spec.objects[k].name).gaussians(spec.n_gaussians, seed=int(seed) * 1009 + k)
+        key = (spec.objects[k].name, spec.n_gaussians, int(seed) * 1009 + k)
+        if key not in _GT_CACHE:
+            _GT_CACHE.clear() if len(_GT_CACHE) > 16 else None
+            _GT_CACHE[key] = get_object(key[0]).gaussians(key[1], seed=key[2])
+        g = _GT_CACHE[key]
         yr = (float(g["means"][:, 1].min()), float(g["means"][:, 1].max()))
         m, Rb = bend_points(g["means"], scene.bend_angles[k, t], yr)
         A = scene.object_poses[k, t, :3, :3]
@@ -248,10 +255,11 @@ def evaluate(seq: list[dict[str, Tensor]], inp: VideoInput, cfg: VideoTo4DConfig
     out: dict[str, Any] = {}
     # novel views (held-out) at every frame: objects only, over white
     psnrs, ious = [], []
+    gts = [ground_truth_gaussians(scene, cfg.seed, t) for t in range(T)]
     for sign in (1.0, -1.0):
         nv = turned_cameras(cams, sign * cfg.eval_azimuth)
         for t in range(T):
-            gt = ground_truth_gaussians(scene, cfg.seed, t)
+            gt = gts[t]
             gi, ga = render_gaussians(gt, nv[t])
             pi, pa = render_gaussians(seq[t], nv[t])
             mse = float((gi - pi).pow(2).mean())
@@ -264,7 +272,7 @@ def evaluate(seq: list[dict[str, Tensor]], inp: VideoInput, cfg: VideoTo4DConfig
     # input-view reconstruction of the object layer
     rec = []
     for t in range(T):
-        gi, _ = render_gaussians(ground_truth_gaussians(scene, cfg.seed, t), cams[t])
+        gi, _ = render_gaussians(gts[t], cams[t])
         pi, _ = render_gaussians(seq[t], cams[t])
         rec.append(-10 * math.log10(max(float((gi - pi).pow(2).mean()), 1e-10)))
     out["input_view_psnr"] = float(np.mean(rec))
