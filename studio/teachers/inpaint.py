@@ -277,7 +277,6 @@ class ShapeWorldInpaintTeacher(InpaintTeacher):
                             f"{tuple(x_t.shape[-2:])}; give frames at the scene's size")
         known = 1 - extra["inpaint_mask"].to(x_t)  # [B,1,H,W]
         y = extra["masked_image"].to(x_t)
-        B, R = x_t.shape[0], refs.shape[0]
         diff = (y[:, None] - refs[None]) * known[:, None]  # [B,R,3,H,W]
         log_prior = -(diff.double() ** 2).flatten(2).sum(-1) / (2 * self.tau ** 2)
         a, s = self.schedule.alpha(t, x_t), self.schedule.sigma(t, x_t)

@@ -84,7 +84,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -100,7 +100,8 @@ from .primitives import gaussian_normals, rotation_matrix, rotmat_to_quat
 
 __all__ = [
     "FOVY", "VIS_SIGMAS", "VIS_PATCH", "ObjectTrack", "SceneSpec", "Scene4D", "scene_names", "scene_spec", "make_scene",
-    "random_scene", "random_spec", "render_scene", "save_scene", "load_scene", "load_video_input", "load_mask_tracks", "bend_points",
+    "random_scene", "random_spec", "render_scene", "save_scene", "load_scene", "load_video_input", "load_mask_tracks",
+    "bend_points",
     "wall_texture", "camera_to_world", "relative_camera_poses", "camera_pose_records", "cameras_from_pose_records",
     "amodal_completion_target", "occlusion_region", "project_points", "object_gaussians", "posed_gaussians",
     "scene_gaussians", "render_view", "wall_render", "object_center_depth", "object_median_depth", "camera_pose_errors",
@@ -115,7 +116,6 @@ FOVY = 49.1
 #: within a pixel); occluders farther away (another object, a snowman's head over its body) still count.
 VIS_SIGMAS = 3.0
 VIS_PATCH = 0.25
-MASK_DIRS = ("masks", "amodal_masks")
 
 
 # ----------------------------------------------------------------------------------------------- spec
