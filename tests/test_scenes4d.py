@@ -206,6 +206,12 @@ def test_save_load_round_trip(cross, tmp_path):
     assert masks is not None and torch.equal(masks, cross.masks)
     frames, none = S.load_video_input(out / "frames")
     assert none is None
+    # resize (long side / exact) and frame subsampling keep masks aligned with frames
+    frames, masks = S.load_video_input(out / "frames", masks=out / "masks", size=24, max_frames=3)
+    assert frames.shape == (3, 24, 24, 3) and masks.shape == (2, 3, 24, 24)
+    assert torch.equal(masks[:, 1], cross.masks[:, 4, 1::2, 1::2]) or torch.equal(masks[:, 1], cross.masks[:, 4, ::2, ::2])
+    frames, masks = S.load_video_input(out / "frames", masks=out / "masks", size=(16, 32))
+    assert frames.shape == (8, 16, 32, 3) and masks.shape == (2, 8, 16, 32)
 
 
 def test_mask_videos(cross, tmp_path):
@@ -258,6 +264,8 @@ def test_bad_inputs(cross, tmp_path):
     (out / "frames" / "00003.png").write_bytes(b"junk")
     with pytest.raises(UserError, match="00003.png"):
         S.load_video_input(out / "frames")
+    with pytest.raises(UserError, match="max_frames must be >= 1"):
+        S.load_video_input(out / "video.mp4", max_frames=0)
     with pytest.raises(UserError, match="frames must be >= 2"):
         S.make_scene("two_cross", frames=1)
 

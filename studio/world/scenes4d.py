@@ -916,6 +916,7 @@ def _read_mask_track(src: Path, T: int, H: int, W: int) -> Tensor:
 
 
 def load_video_input(video: str | os.PathLike, masks: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                     *, size: int | tuple[int, int] | None = None, max_frames: int | None = None,
                      ) -> tuple[Tensor, Tensor | None]:
     """Read a user's video and its per-object mask tracks: ``(frames [T,H,W,3] float in [0,1],
     masks [K,T,H,W] bool or None)``.
@@ -927,6 +928,10 @@ def load_video_input(video: str | os.PathLike, masks: str | os.PathLike | Sequen
     the DreamScene4D layout) or a mask video (``001.mp4``) -- taken in name order, or a list of such
     entries; ``None`` for no masks (use a ``MaskSource`` to make them). Every problem raises ``UserError``
     naming the input and the fix.
+    ``size``: an int resizes so the longer side is ``size`` (aspect kept, e.g. DreamScene4D's 720), ``(H, W)``
+    resizes exactly (antialiased bilinear for frames, nearest for masks); ``max_frames`` keeps that many frames
+    evenly spaced over the clip (first and last included). Masks are read at the original size and resampled the
+    same way.
     """
     src = Path(video)
     if src.is_dir() and (src / "scene.json").is_file() and (src / "frames").is_dir():
@@ -934,10 +939,34 @@ def load_video_input(video: str | os.PathLike, masks: str | os.PathLike | Sequen
             masks = src / "masks"
         src = src / "frames"
     frames = _read_frames(src)
-    if masks is None:
-        return frames, None
     T, H, W = frames.shape[:3]
-    return frames, load_mask_tracks(masks, T, H, W)
+    m = load_mask_tracks(masks, T, H, W) if masks is not None else None
+    if max_frames is not None:
+        if int(max_frames) < 1:
+            raise UserError(f"max_frames must be >= 1, got {max_frames}")
+        if int(max_frames) < T:
+            idx = torch.linspace(0, T - 1, int(max_frames)).round().long()
+            frames = frames[idx]
+            m = m[:, idx] if m is not None else None
+    if size is not None:
+        if isinstance(size, int):
+            if size < 8:
+                raise UserError(f"size must be >= 8 pixels, got {size}")
+            s_ = size / max(H, W)
+            hw = (max(1, round(H * s_)), max(1, round(W * s_)))
+        else:
+            hw = (int(size[0]), int(size[1]))
+            if min(hw) < 8:
+                raise UserError(f"size must be at least 8x8 pixels, got {size}")
+        if hw != (H, W):
+            import torch.nn.functional as F
+
+            frames = F.interpolate(frames.permute(0, 3, 1, 2), size=hw, mode="bilinear", align_corners=False,
+                                   antialias=True).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+            if m is not None:
+                K, Tm = m.shape[:2]
+                m = F.interpolate(m.reshape(K * Tm, 1, H, W).float(), size=hw, mode="nearest").reshape(K, Tm, *hw) > 0.5
+    return frames, m
 
 
 def load_mask_tracks(masks: str | os.PathLike | Sequence[str | os.PathLike], T: int, H: int, W: int) -> Tensor:
