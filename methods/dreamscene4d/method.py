@@ -160,10 +160,14 @@ class DreamScene4DMethod(VideoTo4DMethod):
                                         progress=progress, checkpoint_every=max(50, total // 4),
                                         preview_every=max(10, total // 10))
         info["train_seconds"] = round(seconds, 2)
-        per_stage: dict[str, float] = {}
+        last: dict[str, dict] = {}
         for rec in history:
-            kind = rec["stage"].split("/")[-1]
-            per_stage[kind] = per_stage.get(kind, 0.0) + 1.0 / max(rec.get("it_s", 1e9), 1e-9) / max(rec["step"], 1)
+            last[rec["stage"]] = rec
+        per_stage: dict[str, float] = {}
+        for name, rec in last.items():  # a stage's seconds: its steps over its mean rate
+            kind = name.split("/")[-1]
+            per_stage[kind] = round(per_stage.get(kind, 0.0) + rec["step"] / max(rec.get("it_s", 1e9), 1e-9), 2)
+        info["stage_seconds"] = per_stage
         t1 = time.perf_counter()
         rhos = compose(fits, inp, cfg, depth_map, metric)
         info["compose_seconds"] = round(time.perf_counter() - t1, 2)
