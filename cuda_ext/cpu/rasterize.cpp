@@ -166,9 +166,32 @@ struct Params {
   const int32_t* flat;     // [n_isect]
   int64_t C, N, D, n_isect;
   int W, H, ts, tw, th;
+  const double* ext = nullptr;  // [C,N,3] gaussian_extent per Gaussian (fused path), or nullptr
 };
 
 constexpr int kBox = 4;  // x0, x1, y0, y1: inclusive pixel box inside the tile
+
+// Per Gaussian: the reject threshold ln(255 o) + margin (o <= 0: -inf, rejects everything; NaN opacity: NaN, never
+// pre-rejected, the exact test decides) and the half extents of the pixel box of the ellipse sigma <= thr,
+// sqrt(2 thr Sigma_xx) + 1 and sqrt(2 thr Sigma_yy) + 1 with Sigma = conic^-1 (NaN where anything is degenerate:
+// the box falls back to the whole tile). out = {thr, ex, ey}.
+template <typename scalar_t>
+inline void gaussian_extent(scalar_t ok, scalar_t a, scalar_t b, scalar_t c, scalar_t mx, scalar_t my, double* out) {
+  const double thr_d = ok > scalar_t(0) ? std::log(static_cast<double>(ok) / kAlphaMin) + kRejectMargin
+                       : (ok <= scalar_t(0) ? -std::numeric_limits<double>::infinity() : static_cast<double>(ok));
+  out[0] = thr_d;
+  out[1] = out[2] = std::numeric_limits<double>::quiet_NaN();
+  if (thr_d < 0) return;
+  const double ad = a, bd = b, cd = c, det = ad * cd - bd * bd;
+  if (det > 0 && ad > 0 && std::isfinite(thr_d)) {
+    const double ex = std::sqrt(2.0 * thr_d * cd / det) + 1.0, ey = std::sqrt(2.0 * thr_d * ad / det) + 1.0;
+    if (std::isfinite(ex) && std::isfinite(ey) && std::isfinite(static_cast<double>(mx)) &&
+        std::isfinite(static_cast<double>(my))) {
+      out[1] = ex;
+      out[2] = ey;
+    }
+  }
+}
 
 // Structure-of-arrays copy of one tile's list: mx, my, a, b, c, o, reject threshold, colours
 // [len,D], and each Gaussian's pixel box clipped to the tile (empty box: x0 > x1).
@@ -178,7 +201,10 @@ struct TileCache {
   std::vector<int32_t> box;
   const scalar_t *mx, *my, *ca, *cb, *cc, *op, *thr;
 
-  void gather(const Params<scalar_t>& p, int64_t s, int64_t len, int64_t D, int tx0, int tx1, int ty0, int ty1) {
+  // ext (optional, [C*N*3] doubles from gaussian_extent): the per-Gaussian threshold and ellipse half extents,
+  // computed once per Gaussian instead of once per intersection; the result is the same.
+  void gather(const Params<scalar_t>& p, int64_t s, int64_t len, int64_t D, int tx0, int tx1, int ty0, int ty1,
+              const double* ext = nullptr) {
     buf.resize(static_cast<size_t>(7 * len));
     col.resize(static_cast<size_t>(len * D));
     box.resize(static_cast<size_t>(kBox * len));
@@ -192,39 +218,34 @@ struct TileCache {
       a[k] = p.conics[g * 3];
       bb[k] = p.conics[g * 3 + 1];
       c[k] = p.conics[g * 3 + 2];
-      const scalar_t ok = p.opac[g];
-      o[k] = ok;
-      // ln(255 o) + margin; o <= 0 rejects everything; NaN opacity -> NaN threshold (never
-      // pre-rejected: the exact test decides).
-      const double thr_d = ok > scalar_t(0) ? std::log(static_cast<double>(ok) / kAlphaMin) + kRejectMargin
-                           : (ok <= scalar_t(0) ? -std::numeric_limits<double>::infinity()
-                                                : static_cast<double>(ok));
-      th[k] = static_cast<scalar_t>(thr_d);
+      o[k] = p.opac[g];
+      double e3[3];
+      if (ext) {
+        e3[0] = ext[g * 3]; e3[1] = ext[g * 3 + 1]; e3[2] = ext[g * 3 + 2];
+      } else {
+        gaussian_extent(o[k], a[k], bb[k], c[k], x[k], y[k], e3);
+      }
+      th[k] = static_cast<scalar_t>(e3[0]);
       const scalar_t* src = p.colors + g * D;
       std::copy(src, src + D, col.data() + k * D);
-      // Pixel box of the ellipse sigma <= thr: half-extents sqrt(2 thr Sigma_xx), sqrt(2 thr Sigma_yy)
-      // with Sigma = conic^-1, widened by one pixel; anything degenerate falls back to the tile.
       int32_t* bx = box.data() + kBox * k;
       bx[0] = tx0; bx[1] = tx1; bx[2] = ty0; bx[3] = ty1;
-      if (thr_d < 0) {  // nothing can pass the alpha test
+      if (e3[0] < 0) {  // nothing can pass the alpha test
         bx[0] = 1; bx[1] = 0;
         continue;
       }
-      const double ad = a[k], bd = bb[k], cd = c[k], det = ad * cd - bd * bd;
-      if (det > 0 && ad > 0 && std::isfinite(thr_d)) {
-        const double ex = std::sqrt(2.0 * thr_d * cd / det) + 1.0, ey = std::sqrt(2.0 * thr_d * ad / det) + 1.0;
+      const double ex = e3[1], ey = e3[2];
+      if (std::isfinite(ex)) {
         const double mxd = x[k], myd = y[k];
-        if (std::isfinite(ex) && std::isfinite(ey) && std::isfinite(mxd) && std::isfinite(myd)) {
-          const double jx0 = std::max(std::ceil(mxd - ex - 0.5), static_cast<double>(tx0));
-          const double jx1 = std::min(std::floor(mxd + ex - 0.5), static_cast<double>(tx1));
-          const double jy0 = std::max(std::ceil(myd - ey - 0.5), static_cast<double>(ty0));
-          const double jy1 = std::min(std::floor(myd + ey - 0.5), static_cast<double>(ty1));
-          if (jx0 > jx1 || jy0 > jy1) {
-            bx[0] = 1; bx[1] = 0;
-          } else {
-            bx[0] = static_cast<int32_t>(jx0); bx[1] = static_cast<int32_t>(jx1);
-            bx[2] = static_cast<int32_t>(jy0); bx[3] = static_cast<int32_t>(jy1);
-          }
+        const double jx0 = std::max(std::ceil(mxd - ex - 0.5), static_cast<double>(tx0));
+        const double jx1 = std::min(std::floor(mxd + ex - 0.5), static_cast<double>(tx1));
+        const double jy0 = std::max(std::ceil(myd - ey - 0.5), static_cast<double>(ty0));
+        const double jy1 = std::min(std::floor(myd + ey - 0.5), static_cast<double>(ty1));
+        if (jx0 > jx1 || jy0 > jy1) {
+          bx[0] = 1; bx[1] = 0;
+        } else {
+          bx[0] = static_cast<int32_t>(jx0); bx[1] = static_cast<int32_t>(jx1);
+          bx[2] = static_cast<int32_t>(jy0); bx[3] = static_cast<int32_t>(jy1);
         }
       }
     }
@@ -265,7 +286,7 @@ void forward_impl(const Params<scalar_t>& p, scalar_t* render, scalar_t* alphas,
       const int npix = bw * (y1 - y0);
       const int64_t s = p.offsets[t], e = (t + 1 < ntiles) ? p.offsets[t + 1] : p.n_isect;
       const int64_t len = e - s;
-      tc.gather(p, s, len, D, x0, x1 - 1, y0, y1 - 1);
+      tc.gather(p, s, len, D, x0, x1 - 1, y0, y1 - 1, p.ext);
       const scalar_t* colc = tc.col.data();
       double* Tr = Tr_v.data();
       scalar_t* acc = acc_v.data();
@@ -400,7 +421,7 @@ void backward_impl(const Params<scalar_t>& p, const scalar_t* g_render, const sc
       scalar_t* part = partial + s * S;
       if (maxlast < len) std::fill(part + maxlast * S, part + len * S, scalar_t(0));
       if (maxlast == 0) continue;
-      tc.gather(p, s, maxlast, D, x0, x1 - 1, y0, y1 - 1);
+      tc.gather(p, s, maxlast, D, x0, x1 - 1, y0, y1 - 1, p.ext);
       const scalar_t* colc = tc.col.data();
       for (int64_t k = maxlast - 1; k >= 0; --k) {
         scalar_t* rec = part + k * S;
@@ -721,7 +742,8 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
 //                depth_mode (0: none, 1: depth appended as the last channel, 2: depth only), near, far, eps2d)
 //   colors: features [N,D] / [C,N,D], or SH coefficients [N,K',D] / [C,N,K',D] (the first (deg+1)^2 used).
 //   -> render [C,H,W,Dt], alphas [C,H,W,1], means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N,2],
-//      feats [C,N,Dt], opac [C,N], isect_offsets, flatten_ids, tiles_per_gauss, T_final, last_ids
+//      feats [C,N,Dt], opac [C,N], isect_offsets, flatten_ids, tiles_per_gauss, T_final, last_ids,
+//      ext [C,N,3] (float64: per-Gaussian reject threshold and ellipse half extents, see gaussian_extent)
 // render_backward(the inputs, the saved outputs, grad render, grad alphas, the settings)
 //   -> grads of means, quats, scales, opacities, colors (input shape), viewmats [C,4,4], backgrounds, and
 //      d loss / d means2d [C,N,2] (the screen-space gradient densification reads)
@@ -800,6 +822,7 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
   at::Tensor render = at::empty({C, height, width, Dt}, fopt), alphas = at::empty({C, height, width, 1}, fopt);
   at::Tensor tfinal = at::empty({C, height, width}, fopt), last = at::empty({C, height, width}, i32);
   at::Tensor offsets = at::empty({C, th, tw}, i32), tiles_per_gauss = at::zeros({C, N}, i32);
+  at::Tensor ext = at::empty({C, N, 3}, fopt.dtype(at::kDouble));
   std::vector<int32_t> flat;
   AT_DISPATCH_FLOATING_TYPES(st, "render_forward", [&] {
     using S = scalar_t;
@@ -809,6 +832,7 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
     S *m2 = means2d.data_ptr<S>(), *cn = conics.data_ptr<S>(), *dp = depths.data_ptr<S>();
     S *fp = feats.data_ptr<S>(), *oc = opac.data_ptr<S>();
     int32_t* rp = radii.data_ptr<int32_t>();
+    double* ep = ext.data_ptr<double>();
     const int64_t nchunks = (N + kChunk - 1) / kChunk;
     studio_parallel::run(nchunks, [&](const Claim& next) {
       studio_project::Projected<S> pr;
@@ -825,6 +849,7 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
             dp[g] = pr.p[2];
             oc[g] = op[n];
             pr.radii(op[n], W, H, rp + g * 2);
+            gaussian_extent<S>(op[n], pr.conic[0], pr.conic[1], pr.conic[2], pr.mean2d[0], pr.mean2d[1], ep + g * 3);
             S* fo = fp + g * Dt;
             if (f.depth_mode != 2) {
               const S* col = cp + c * f.col_cam_stride + n * f.col_g_stride;
@@ -852,8 +877,9 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
   at::Tensor flatten_ids = at::empty({static_cast<int64_t>(flat.size())}, i32);
   std::copy(flat.begin(), flat.end(), flatten_ids.data_ptr<int32_t>());
   AT_DISPATCH_FLOATING_TYPES(st, "render_forward_blend", [&] {
-    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids,
-                                                     width, height, tile_size);
+    Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids, width,
+                                               height, tile_size);
+    p.ext = ext.data_ptr<double>();
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
       constexpr bool kSimd = std::is_same_v<scalar_t, float> && (DC == 1 || DC == 3 || DC == 4);
@@ -876,18 +902,19 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
     });
   });
   return {render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flatten_ids, tiles_per_gauss,
-          tfinal, last};
+          tfinal, last, ext};
 }
 
 std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
                                         at::Tensor colors, at::Tensor viewmats, at::Tensor Ks, at::Tensor backgrounds,
                                         at::Tensor means2d, at::Tensor conics, at::Tensor feats, at::Tensor opac,
                                         at::Tensor radii, at::Tensor offsets, at::Tensor flatten_ids, at::Tensor tfinal,
-                                        at::Tensor last, at::Tensor g_render, at::Tensor g_alphas, int64_t width,
+                                        at::Tensor last, at::Tensor ext, at::Tensor g_render, at::Tensor g_alphas,
+                                        int64_t width,
                                         int64_t height, int64_t tile_size, int64_t sh_degree, int64_t depth_mode,
                                         double near_plane, double far_plane, double eps2d) {
   for (auto* pr : {&means, &quats, &scales, &opacities, &colors, &viewmats, &Ks, &backgrounds, &means2d, &conics,
-                   &feats, &opac, &radii, &offsets, &flatten_ids, &tfinal, &last, &g_render, &g_alphas})
+                   &feats, &opac, &radii, &offsets, &flatten_ids, &tfinal, &last, &ext, &g_render, &g_alphas})
     check_cpu(*pr, "input");
   const FusedDims f = fused_dims(means, colors, viewmats, sh_degree, depth_mode);
   const int64_t C = f.C, N = f.N, Dt = f.Dt;
@@ -906,8 +933,10 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
   at::Tensor partial = at::empty({n_isect, kRec + Dt}, fopt);
   at::Tensor bg_partial = has_bg ? at::zeros({ntiles, Dt}, fopt) : at::empty({0}, fopt);
   AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "render_backward_blend", [&] {
-    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids,
-                                                     width, height, tile_size);
+    Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids, width,
+                                               height, tile_size);
+    TORCH_CHECK(ext.scalar_type() == at::kDouble && ext.numel() == C * N * 3, "ext must be float64 [C,N,3]");
+    p.ext = ext.data_ptr<double>();
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
       scalar_t* bgp = has_bg ? bg_partial.data_ptr<scalar_t>() : nullptr;
@@ -1043,7 +1072,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("render_forward", &render_forward,
         "Fused Gaussians -> image: (render, alphas, means2d, conics, depths, radii, feats, opac, isect_offsets, "
-        "flatten_ids, tiles_per_gauss, T_final, last_ids)",
+        "flatten_ids, tiles_per_gauss, T_final, last_ids, ext)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("render_backward", &render_backward,
         "Fused backward: (d means, d quats, d scales, d opacities, d colors, d viewmats, d backgrounds, d means2d)",
