@@ -122,8 +122,9 @@ def main() -> None:
                     "threads": args.threads,
                     "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                 "cpu_count": os.cpu_count()},
-                    "note": ("the shipped teacher shapeworld-video-wan barely moves its objects (its own 50-step "
-                             "motion accuracy is the ceiling every student inherits through the DMD real score)"),
+                    "note": ("the shipped teacher shapeworld-video-wan does not move its objects as prompted (its own "
+                             "50-step motion accuracy is the ceiling every student inherits through the DMD real "
+                             "score; its frames change, flicker, without the prompted motion)"),
                     "rows": {}}
     teacher, _ = load_video_model(TEACHER)
     g = default_guidance(TEACHER, "sample_video")
