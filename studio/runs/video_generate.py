@@ -71,7 +71,8 @@ def is_student_folder(path: str | Path) -> bool:
 
 def write_student(folder: str | Path, student, *, teacher: str, sampler: dict, info: dict | None = None) -> Path:
     """Write a distilled student as one folder, atomically: built in a temporary sibling folder, then renamed
-    onto ``folder`` (a reader sees the old folder or the new one, never half of one). A LoRA student
+    onto ``folder`` (an existing folder is first renamed aside, so a reader sees the old folder, the new one or, for
+    the instant between the two renames, none -- never half of one). A LoRA student
     (``VideoLoRAStudent``) writes ``adapter.safetensors``; a causal streaming student (``CausalWanStudent``)
     ``student.safetensors`` and ``"student": "causal-wan"``. ``student.json`` holds ``teacher`` (the name or
     path it loads from) and ``sampler`` (the defaults ``{"sampler": "lcm", "steps": 4, "guidance_scale": 1.0,
