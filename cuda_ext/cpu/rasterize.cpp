@@ -98,13 +98,29 @@ void bin_impl(const scalar_t* means, const int32_t* radii, const scalar_t* depth
         if (rr[0] > 0 && rr[1] > 0) vis.push_back(static_cast<int32_t>(n));
       }
       const scalar_t* dep = depths + c * N;
-      // Ascending depth, NaN last; std::stable_sort keeps ascending index among ties.
-      std::stable_sort(vis.begin(), vis.end(), [dep](int32_t a, int32_t b) {
-        const scalar_t da = dep[a], db = dep[b];
-        const bool na = std::isnan(da), nb = std::isnan(db);
-        if (na || nb) return !na && nb;
-        return da < db;
-      });
+      // Ascending depth, NaN last, ties in ascending index (a stable sort). float32 depths that are all > 0 (what
+      // projection gives visible Gaussians) sort as 64-bit keys (depth bits, index): the bits of positive floats
+      // order as the floats do, and the index breaks ties, so the order is the stable one, found faster.
+      bool keyed = std::is_same_v<scalar_t, float>;
+      for (size_t i = 0; keyed && i < vis.size(); ++i) keyed = dep[vis[i]] > scalar_t(0) && std::isfinite(dep[vis[i]]);
+      if (keyed) {
+        std::vector<uint64_t> keys(vis.size());
+        for (size_t i = 0; i < vis.size(); ++i) {
+          const float d = static_cast<float>(dep[vis[i]]);
+          uint32_t bits;
+          std::memcpy(&bits, &d, sizeof(bits));
+          keys[i] = (static_cast<uint64_t>(bits) << 32) | static_cast<uint32_t>(vis[i]);
+        }
+        std::sort(keys.begin(), keys.end());
+        for (size_t i = 0; i < vis.size(); ++i) vis[i] = static_cast<int32_t>(keys[i] & 0xffffffffu);
+      } else {
+        std::stable_sort(vis.begin(), vis.end(), [dep](int32_t a, int32_t b) {
+          const scalar_t da = dep[a], db = dep[b];
+          const bool na = std::isnan(da), nb = std::isnan(db);
+          if (na || nb) return !na && nb;
+          return da < db;
+        });
+      }
       std::vector<int32_t>& ord = order[c];
       std::vector<Rect>& rc = rects[c];
       ord.reserve(vis.size());
