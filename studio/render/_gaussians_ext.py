@@ -26,6 +26,20 @@ Its ``extra`` holds the binning: ``isect_offsets [C,th,tw]`` (int32 start of eac
 ``flatten_ids``), ``flatten_ids [M]`` (int32 ``c*N + n``, depth ordered within a tile) and
 ``tiles_per_gauss [C,N]`` (int32).
 
+**native, fused** (what ``rasterize_gaussians(..., backend="native")`` runs; ``cuda_ext/cpu/project.h``,
+``blend_simd.inc``): one autograd Function from Gaussians to the image. ``render_forward`` projects every
+(camera, Gaussian) and evaluates its SH colour in C++ (the formulas of ``_common``), bins, and blends;
+``render_backward`` runs the blend backward and then the projection and SH backward, returning gradients for means,
+quats, scales, opacities, colours / SH, viewmats and backgrounds (Ks get none). The float32 blend for 1, 3 or 4
+channels is vectorised over pixels: per tile, groups of 8 pixels of a row each walk the tile-list entries whose box
+touches them, with their state in registers (transmittance in double, as the reference kernels) and early
+termination per group; the backward sums each entry's terms over a group's lanes into a per-entry accumulator and
+writes the entry's record once (no atomics, deterministic). An AVX2+FMA build and a baseline build are compiled and
+chosen at run time (``$STUDIO_NATIVE_SIMD``: ``0`` baseline build, ``scalar`` the reference kernels above); float64
+and other channel counts use the reference kernels. ``$STUDIO_NATIVE_FUSED=0`` switches ``backend="native"`` back
+to the reference path (torch projection + SH, then ``rasterize_to_pixels`` above), kept for comparisons
+(``benchmarks/render.py --native-vs-ref``).
+
 **cuda** (``cuda_ext/cuda``; CUDA tensors): all cameras in one launch, tile ids offset by camera: per-Gaussian
 tile counts from the opacity-aware radii, an inclusive scan, ``tile << 32 | depth`` keys emitted in
 Gaussian-index order and sorted with CUB's stable radix sort (so depth ties keep ascending index, as in the

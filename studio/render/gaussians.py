@@ -3,8 +3,10 @@
 Conventions follow ``gsplat.rasterization``: quaternions w-x-y-z (need not be normalised), *activated*
 scales and opacities, world-to-camera ``viewmats [C,4,4]``, intrinsics ``Ks [C,3,3]``, output
 ``(colors [C,H,W,D], alphas [C,H,W,1], meta)``. Gradients flow to means, quats, scales, opacities,
-colors / SH coefficients, backgrounds **and viewmats** in every backend: projection and SH run in
-torch (see ``_common``), only the pixel blend differs between backends.
+colors / SH coefficients, backgrounds **and viewmats** in every backend. For ``torch`` and ``cuda``
+projection and SH run in torch (see ``_common``) and only the pixel blend differs; ``native`` runs projection, SH,
+binning and blend in C++, forward and backward (``_gaussians_ext.native_render``; its ``meta["means2d"]`` is a
+gradient tap whose ``.grad`` is d loss / d means2d, and its meta tensors carry no graph).
 
 Backends
     ``torch``   dense reference twin (slow, chunked, obviously correct)
