@@ -258,8 +258,6 @@ def load_causal_weights(generator, folder: str) -> None:
     import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     meta_file = Path(folder) / "student.json"
     if not meta_file.is_file():
         raise UserError(f"--init {folder}: not a student folder (no student.json); give the student/ folder of an "
@@ -267,12 +265,7 @@ def load_causal_weights(generator, folder: str) -> None:
     meta = json.loads(meta_file.read_text())
     if meta.get("student") != "causal-wan":
         raise UserError(f"--init {folder}: a {meta.get('student', 'LoRA')} student, not a causal one")
-    tensors = load_file(str(Path(folder) / meta.get("weights", "student.safetensors")))
-    expected = {n for n, p in generator.denoiser.named_parameters() if p.requires_grad}
-    if set(tensors) != expected:
-        raise UserError(f"--init {folder}: its weights do not match this generator (another teacher, or LoRA vs full "
-                        f"fine-tuning: use the same --lora-rank)")
-    generator.denoiser.load_state_dict(tensors, strict=False)
+    generator.load(Path(folder) / meta.get("weights", "student.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------ the method

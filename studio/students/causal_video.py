@@ -552,9 +552,9 @@ class CausalWanStudent(WanScore):
             save_file(tensors, str(tmp), metadata=meta)
         return Path(path)
 
-    @classmethod
-    def from_file(cls, teacher: VideoTeacher, path: str | Path, **overrides: Any) -> "CausalWanStudent":
-        """A student on ``teacher`` with the options stored in ``path`` (``overrides`` win), weights loaded."""
+    @staticmethod
+    def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, options)`` of a file written by :meth:`save` (never unpickles)."""
         import json
 
         from safetensors import safe_open
@@ -572,14 +572,24 @@ class CausalWanStudent(WanScore):
         if meta.get("format") != CAUSAL_FORMAT:
             raise UserError(f"'{p}' is not a causal Wan student (format {meta.get('format')!r}, expected "
                             f"{CAUSAL_FORMAT!r})")
-        opts = {**json.loads(meta["options"]), **overrides}
-        student = cls(teacher, **opts)
-        expected = {n for n, q in student.denoiser.named_parameters() if q.requires_grad}
+        return tensors, json.loads(meta["options"])
+
+    def load(self, path: str | Path) -> "CausalWanStudent":
+        """Load the trainable weights of a file written by :meth:`save` into this student (the same teacher and the
+        same full / LoRA choice, else ``UserError``)."""
+        tensors, _ = self.read(path)
+        expected = {n for n, q in self.denoiser.named_parameters() if q.requires_grad}
         if set(tensors) != expected:
-            raise UserError(f"'{p}' holds {len(tensors)} tensors that do not match the student it describes "
-                            f"({len(expected)} trainable); was it written for another teacher?")
-        student.denoiser.load_state_dict(tensors, strict=False)
-        return student
+            raise UserError(f"'{path}' holds {len(tensors)} tensors that do not match this student's {len(expected)} "
+                            f"trainable ones: another teacher, or LoRA vs full fine-tuning (use the same LoRA rank)")
+        self.denoiser.load_state_dict(tensors, strict=False)
+        return self
+
+    @classmethod
+    def from_file(cls, teacher: VideoTeacher, path: str | Path, **overrides: Any) -> "CausalWanStudent":
+        """A student on ``teacher`` with the options stored in ``path`` (``overrides`` win), weights loaded."""
+        _, opts = cls.read(path)
+        return cls(teacher, **{**opts, **overrides}).load(path)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, block_size={self.block_size}, local_attn_size={self.local_attn_size}, "
