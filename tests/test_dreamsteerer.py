@@ -108,8 +108,10 @@ def test_saved_formats_load_in_diffusers(sd_path, tmp_path):
     assert p.method == "custom-diffusion"
 
 
-def test_personalisation_learns_the_shapeworld_concept():
-    """shapeworld-unet + the striped cube (a pattern it never saw): after DreamBooth-LoRA the denoising loss on the
+@pytest.mark.parametrize("method", ["dreambooth-lora", pytest.param("textual-inversion", marks=pytest.mark.slow),
+                                    pytest.param("custom-diffusion", marks=pytest.mark.slow)])
+def test_personalisation_learns_the_shapeworld_concept(method):
+    """shapeworld-unet + the striped cube (a pattern it never saw): after each baseline the denoising loss on the
     reference renders with the instance prompt is lower than before, at fixed t / noise."""
     from studio.train.personalize import dreambooth_loss
 
@@ -121,13 +123,30 @@ def test_personalisation_learns_the_shapeworld_concept():
     noise = torch.randn((8, *x0.shape[1:]), generator=g)
     x0 = x0.repeat(2, 1, 1, 1)
 
+    prompt = f"a {DEFAULT_TOKENS[method]} cube"
+    lr = {"dreambooth-lora": 2e-3, "textual-inversion": 2e-2, "custom-diffusion": 5e-4}[method]
+
     def loss():
         with torch.no_grad():
-            return float(dreambooth_loss(teacher, x0, teacher.encode_prompt("a sks cube").embeds, t, noise))
+            return float(dreambooth_loss(teacher, x0, teacher.encode_prompt(prompt).embeds, t, noise))
 
-    before = loss()
-    personalize(teacher, refs, "a sks cube", PersonalizeConfig(method="dreambooth-lora", steps=40, lr=2e-3))
-    assert loss() < 0.8 * before
+    before = loss() if method == "dreambooth-lora" else None
+    p = personalize(teacher, refs, prompt, PersonalizeConfig(method=method, steps=40, lr=lr))
+    after = loss()
+    if before is None:  # TI / CD: the token exists only now; "before" = its initial row (the class noun's), pretrained
+        tid = teacher.tokenizer.convert_tokens_to_ids(DEFAULT_TOKENS[method])
+        emb = teacher.text_encoder.get_input_embeddings().weight
+        learned = emb[tid].clone()
+        with torch.no_grad():
+            ids = teacher.tokenizer("cube", add_special_tokens=False)["input_ids"]
+            emb[tid] = emb[ids].mean(0)
+        teacher.clear_prompt_cache()
+        with p.pretrained():
+            before = loss()
+        with torch.no_grad():
+            emb[tid] = learned
+        teacher.clear_prompt_cache()
+    assert after < 0.8 * before, (after, before)
 
 
 def test_textual_inversion_token_rules(sd_path):
@@ -170,7 +189,8 @@ def test_attention_subject_mask_is_pure_and_finds_the_subject():
     gt = pair["mask"]
     iou = float((mask * gt).sum() / (mask + gt).clamp(max=1).sum())
     assert iou > 0.6, iou
-    soft, _ = attention_subject_mask(teacher, x, ys, [3], threshold=None, generator=torch.Generator().manual_seed(0))
+    soft, _ = attention_subject_mask(teacher, x, ys, [3], threshold=None, dilate=0,
+                                     generator=torch.Generator().manual_seed(0))
     assert float(soft.min()) == 0.0 and float(soft.max()) == 1.0
 
 
@@ -202,7 +222,8 @@ def test_edit_metrics_limits():
     pair = edit_pair("striped_cube", 30.0)
     src, tgt, m = pair["source"], pair["target"], pair["mask"]
     assert float(concept_error(tgt, tgt, m)) == 0.0
-    assert float(background_error(tgt, src, m)) < 1e-6  # the concept keeps the silhouette: nothing changes outside
+    # the concept keeps the silhouette; only edge pixels with alpha < 0.5 (outside the mask) blend object colours
+    assert float(background_error(tgt, src, m)) < 0.05
     assert float(masked_ssim(src, src, m)) == pytest.approx(1.0, abs=1e-5)
     assert float(concept_error(src, tgt, m)) > 0.2 and float(background_error(1 - src, src, m)) > 0.5
     # palette: exact colours score ~0 (cdist's float32 error), the source's red far, a 50/50 blend in between

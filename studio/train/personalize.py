@@ -748,14 +748,22 @@ class Personalization:
         kv = cross_attention_kv(self.teacher) if self.kv_original else {}
         saved = {n: kv[n].weight.data for n in self.kv_original if n in kv}
         ctx = self.teacher.lora_disabled() if hasattr(self.teacher, "lora_disabled") else contextlib.nullcontext()
-        with ctx:
-            try:
-                for n, w in saved.items():
-                    kv[n].weight.data = self.kv_original[n].to(w)
-                yield
-            finally:
-                for n, w in saved.items():
-                    kv[n].weight.data = w
+        # peft's enable_adapters() (on leaving lora_disabled) sets requires_grad=True on every active adapter; put
+        # the flags back so a frozen personal LoRA stays frozen while a steering LoRA trains (spec 11.7)
+        flags = [(q, q.requires_grad) for q in self.teacher.unet.parameters()]
+        try:
+            with ctx:
+                try:
+                    for n, w in saved.items():
+                        kv[n].weight.data = self.kv_original[n].to(w)
+                    yield
+                finally:
+                    for n, w in saved.items():
+                        kv[n].weight.data = w
+        finally:
+            for q, f in flags:
+                if q.requires_grad != f:
+                    q.requires_grad_(f)
 
     def source_teacher(self) -> "PretrainedView":
         return PretrainedView(self)
