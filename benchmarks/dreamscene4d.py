@@ -58,6 +58,65 @@ def _spread(rows: list[dict], key: str) -> float | None:
     return round(statistics.stdev(vals), 4) if len(vals) > 1 else None
 
 
+def summarise(per: dict) -> tuple[dict, dict, dict]:
+    """Headline (the factorised method's means and the ablation's), the claim check and the spreads, from
+    ``per["<scene>/seed<s>"][variant] = row``. A claim holds when the mean gain of factorised over deformation-only
+    is positive and larger than both the spread of the gain over (scene, seed) pairs and the seed spread (the mean
+    over scenes of the standard deviation over seeds of each variant's metric; only with several seeds)."""
+    rows: dict[str, list[dict]] = {"factorised": [], "deformation_only": []}
+    for p in per.values():
+        for name in rows:
+            if name in p and "error" not in p[name]:
+                rows[name].append(p[name])
+    fac, dfo = rows["factorised"], rows["deformation_only"]
+    pairs = [(p["factorised"], p["deformation_only"]) for p in per.values()
+             if "error" not in p.get("factorised", {"error": 1}) and "error" not in p.get("deformation_only", {"error": 1})]
+    scenes = sorted({k.split("/")[0] for k in per})
+
+    def seed_spread(variant: str, key: str) -> float | None:
+        sds = []
+        for sc in scenes:
+            vals = [p[variant][key] for k, p in per.items() if k.split("/")[0] == sc and variant in p
+                    and isinstance(p[variant].get(key), (int, float))]
+            if len(vals) > 1:
+                sds.append(statistics.stdev(vals))
+        return round(statistics.fmean(sds), 4) if sds else None
+
+    def diffs(key: str, sign: float) -> dict:
+        d = [sign * (a[key] - b[key]) for a, b in pairs if isinstance(a.get(key), float) and isinstance(b.get(key), float)]
+        if not d:
+            return {"mean_gain": None, "spread": None, "holds": None}
+        m = statistics.fmean(d)
+        s = statistics.stdev(d) if len(d) > 1 else None
+        ss = [v for v in (seed_spread("factorised", key), seed_spread("deformation_only", key)) if v is not None]
+        seed = max(ss) if ss else None
+        return {"mean_gain": round(m, 4), "spread": None if s is None else round(s, 4), "seed_spread": seed,
+                "n": len(d), "holds": bool(m > 0 and (s is None or m > s) and (seed is None or m > seed))}
+
+    headline = {
+        "novel_view_psnr": _mean(fac, "novel_view_psnr"),
+        "novel_view_iou": _mean(fac, "novel_view_iou"),
+        "track_epe_visible": _mean(fac, "track_epe_visible"),
+        "track_epe_occluded": _mean(fac, "track_epe_occluded"),
+        "track_epe_no_factorisation": _mean(dfo, "track_epe_occluded"),
+        "track_epe_visible_no_factorisation": _mean(dfo, "track_epe_visible"),
+        "novel_view_psnr_no_factorisation": _mean(dfo, "novel_view_psnr"),
+        "traj_error_3d": _mean(fac, "traj_error_3d"),
+        "traj_error_3d_no_factorisation": _mean(dfo, "traj_error_3d"),
+        "track_delta_avg": _mean(fac, "track_delta_avg"),
+        "seconds_per_scene": _mean(fac, "seconds"),
+        "seconds_per_scene_no_factorisation": _mean(dfo, "seconds"),
+    }
+    claims = {"factorised_beats_deformation_only": {
+        "occluded_track_epe": diffs("track_epe_occluded", -1.0),
+        "visible_track_epe": diffs("track_epe_visible", -1.0),
+        "novel_view_psnr": diffs("novel_view_psnr", 1.0)}}
+    spread = {"novel_view_psnr": _spread(fac, "novel_view_psnr"), "track_epe_occluded": _spread(fac, "track_epe_occluded"),
+              "seed_novel_view_psnr": seed_spread("factorised", "novel_view_psnr"),
+              "seed_track_epe_occluded": seed_spread("factorised", "track_epe_occluded")}
+    return headline, claims, spread
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -77,7 +136,6 @@ def main(argv=None) -> dict:
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     t_all = time.perf_counter()
     per: dict = {}
-    rows: dict[str, list[dict]] = {"factorised": [], "deformation_only": []}
     with tempfile.TemporaryDirectory() as tmp:
         for scene in scenes:
             for seed in seeds:
@@ -87,43 +145,13 @@ def main(argv=None) -> dict:
                     except Exception as e:  # noqa: BLE001 - one failing scene never stops the others
                         row = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)}
                     per.setdefault(f"{scene}/seed{seed}", {})[name] = row
-                    if "error" not in row:
-                        rows[name].append(row)
-    fac, dfo = rows["factorised"], rows["deformation_only"]
-    pairs = [(p["factorised"], p["deformation_only"]) for p in per.values()
-             if "error" not in p.get("factorised", {"error": 1}) and "error" not in p.get("deformation_only", {"error": 1})]
-
-    def diffs(key: str, sign: float) -> dict:
-        d = [sign * (a[key] - b[key]) for a, b in pairs if isinstance(a.get(key), float) and isinstance(b.get(key), float)]
-        if not d:
-            return {"mean_gain": None, "spread": None, "holds": None}
-        m = statistics.fmean(d)
-        s = statistics.stdev(d) if len(d) > 1 else None
-        return {"mean_gain": round(m, 4), "spread": None if s is None else round(s, 4), "n": len(d),
-                "holds": bool(m > 0 and (s is None or m > s))}
-
-    headline = {
-        "novel_view_psnr": _mean(fac, "novel_view_psnr"),
-        "novel_view_iou": _mean(fac, "novel_view_iou"),
-        "track_epe_visible": _mean(fac, "track_epe_visible"),
-        "track_epe_occluded": _mean(fac, "track_epe_occluded"),
-        "track_epe_no_factorisation": _mean(dfo, "track_epe_occluded"),
-        "track_epe_visible_no_factorisation": _mean(dfo, "track_epe_visible"),
-        "novel_view_psnr_no_factorisation": _mean(dfo, "novel_view_psnr"),
-        "traj_error_3d": _mean(fac, "traj_error_3d"),
-        "traj_error_3d_no_factorisation": _mean(dfo, "traj_error_3d"),
-        "seconds_per_scene": _mean(fac, "seconds"),
-        "seconds_per_scene_no_factorisation": _mean(dfo, "seconds"),
-    }
+    headline, claims, spread = summarise(per)
     out = {
         "benchmark": "dreamscene4d",
         "quick": bool(args.quick),
         "headline": headline,
-        "claims": {"factorised_beats_deformation_only": {
-            "occluded_track_epe": diffs("track_epe_occluded", -1.0),
-            "visible_track_epe": diffs("track_epe_visible", -1.0),
-            "novel_view_psnr": diffs("novel_view_psnr", 1.0)}},
-        "spread": {"novel_view_psnr": _spread(fac, "novel_view_psnr"), "track_epe_occluded": _spread(fac, "track_epe_occluded")},
+        "claims": claims,
+        "spread": spread,
         "settings": {k: getattr(args, k) for k in ("size", "frames", "steps_static", "steps_deform", "steps_translate",
                                                    "steps_joint", "init_points", "crop_size")}
                     | {"scenes": scenes, "seeds": seeds, "teacher": "shapeworld-nv-exact", "cameras": "ground truth",

@@ -7,7 +7,6 @@ a plain list of stages for :func:`studio.runs.skeleton.train_stages`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,7 +237,7 @@ class StaticLiftStage(_Phase):
     kind = "static"
 
     def build(self):
-        f, st = self.fit, self.fit.st
+        f = self.fit
         if f.model is None:
             f.model = self.initial_gaussians()
         p = f.model.params
@@ -521,4 +520,4 @@ def object_stages(fit: ObjectFit, steps: dict[str, int]) -> list:
 
 
 __all__ = ["FitSettings", "ObjectFit", "StaticLiftStage", "DeformStage", "TranslateStage", "JointStage",
-           "object_stages", "math"]
+           "object_stages"]
