@@ -32,7 +32,7 @@ form). **A documented reconstruction**: the release has no explicit loss and the
 (:func:`studio.distill.grpo.guidance_distill_loss`).
 
 CPU defaults differ from the released HunyuanVideo recipe (lr 1e-6 full fine-tune, 16 steps, shift 5, eta 0.25,
-c_g 0.01, G = 8, accum 4, 501 steps): a LoRA (rank 16, lr 3e-4), 16 steps at the policy's own shift, G = 4 x 2
+c_g 0.01, G = 8, accum 4, 501 steps): a LoRA (rank 16, lr 2e-4), 8 steps at the policy's own shift, 30 updates, G = 4 x 2
 prompts, and c_g = 10 for ShapeWorld's trained PRM: on the policy's late rollout states its gradient is about 1e-3
 RMS and 0.08 at most per element (measured), so ``c_g Delta G`` reaches the SDE noise's scale (``eta sqrt(Delta)``)
 only on the object's pixels, where the release's 0.01 would do nothing.
