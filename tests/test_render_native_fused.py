@@ -151,3 +151,20 @@ def test_deterministic_backward():
     a, b = render(scene, W, H, "native"), render(scene, W, H, "native")
     for k in KEYS:
         assert torch.equal(a[3][k], b[3][k]), k
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    W, H = 48, 40
+    scene = make_scene(800, W, H, C=2, seed=18, sh_degree=2)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(render(scene, W, H, "native", sh_degree=2))
+    finally:
+        torch.set_num_threads(before)
+    (r1, a1, _, g1), (r2, a2, _, g2) = outs
+    assert torch.equal(r1, r2) and torch.equal(a1, a2)
+    for k in KEYS + ("backgrounds", "means2d"):
+        assert torch.equal(g1[k], g2[k]), k
