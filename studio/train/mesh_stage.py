@@ -154,9 +154,10 @@ class DMTetStage(MeshExportMixin, ChainedStage):
     kind = "dmtet"
 
     def __init__(self, name: str, cfg: DMTetStageConfig, teacher, prompt: str, *, steps: int, guidance_scale: float,
-                 source: Source, artefact=None, seed: int = 0):
+                 source: Source, artefact=None, seed: int = 0, score_fn=None):
         super().__init__(name, steps, source, artefact=artefact, seed=seed)
         self.cfg, self.teacher, self.prompt, self.guidance_scale = cfg, teacher, prompt, float(guidance_scale)
+        self.score_fn = score_fn  # as FieldDistillStage's: ScoreContext -> result with .loss / .grad (None = SDS)
         s = cfg.score
         self.sampler = OrbitSampler(s.elevation_range, s.azimuth_range, s.radius_range, s.fovy_range,
                                     cfg.resolution, cfg.resolution)
@@ -200,7 +201,7 @@ class DMTetStage(MeshExportMixin, ChainedStage):
         images = out["rgb"][..., :3].permute(0, 3, 1, 2)
         res = score_images(self.teacher, images, views, self.prompt, c.score, self.timesteps, step=step,
                            progress=progress, guidance_scale=self.guidance_scale, generator=self.generator,
-                           alphas=out["alpha"].permute(0, 3, 1, 2))
+                           alphas=out["alpha"].permute(0, 3, 1, 2), score_fn=self.score_fn)
         reg, logs = self.regularisers(verts, faces)
         logs.update(grad_norm=float(res.grad.norm() / c.score.batch_size), n_faces=float(faces.shape[0]))
         return res.loss + reg, logs
