@@ -1,0 +1,398 @@
+#!/usr/bin/env python
+"""Train ``shapeworld-video-unet``: a tiny AnimateDiff-style text-to-video model of ShapeWorld video (issue 16).
+
+Two stages, as AnimateDiff is built:
+
+1. ``--stage image``: a tiny conv ``UNet2DConditionModel`` (pixel space, 3 channels) with a tiny
+   ``CLIPTextModel`` trained on single *frames* of ShapeWorld clips, each captioned with its clip's prompt
+   (shape, colour, background; the motion words are seen but cannot be learned from one frame).
+2. ``--stage motion --init-from <image run>``: the UNet inflated into a ``UNetMotionModel`` with a fresh
+   ``MotionAdapter`` (``UNetMotionModel.from_unet2d``; the motion modules' output projections are zeroed, so
+   the inflated model starts as the image model applied frame by frame) and trained on clips: the motion
+   modules at ``--lr``, the spatial layers and the text encoder at ``--lr * --spatial-lr-scale`` (0 freezes them).
+
+Objective: rectified flow in pixel space, ``x_s = (1 - s) x0 + s eps`` with ``x0 = 2 video - 1``, timestep
+``1000 s``, the network predicts the velocity ``eps - x0``; ``s`` logit-normal(``--s-mean``, 1). The caption is
+dropped (empty string) with probability ``--p-empty`` for classifier-free guidance. The text is encoded by the
+AnimateDiff teacher's own rule (CLIP ids padded to the tokenizer's ``model_max_length``, last hidden state).
+
+The saved folder is an ``AnimateDiffPipeline`` layout (``unet/`` a ``UNetMotionModel``, ``vae: null`` = pixel
+space, ``scheduler/`` a ``FlowMatchEulerDiscreteScheduler``, ``_studio`` clip facts), loaded by
+``AnimateDiffTeacher.from_pretrained`` / ``load_teacher("shapeworld-video-unet")``. An image-stage folder holds
+``unet/`` (a ``UNet2DConditionModel``), ``text_encoder/``, ``tokenizer/``.
+
+Ablation switches (issue 16 part 2, "what blocks shape"): ``--prompts one|static|default|full``,
+``--background plain`` (the stripes replaced by their mean grey), ``--radius-scale`` (larger objects, clipped
+to the frame), ``--text fixed`` (a learned embedding per prompt instead of the text encoder; such runs are
+read-outs only and are not saved as a loadable teacher). Read-outs (``--eval-every``): samples scored by
+:func:`studio.world.video_metrics.evaluate_videos` (image stage: each sampled frame repeated into a still
+clip, so only shape / colour are meaningful). Every read-out is appended to ``--log`` (JSON lines).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from studio.students.ema import EMA
+from studio.train.tiny_teacher import save_grid, write_folder_atomically
+from studio.world.clips import background, render_clips, sample_clip_specs, video_prompts
+
+MAX_TOKENS = 16
+FRAME_RATE = 8
+
+
+# ------------------------------------------------------------------------------------------------ data
+def prompt_set(name: str) -> list[str]:
+    if name == "one":
+        return ["a red ball moving left"]
+    if name == "static":
+        return video_prompts(cameras=["static"])
+    if name == "static-full":
+        return video_prompts(full=True, cameras=["static"])
+    if name == "default":
+        return video_prompts()
+    return video_prompts(full=True)
+
+
+def make_clips(prompts: list[str], seed: int, frames: int, res: int, *, plain: bool = False,
+               radius_scale: float = 1.0) -> dict:
+    specs = sample_clip_specs(prompts, len(prompts), seed, frames)
+    if radius_scale != 1.0:
+        specs = [dataclasses.replace(s, radius=s.radius * radius_scale) for s in specs]
+    out = render_clips(specs, frames, res)
+    if plain:  # remove the stripes: the object layer over the stripes' mean grey
+        bg = background(out["camera_x"].double(), torch.tensor([s.bg_phase for s in specs], dtype=torch.float64),
+                        res)[:, :, None]
+        out["video"] = (out["video"] - bg + 0.88).clamp(0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- models
+def make_tokenizer(folder: Path, max_tokens: int = MAX_TOKENS):
+    from studio.teachers.offline_tokenizer import make_clip_tokenizer
+
+    words = {"a", "an", "the", "camera", "static", "video", "of"}
+    for p in video_prompts(full=True):
+        words.update(p.replace(",", " ").split())
+    return make_clip_tokenizer(folder, sorted(words), max_tokens)
+
+
+def build_text_encoder(tokenizer, seed: int, max_tokens: int = MAX_TOKENS):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=max_tokens, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def build_unet2d(res: int, width: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=res, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16, use_linear_projection=True)
+
+
+def inflate(unet2d, frames: int, seed: int):
+    """``UNetMotionModel.from_unet2d`` with a fresh ``MotionAdapter``; motion-module outputs zeroed."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    torch.manual_seed(seed)
+    ch = tuple(unet2d.config.block_out_channels)
+    adapter = MotionAdapter(block_out_channels=ch, motion_layers_per_block=unet2d.config.layers_per_block,
+                            motion_num_attention_heads=4, motion_norm_num_groups=16,
+                            motion_max_seq_length=max(32, frames), use_motion_mid_block=True)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    for name, mod in unet.named_modules():
+        if "motion_modules" in name and name.endswith("proj_out") and isinstance(mod, torch.nn.Linear):
+            torch.nn.init.zeros_(mod.weight)
+            torch.nn.init.zeros_(mod.bias)
+    return unet
+
+
+def encode_text(text_encoder, tokenizer, texts: list[str]):
+    """The AnimateDiff teacher's rule (``DiffusersTeacher._embed_texts``): ids padded to ``model_max_length``."""
+    ids = tokenizer(texts, padding="max_length", max_length=int(tokenizer.model_max_length), truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+class FixedText(torch.nn.Module):
+    """Ablation: a learned ``[L, 64]`` context per prompt (index 0 = the empty prompt)."""
+
+    def __init__(self, prompts: list[str], length: int = 4):
+        super().__init__()
+        self.index = {"": 0, **{p: i + 1 for i, p in enumerate(prompts)}}
+        self.table = torch.nn.Parameter(torch.randn(len(self.index), length, 64) * 0.5)
+
+    def forward(self, texts: list[str]):
+        return self.table[torch.tensor([self.index[t] for t in texts])]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(net, text_fn, prompts: list[str], shape: tuple, steps: int, cfg: float, seed: int, *, video: bool):
+    """Flow Euler from pure noise with CFG; ``shape`` = per-sample ``(3, H, W)`` or ``(3, F, H, W)``."""
+    gen = torch.Generator().manual_seed(seed)
+    B = len(prompts)
+    x = torch.randn((B, *shape), generator=gen)
+    cond, unc = text_fn(prompts), text_fn([""] * B)
+    ctx = torch.cat([cond, unc])
+    if video:
+        ctx = ctx.repeat_interleave(shape[1], dim=0)
+    sig = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        s = sig[i]
+        v = net(torch.cat([x, x]), torch.full((2 * B,), float(s) * 1000), encoder_hidden_states=ctx,
+                return_dict=False)[0]
+        vc, vu = v.chunk(2)
+        x = x + (sig[i + 1] - s) * (vu + cfg * (vc - vu))
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def readout(net, text_fn, prompts: list[str], args, seed: int, cfgs=(1.0, 2.0, 4.0), steps: int = 25) -> dict:
+    from studio.world.video_metrics import evaluate_videos
+
+    video = args.stage == "motion"
+    shape = (3, args.frames, args.res, args.res) if video else (3, args.res, args.res)
+    out = {}
+    net.eval()
+    for cfg in cfgs:
+        x = sample(net, text_fn, prompts, shape, steps, cfg, seed, video=video)
+        clips = x.permute(0, 2, 1, 3, 4) if video else x[:, None].expand(-1, args.frames, -1, -1, -1)
+        m = evaluate_videos(clips.contiguous(), prompts)
+        keys = ("shape_accuracy", "color_accuracy") if not video else (
+            "motion_accuracy", "object_motion_accuracy", "shape_accuracy", "color_accuracy", "object_accuracy",
+            "motion_class_accuracy", "frame_error_vs_floor", "still_fraction", "diversity_ratio")
+        out[str(cfg)] = {k: round(float(m[k]), 3) for k in keys}
+        if cfg == cfgs[-1]:
+            out["_last"] = clips
+    net.train()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save_folder(out: Path, net, text_encoder, tokenizer, info: dict, args, samples=None) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import diffusers
+
+    def write(tmp: Path) -> None:
+        net.save_pretrained(tmp / "unet")
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": "AnimateDiffPipeline", "_diffusers_version": diffusers.__version__,
+            "_studio": {"num_frames": args.frames, "resolution": args.res, "frame_rate": FRAME_RATE,
+                        "note": "pixel-space (no vae): the UNet denoises video*2-1; rectified flow, velocity output"},
+            "unet": ["diffusers", type(net).__name__], "motion_adapter": [None, None],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "vae": [None, None], "feature_extractor": [None, None],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "training.json").write_text(json.dumps(info, indent=2))
+        if samples is not None:
+            save_grid(samples.flatten(0, 1), tmp / "samples.png", ncol=samples.shape[1], scale=4)
+
+    write_folder_atomically(out, write)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", choices=("image", "motion"), required=True)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="image stage: continue; motion stage: an image-stage folder (inflated) or a motion folder")
+    ap.add_argument("--res", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=32, help="images (image stage) or clips (motion stage) per step")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--spatial-lr-scale", type=float, default=0.1,
+                    help="motion stage: lr of the spatial layers and text encoder relative to --lr (0 = frozen)")
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--p-empty", type=float, default=0.1)
+    ap.add_argument("--s-mean", type=float, default=0.0, help="mean of the logit-normal noise-level density")
+    ap.add_argument("--prompts", choices=("one", "static", "static-full", "default", "full"), default="static")
+    ap.add_argument("--background", choices=("stripes", "plain"), default="stripes")
+    ap.add_argument("--radius-scale", type=float, default=1.0)
+    ap.add_argument("--text", choices=("clip", "fixed"), default="clip")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--eval-prompts", type=int, default=2, help="samples per prompt in a read-out")
+    ap.add_argument("--eval-cfg", type=float, nargs="*", default=[1.0, 2.0, 4.0])
+    ap.add_argument("--eval-steps", type=int, default=25, help="Euler steps of a read-out")
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this wall time")
+    ap.add_argument("--log", type=Path, default=None, help="append read-outs here (JSON lines)")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = make_tokenizer(Path(tempfile.mkdtemp(prefix="swvu_tok_")))
+    text_encoder = build_text_encoder(tokenizer, args.seed)
+    history: list = []
+    init = args.init_from
+    if args.stage == "image":
+        from diffusers import UNet2DConditionModel
+
+        if init is not None:
+            net = UNet2DConditionModel.from_pretrained(str(init / "unet"))
+        else:
+            net = build_unet2d(args.res, args.width, args.seed)
+    else:
+        from diffusers import UNet2DConditionModel, UNetMotionModel
+
+        if init is None:
+            raise SystemExit("--stage motion needs --init-from (an image-stage folder, or a motion folder)")
+        kind = json.loads((init / "unet" / "config.json").read_text())["_class_name"]
+        if kind == "UNetMotionModel":
+            net = UNetMotionModel.from_pretrained(str(init / "unet"))
+        else:
+            net = inflate(UNet2DConditionModel.from_pretrained(str(init / "unet")), args.frames, args.seed)
+    if init is not None:
+        text_encoder = CLIPTextModel.from_pretrained(str(init / "text_encoder"))
+        tokenizer = CLIPTokenizer.from_pretrained(str(init / "tokenizer"))
+        if (init / "training.json").is_file():
+            history = json.loads((init / "training.json").read_text()).get("rounds", [])
+    prompts = prompt_set(args.prompts)
+    fixed = FixedText(prompts) if args.text == "fixed" else None
+    text_mod = fixed if fixed is not None else text_encoder
+    text_fn = (lambda t: fixed(t)) if fixed is not None else (lambda t: encode_text(text_encoder, tokenizer, t))
+
+    motion_p, spatial_p = [], []
+    for name, p in net.named_parameters():
+        (motion_p if (args.stage == "motion" and "motion_modules" in name) else spatial_p).append(p)
+    scale = args.spatial_lr_scale if args.stage == "motion" else 1.0
+    groups = []
+    if motion_p:
+        groups.append({"params": motion_p, "scale": 1.0})
+    if scale > 0:
+        groups.append({"params": spatial_p + list(text_mod.parameters()), "scale": scale})
+    else:
+        for p in spatial_p + list(text_mod.parameters()):
+            p.requires_grad_(False)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = EMA([net, text_mod], args.ema)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{args.stage}: {type(net).__name__} {n_params / 1e6:.2f} M params, motion {sum(p.numel() for p in motion_p) / 1e6:.2f} M, "
+          f"{len(prompts)} prompts", file=sys.stderr, flush=True)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    eval_base = prompts if args.prompts == "one" else prompt_set("static")  # read-outs: the 21 static prompts
+    eval_prompts = [p for p in eval_base for _ in range(args.eval_prompts)]
+    if len(eval_prompts) < 8:
+        eval_prompts = [p for p in prompts for _ in range(8)]
+    gen = torch.Generator().manual_seed(args.seed + 17)
+    readouts, losses, t0 = [], [], time.time()
+
+    def do_readout(step: int) -> dict:
+        te = time.time()
+        ema.swap()
+        r = readout(net, text_fn, eval_prompts, args, seed=1234, cfgs=tuple(args.eval_cfg), steps=args.eval_steps)
+        ema.swap()
+        clips = r.pop("_last")
+        row = {"tag": args.tag, "stage": args.stage, "step": step, "train_minutes": round((te - t0) / 60, 2),
+               "loss_last50": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 5), "readout": r,
+               "config": {k: str(v) for k, v in vars(args).items() if k not in ("log", "out")}}
+        readouts.append(row)
+        print(json.dumps({k: row[k] for k in ("tag", "step", "train_minutes", "loss_last50", "readout")}),
+              file=sys.stderr, flush=True)
+        if args.log is not None:
+            with open(args.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        t_eval[0] += time.time() - te
+        return clips
+
+    t_eval = [0.0]
+    clips_last = None
+    step = 0
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step) * g["scale"]
+        idx = torch.randint(len(prompts), (args.batch,), generator=gen).tolist()
+        bp = [prompts[i] for i in idx]
+        frames = args.frames
+        clips = make_clips(bp, args.seed * 1_000_003 + step, frames, args.res, plain=args.background == "plain",
+                           radius_scale=args.radius_scale)["video"]  # [B,F,3,H,W]
+        if args.stage == "image":
+            pick = torch.randint(frames, (args.batch,), generator=gen)
+            x0 = clips[torch.arange(args.batch), pick] * 2 - 1                 # [B,3,H,W]
+        else:
+            x0 = clips.permute(0, 2, 1, 3, 4) * 2 - 1                          # [B,3,F,H,W]
+        drop = torch.rand(args.batch, generator=gen) < args.p_empty
+        captions = ["" if d else p for d, p in zip(drop.tolist(), bp)]
+        s = torch.sigmoid(args.s_mean + torch.randn(args.batch, generator=gen)).clamp(1e-3, 1.0)
+        eps = torch.randn(x0.shape, generator=gen)
+        sv = s.view(-1, *([1] * (x0.dim() - 1)))
+        x_s = (1 - sv) * x0 + sv * eps
+        ctx = text_fn(captions)
+        if args.stage == "motion":
+            ctx = ctx.repeat_interleave(frames, dim=0)
+        v = net(x_s, s * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
+        loss = (v - (eps - x0)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        losses.append(loss.item())
+        if (step + 1) % 25 == 0:
+            el = time.time() - t0 - t_eval[0]
+            print(f"[{args.tag}] step {step + 1}/{args.steps} loss {sum(losses[-25:]) / 25:.4f} "
+                  f"{el / (step + 1):.2f}s/step", file=sys.stderr, flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            clips_last = do_readout(step + 1)
+        if args.save_every and args.out and (step + 1) % args.save_every == 0 and fixed is None:
+            ema.swap()
+            save_folder(args.out.parent / f"{args.out.name}.partial", net, text_encoder, tokenizer,
+                        {"partial_step": step + 1, "rounds": history}, args)
+            ema.swap()
+        if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
+            print(f"[{args.tag}] stopping at step {step + 1}: --max-minutes {args.max_minutes}", file=sys.stderr)
+            break
+    steps_done = step + 1
+    wall = time.time() - t0
+    clips_last = do_readout(steps_done)
+    ema.copy_to()
+    curve = [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 5) for i in range(0, len(losses), 50)]
+    rnd = {"stage": args.stage, "args": {k: str(v) for k, v in vars(args).items()}, "steps_done": steps_done,
+           "wall_seconds": round(wall, 1), "loss_every_50": curve, "readouts": readouts,
+           "command": " ".join(["python", "scripts/train_shapeworld_video_unet.py"]
+                               + (sys.argv[1:] if argv is None else list(argv)))}
+    if args.out is not None and fixed is None:
+        info = {"model": "shapeworld-video-unet", "num_frames": args.frames, "resolution": args.res,
+                "rounds": history + [rnd]}
+        save_folder(args.out, net, text_encoder, tokenizer, info, args, samples=clips_last[:: max(1, len(clips_last) // 12)][:12])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
