@@ -300,3 +300,20 @@ def test_studio_edit_user_errors(tmp_path, capsys):
     assert "unknown preset" in capsys.readouterr().err
     assert _studio("edit", "shapeworld:striped_cube", "--concept", str(tmp_path / "nope"), "--out", str(tmp_path)) == 2
     assert "neither a folder nor a ShapeWorld concept" in capsys.readouterr().err
+
+
+def test_app_has_an_image_editing_tab_whose_form_takes_a_source_path(tmp_path):
+    """The generated app tab (from the registry): the source is the primary input (a path / ShapeWorld spec in the
+    form's text box), the form builds a valid DreamSteererConfig."""
+    pytest.importorskip("gradio")
+    from studio.app import build_app
+    from studio.app.core import AppSettings
+
+    (tmp_path / "models").mkdir()
+    app = build_app(AppSettings(out=tmp_path / "out", models_dir=tmp_path / "models"))
+    tab = app.studio_tabs["image-edit"]
+    assert "dreamsteerer" in tab.classes and "source" in tab.primary
+    values = {c: c.value for c in tab.form_components}
+    values[tab.primary["source"]] = "shapeworld:checker_ball@0"
+    method, cfg = tab.config_from(values)
+    assert method == "dreamsteerer" and cfg.source == "shapeworld:checker_ball@0" and cfg.concept == "striped_cube"

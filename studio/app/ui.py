@@ -152,8 +152,9 @@ class KindTab:
                 with gr.Accordion("Advanced settings (from the method's config)", open=False):
                     for n, specs in self.specs.items():
                         with gr.Row(visible=(n == self.default_method), equal_height=False) as grp:
+                            # (the run's input has its own box above, also when it is not the prompt)
                             self.advanced[n] = {p: _widget(s, _eid(k, n, p), min_width=190)
-                                                for p, s in specs.items() if not s.is_primary}
+                                                for p, s in specs.items() if not s.is_primary and p != self.input}
                         self.adv_groups[n] = grp
                 with gr.Row():
                     self.run_btn = gr.Button("Run" if self.input is None else "Generate", variant="primary",
