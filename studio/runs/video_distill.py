@@ -3,7 +3,8 @@
 A video distillation method (``kind = "video-distill"``) subclasses :class:`VideoDistillMethod`, adds its fields to a
 subclass of :class:`VideoDistillConfig` and implements ``stages(cfg, teacher, student, data)``. The kind does
 the rest once for every method: teacher loading, the LoRA student on the teacher's own denoiser
-(:class:`~studio.students.video_lora.VideoLoRAStudent`), the training data, the one training loop
+(:class:`~studio.students.video_lora.VideoLoRAStudent`; a method with another student overrides ``make_student``,
+e.g. Stream-R1's causal streaming generator, and ``export`` for the weights to write, e.g. an EMA), the training data, the one training loop
 (:class:`~studio.train.loop.Trainer`: progress, checkpoints, ``--resume``, NaN guard), the distilled student
 folder (``student/``: adapter + ``student.json``, loadable by ``studio video generate --model out/student``),
 ground-truth evaluation of the student at a few sampling steps; the run skeleton adds ``config.yaml``,
