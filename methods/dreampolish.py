@@ -5,6 +5,8 @@ Algorithm (``../shared/specs/placiddreamer_dreampolish.md`` 3.3; no public code,
 DreamCraft3D's [CODE] where known and our reconstruction [INF] elsewhere):
 
     G1  NeRF (hash grid, Magic3D blob init, occupancy grid):  SDS with the view-conditioned prior
+        (--view-prior: the DreamCraft3D hybrid in G1-G3, methods/dreampolish_prior.py: reference image,
+        reference-view RGB / mask losses, Zero123-class SDS from the reference mixed with text-to-image SDS)
     G2  NeuS  <- neus_from_nerf(G1):                           SDS + eikonal
     G3  DMTet <- DMTet.from_sdf(G2.sdf):                       SDS on mesh renders + normal consistency + Laplacian
     G4  polish (a few steps):  render shaded RGB + camera-space normals n_r at random views with a wide FoV
@@ -48,7 +50,7 @@ from typing import Literal
 from studio.distill.dsd import DSD_LAM_CFG, DSD_LAM_VAR, dsd_preset
 from studio.distill.normals import PolishCameraConfig
 from studio.errors import UserError
-from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod, load_teacher_cached
+from studio.runs.text_to_3d import TextTo3DConfig, TextTo3DMethod, heldout_sector, load_teacher_cached
 from studio.teachers.registry import default_guidance
 from studio.train.field_stage import (
     FieldDistillStage,
@@ -65,6 +67,8 @@ from studio.train.mesh_stage import (
     TextureStageConfig,
     mesh_source,
 )
+
+from .dreampolish_prior import HybridDMTetStage, HybridFieldStage
 
 STAGES = ("nerf", "neus", "dmtet", "polish", "texture")
 
@@ -121,6 +125,26 @@ class DreamPolishConfig(TextTo3DConfig):
     a constant (the old form: with constants, DSD(0, a, b) = b VSD(1 + a/b))"""
     dsd_lambda_var: tuple[float, float] = DSD_LAM_VAR
     """DSD's variational-domain strength (LoRA branch) (at t=0, at t=T), linear in t/T"""
+    view_prior: bool = False
+    """DreamCraft3D-style hybrid in G1-G3 (methods/dreampolish_prior.py): a reference image (--reference, else sampled
+    from --teacher at the reference camera), reference-view RGB / mask losses and Zero123-class SDS from
+    --novel-view-teacher conditioned on it, mixed with the text-to-image SDS. Off by default (measured in
+    docs/notes/issue17-parts34.md)"""
+    novel_view_teacher: str = "shapeworld-nv-exact"
+    """view-conditioned prior of --view-prior: shapeworld-nv-exact, shapeworld-nv-unet, zero123-xl or a Zero123 folder"""
+    reference: str | None = None
+    """reference image of --view-prior (object on white, seen from the novel-view teacher's reference camera)"""
+    reference_radius: float = 3.2
+    reference_fovy: float = 40.0
+    """reference camera distance / FoV for novel-view teachers that do not state theirs (Zero123: elevation 0, front)"""
+    view_prior_guidance: float = 5.0
+    """CFG of the novel-view SDS (DreamCraft3D: Stable Zero123 at 5)"""
+    t2i_sds_weight: float = 1.0
+    view_sds_weight: float = 1.0
+    """weights of the two SDS terms (DreamCraft3D: 0.1 each, with rgb 1000 / mask 100; here the SDS terms keep the
+    CPU schedule's weight 1 and the reference losses keep DreamCraft3D's values)"""
+    reference_rgb_weight: float = 1000.0
+    reference_mask_weight: float = 100.0
     from_stage: Literal["nerf", "neus", "dmtet", "polish", "texture"] = "nerf"
     """start here, from the previous stage's artefact in the run folder"""
     skip_polish: bool = False
@@ -177,7 +201,13 @@ class DreamPolishMethod(TextTo3DMethod):
     def prepare(self, cfg: DreamPolishConfig, teacher, run_dir: Path, resume: bool, progress: bool = True) -> dict:
         self.run_dir = Path(run_dir)
         (self.run_dir / "stages").mkdir(parents=True, exist_ok=True)
-        return {}
+        self.view_prior = None
+        if not cfg.view_prior:
+            return {}
+        from .dreampolish_prior import build_view_prior
+
+        self.view_prior, info = build_view_prior(cfg, teacher, self.run_dir, resume, sector=heldout_sector(cfg))
+        return info
 
     def artefact(self, stage: str) -> Path:
         return self.run_dir / "stages" / f"{stage}.safetensors"
@@ -205,18 +235,22 @@ class DreamPolishMethod(TextTo3DMethod):
         built: list = []
         for name in order:
             kw = {"source": source, "artefact": self.artefact(name), "seed": seed}
+            prior = getattr(self, "view_prior", None) if name in ("nerf", "neus", "dmtet") else None
+            hyb = {} if prior is None else {"prior": prior}
+            FieldStage = FieldDistillStage if prior is None else HybridFieldStage
             if name == "nerf":      # G1
-                st = FieldDistillStage("nerf", "nerf", FieldStageConfig(R, cfg.n_samples, cfg.nerf_lr, cfg.field_lr_mlp, score=score),
-                                       teacher, cfg.prompt, steps=cfg.nerf_steps, guidance_scale=guidance, **kw)
+                st = FieldStage("nerf", "nerf", FieldStageConfig(R, cfg.n_samples, cfg.nerf_lr, cfg.field_lr_mlp, score=score),
+                                teacher, cfg.prompt, steps=cfg.nerf_steps, guidance_scale=guidance, **kw, **hyb)
             elif name == "neus":    # G2
                 fc = FieldStageConfig(R, cfg.n_samples, cfg.neus_lr, cfg.field_lr_mlp, eikonal_weight=cfg.eikonal_weight, score=score)
-                st = FieldDistillStage("neus", "neus", fc, teacher, cfg.prompt, steps=cfg.neus_steps,
-                                       guidance_scale=guidance, **kw)
+                st = FieldStage("neus", "neus", fc, teacher, cfg.prompt, steps=cfg.neus_steps,
+                                guidance_scale=guidance, **kw, **hyb)
             elif name == "dmtet":   # G3
                 dc = DMTetStageConfig(cfg.dmtet_resolution, R, cfg.dmtet_lr,
                                       normal_consistency_weight=cfg.normal_consistency_weight,
                                       laplacian_weight=cfg.laplacian_weight, score=score)
-                st = DMTetStage("dmtet", dc, teacher, cfg.prompt, steps=cfg.dmtet_steps, guidance_scale=guidance, **kw)
+                st = (DMTetStage if prior is None else HybridDMTetStage)(
+                    "dmtet", dc, teacher, cfg.prompt, steps=cfg.dmtet_steps, guidance_scale=guidance, **kw, **hyb)
             elif name == "polish":  # G4
                 est, est_name = load_polish_estimator(cfg.normal_estimator, cfg.prompt)
                 pc = PolishStageConfig(R, cfg.batch_size, cfg.polish_lr, cfg.polish_beta,
