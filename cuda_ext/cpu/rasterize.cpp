@@ -538,8 +538,7 @@ void dispatch_channels(int64_t D, F&& f) {
 
 // ---------------------------------------------------------------------------------------------
 // Vectorised blend of the fused path (blend_simd.inc): an AVX2+FMA build and a baseline build, chosen at
-// run time (STUDIO_NATIVE_SIMD=0 forces the baseline one,
-// STUDIO_NATIVE_SIMD=scalar the reference scalar kernels).
+// run time (blend_choice below).
 // ---------------------------------------------------------------------------------------------
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define STUDIO_HAVE_AVX2_BUILD 1
@@ -554,24 +553,34 @@ namespace blend_generic {
 #include "blend_simd.inc"
 }  // namespace blend_generic
 
-bool use_avx2() {
+// Which blend the fused path runs (STUDIO_NATIVE_SIMD, read on every call):
+//   unset / "1" / "auto": the AVX2+FMA build where the CPU has AVX2 and FMA, else the reference scalar kernels
+//       (the baseline build of the vector code measured ~3x slower than the scalar kernels: without AVX2 its 8-lane
+//       vectors and selects are split and emulated);
+//   "generic": the baseline build of the vector kernels (for tests and measurements);
+//   "scalar" / "0": the reference scalar kernels (forward_impl / backward_impl).
+bool cpu_has_avx2() {
 #ifdef STUDIO_HAVE_AVX2_BUILD
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* env = std::getenv("STUDIO_NATIVE_SIMD");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   return has;
 #else
   return false;
 #endif
 }
 
-// STUDIO_NATIVE_SIMD=scalar: the fused path blends with the reference kernels (forward_impl / backward_impl).
-bool use_scalar_blend() {
+enum class Blend { kAvx2, kGeneric, kScalar };
+
+Blend blend_choice() {
   const char* env = std::getenv("STUDIO_NATIVE_SIMD");
-  return env != nullptr && std::strcmp(env, "scalar") == 0;
+  if (env != nullptr && (std::strcmp(env, "scalar") == 0 || std::strcmp(env, "0") == 0)) return Blend::kScalar;
+  if (env != nullptr && std::strcmp(env, "generic") == 0) return Blend::kGeneric;
+  return cpu_has_avx2() ? Blend::kAvx2 : Blend::kScalar;
 }
 
-std::string simd_isa() { return use_scalar_blend() ? "scalar" : (use_avx2() ? "avx2" : "generic"); }
+std::string simd_isa() {
+  const Blend b = blend_choice();
+  return b == Blend::kAvx2 ? "avx2" : (b == Blend::kGeneric ? "generic" : "scalar");
+}
 
 // ---------------------------------------------------------------------------------------------
 // Python-facing entry points
@@ -900,9 +909,10 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
       constexpr int DC = decltype(dc)::value;
       constexpr bool kSimd = std::is_same_v<scalar_t, float> && (DC == 1 || DC == 3 || DC == 4);
       if constexpr (kSimd) {
-        if (!use_scalar_blend()) {
+        const Blend choice = blend_choice();
+        if (choice != Blend::kScalar) {
 #ifdef STUDIO_HAVE_AVX2_BUILD
-          if (use_avx2()) {
+          if (choice == Blend::kAvx2) {
             blend_avx2::forward_tiles<DC>(p, render.data_ptr<float>(), alphas.data_ptr<float>(),
                                           tfinal.data_ptr<float>(), last.data_ptr<int32_t>());
             return;
@@ -958,9 +968,10 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
       scalar_t* bgp = has_bg ? bg_partial.data_ptr<scalar_t>() : nullptr;
       constexpr bool kSimd = std::is_same_v<scalar_t, float> && (DC == 1 || DC == 3 || DC == 4);
       if constexpr (kSimd) {
-        if (!use_scalar_blend()) {
+        const Blend choice = blend_choice();
+        if (choice != Blend::kScalar) {
 #ifdef STUDIO_HAVE_AVX2_BUILD
-          if (use_avx2()) {
+          if (choice == Blend::kAvx2) {
             blend_avx2::backward_tiles<DC>(p, g_render.data_ptr<float>(), g_alphas.data_ptr<float>(),
                                            tfinal.data_ptr<float>(), last.data_ptr<int32_t>(),
                                            partial.data_ptr<float>(), bgp);
@@ -1093,7 +1104,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("render_backward", &render_backward,
         "Fused backward: (d means, d quats, d scales, d opacities, d colors, d viewmats, d backgrounds, d means2d)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("simd_isa", &simd_isa, "The blend build the fused path uses now: 'avx2' or 'generic'");
+  m.def("simd_isa", &simd_isa, "The blend the fused path uses now: 'avx2', 'generic' or 'scalar'");
   m.def("rasterize_backward", &rasterize_backward,
         "Analytic backward: (d means2d, d conics, d colors, d opacities, d backgrounds)",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -34,9 +34,9 @@ quats, scales, opacities, colours / SH, viewmats and backgrounds (Ks get none). 
 channels is vectorised over pixels: per tile, groups of 8 pixels of a row each walk the tile-list entries whose box
 touches them, with their state in registers (transmittance in double, as the reference kernels) and early
 termination per group; the backward sums each entry's terms over a group's lanes into a per-entry accumulator and
-writes the entry's record once (no atomics, deterministic). An AVX2+FMA build and a baseline build are compiled and
-chosen at run time (``$STUDIO_NATIVE_SIMD``: ``0`` baseline build, ``scalar`` the reference kernels above); float64
-and other channel counts use the reference kernels. ``$STUDIO_NATIVE_FUSED=0`` switches ``backend="native"`` back
+writes the entry's record once (no atomics, deterministic). It runs where the CPU has AVX2 and FMA (checked at run time);
+elsewhere, and for float64 and other channel counts, the fused path blends with the reference kernels above
+(``$STUDIO_NATIVE_SIMD``: ``scalar`` forces them, ``generic`` runs the baseline-ISA build of the vector kernels). ``$STUDIO_NATIVE_FUSED=0`` switches ``backend="native"`` back
 to the reference path (torch projection + SH, then ``rasterize_to_pixels`` above), kept for comparisons
 (``benchmarks/render.py --native-vs-ref``).
 
@@ -181,7 +181,9 @@ def native_fused_enabled() -> bool:
 
 
 def native_simd_isa() -> str:
-    """Which build of the fused blend runs now: ``avx2`` or ``generic`` (``$STUDIO_NATIVE_SIMD=0`` forces it)."""
+    """Which blend the fused path runs now: ``avx2`` (the default where the CPU has AVX2 and FMA), ``scalar`` (the
+    reference kernels: the default elsewhere, or ``$STUDIO_NATIVE_SIMD=scalar``) or ``generic`` (the baseline build of
+    the vector kernels, ``$STUDIO_NATIVE_SIMD=generic``, for tests: ~3x slower than the scalar kernels)."""
     return _NATIVE.load().simd_isa()
 
 
