@@ -15,7 +15,10 @@ with the *plain* flow sampler (no reward model) on the held-out prompts (every 4
 * ``speedup_beyond_seed_spread``: every Euphonium seed reached the target before every DanceGRPO seed;
 * ``inference_uses_prm``: read back from each student folder (``student.json``); the students sample with the
   plain sampler;
-* ``seconds_per_step``: wall time per training step (rollouts with the PRM, GRPO update).
+* ``seconds_per_step``: wall time per training step (rollouts with the PRM, GRPO update);
+* ``rollout_reward_unguided`` / ``_guided`` and ``rollout_prm_*``: the base policy's rollouts on 16 training
+  samples with the same noise, without and with the euphonium preset's PRM drift: whether the guidance raises the
+  outcome reward (what Euphonium's speedup rests on) or only the PRM's own value.
 
 ``--quick`` (about 10-15 min on 2 busy cores): DanceGRPO and Euphonium, 2 seeds, 8 sampling steps, 2 prompts x
 4 rollouts per step, 12 steps, evaluation every 4. The full run adds Flow-GRPO and Euphonium with the explicit distillation loss,
@@ -51,6 +54,46 @@ def one_run(name: str, overrides: dict, seed: int, common: dict, out: Path) -> d
             "inference_uses_prm": bool(meta.get("reward_model_at_inference", True))}
 
 
+@torch.no_grad()
+def guidance_effect(common: dict, guidance: float, batch_prompts: int = 8) -> dict:
+    """Does the PRM drift raise the *outcome* reward of the rollouts themselves? The base policy's SDE rollouts
+    (same noise, same prompts: 2 of each of the first training prompts) without and with the guidance of the
+    euphonium preset; outcome reward and the PRM's value of the final samples."""
+    from methods.euphonium import EuphoniumConfig, preset_values
+    from studio.runs.video_distill import resolve_prompts
+    from studio.runs.video_rl import load_outcome_reward, split_prompts
+    from studio.teachers.process_reward import load_process_reward
+    from studio.teachers.registry import load_video_teacher
+    from studio.teachers.sampling import flow_sde_rollout, shifted_sigmas
+
+    policy = load_video_teacher(common["policy"])
+    train, _ = split_prompts(resolve_prompts(common["prompts"]), common["held_out_every"])
+    prompts = [p for p in train[:batch_prompts] for _ in range(2)]
+    cond = policy.encode_prompt(prompts)
+    reward = load_outcome_reward(common["reward"])
+    cfg = EuphoniumConfig(**{**common, "guidance": guidance})
+    form, level, prm_name, _ = preset_values(cfg)
+    prm = load_process_reward(prm_name)
+    N = int(cfg.sampling_steps)
+    sigmas = shifted_sigmas(N, float(policy.schedule.shift))
+    window = ((3 * N) // 4, -1, 1)
+
+    def velocity(x, s):
+        t = policy.schedule.timestep_from_sigma(torch.full((x.shape[0],), float(s), dtype=torch.float64))
+        return policy.predict(x, t, cond, guidance_scale=float(cfg.guidance_scale), output="flow")
+
+    x = policy.noise(len(prompts), seed=4321)
+    out = {}
+    for name, c_g in (("unguided", 0.0), ("guided", guidance)):
+        roll = flow_sde_rollout(velocity, x, sigmas, form=form, noise_level=level,
+                                generator=torch.Generator().manual_seed(5), process_reward=prm.bind(prompts),
+                                guidance_scale=c_g, window=window)
+        final = roll["latents"][:, -1]
+        out[f"rollout_reward_{name}"] = round(float(reward(policy.decode(final).float(), prompts).mean()), 5)
+        out[f"rollout_prm_{name}"] = round(float(prm.reward(final, float(sigmas[-2]), prompts).mean()), 5)
+    return out
+
+
 def steps_to(curve, target):
     for step, r in curve:
         if r >= target:
@@ -81,6 +124,8 @@ def main() -> None:
         methods["flow_grpo"] = {"preset": "flow-grpo"}
         methods["euphonium_explicit"] = {**eu, "distill": "explicit"}
     t0 = time.perf_counter()
+    effect = guidance_effect(common, eu.get("guidance", EuphoniumConfig.guidance))
+    print(f"guidance effect: {json.dumps(effect)}", file=sys.stderr, flush=True)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, over in methods.items():
@@ -109,6 +154,7 @@ def main() -> None:
     out["convergence_speedup"] = round(d / e, 3) if d and e else None
     de, ee = out["dance_grpo_steps_to_target_per_seed"], out["euphonium_steps_to_target_per_seed"]
     out["speedup_beyond_seed_spread"] = (None not in de + ee) and max(ee) < min(de)
+    out.update(effect)
     out["inference_uses_prm"] = any(r["inference_uses_prm"] for rs in results.values() for r in rs)
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=2))
