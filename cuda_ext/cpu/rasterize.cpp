@@ -537,7 +537,7 @@ void dispatch_channels(int64_t D, F&& f) {
 
 
 // ---------------------------------------------------------------------------------------------
-// Vectorised blend of the fused path (blend_simd.inc): an AVX2+FMA build and a baseline build, chosen at
+// Vectorised blend of the fused path (blend_simd.h): an AVX2+FMA build and a baseline build, chosen at
 // run time (blend_choice below).
 // ---------------------------------------------------------------------------------------------
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -545,12 +545,12 @@ void dispatch_channels(int64_t D, F&& f) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace blend_avx2 {
-#include "blend_simd.inc"
+#include "blend_simd.h"
 }  // namespace blend_avx2
 #pragma GCC pop_options
 #endif
 namespace blend_generic {
-#include "blend_simd.inc"
+#include "blend_simd.h"
 }  // namespace blend_generic
 
 // Which blend the fused path runs (STUDIO_NATIVE_SIMD, read on every call):

@@ -27,7 +27,7 @@ Its ``extra`` holds the binning: ``isect_offsets [C,th,tw]`` (int32 start of eac
 ``tiles_per_gauss [C,N]`` (int32).
 
 **native, fused** (what ``rasterize_gaussians(..., backend="native")`` runs; ``cuda_ext/cpu/project.h``,
-``blend_simd.inc``): one autograd Function from Gaussians to the image. ``render_forward`` projects every
+``blend_simd.h``): one autograd Function from Gaussians to the image. ``render_forward`` projects every
 (camera, Gaussian) and evaluates its SH colour in C++ (the formulas of ``_common``), bins, and blends;
 ``render_backward`` runs the blend backward and then the projection and SH backward, returning gradients for means,
 quats, scales, opacities, colours / SH, viewmats and backgrounds (Ks get none). The float32 blend for 1, 3 or 4

@@ -1,44 +1,23 @@
-// Blend kernels of the fused native path, vectorised over pixels. Included by rasterize.cpp twice: once under
-// `#pragma GCC target("avx2,fma")` (namespace blend_avx2) and once for the baseline ISA (blend_generic); the
-// entry points pick one at run time (cpu_has_avx2 and $STUDIO_NATIVE_SIMD). No intrinsics: every hot loop is a
-// fixed-length loop over kLanes pixels with no branches, which GCC's vectoriser turns into 8-lane AVX2 code
-// (or 4-lane SSE2 code in the generic build).
+// Blend kernels of the fused native path for float32 and 1, 3 or 4 channels, vectorised over pixels. Included by
+// rasterize.cpp twice: under `#pragma GCC target("avx2,fma")` (namespace blend_avx2) and for the baseline ISA
+// (blend_generic); rasterize.cpp's blend_choice picks one at run time. (A .h so that package-data ships it, and
+// deliberately without an include guard.) No intrinsics: GCC/Clang vector extensions (vf8 = 8 floats = one AVX2
+// register; the baseline build splits them, which is slow, so it only runs when asked for).
 //
-// Per tile (same lists, same order and the same blend rules as forward_impl / backward_impl above):
-//   * the tile's list entries are gathered into a structure of arrays (TileCache);
-//   * per-pixel state lives in tile buffers whose rows are padded to a multiple of kLanes (row stride RS); the
-//     padding lanes and the lanes outside the image start "done" (forward) or with last = 0 (backward), so they
-//     never contribute;
-//   * each entry visits the kLanes-wide pixel groups of its box, row by row; a group whose pixels have all
-//     terminated (forward) or all already passed their last entry (backward) is skipped: early termination per
-//     pixel group;
-//   * the backward writes each entry's gradient into its own record of the per-intersection buffer, summing the
-//     lanes in a fixed order: no atomics, deterministic for any thread count.
-// float32 uses a branch-free exp (vexp, ~1 ulp); float64 uses std::exp, as the reference kernels do.
+// Per tile, with the same lists, order and blend rules as forward_impl / backward_impl:
+//   * the tile's list entries are gathered into a structure of arrays (TileCache; the per-Gaussian threshold and
+//     ellipse extents come precomputed from the projection);
+//   * the tile's pixels form groups of kLanes consecutive pixels of a row; GroupLists appends every entry whose
+//     pixel box touches a group to that group's list (depth order kept);
+//   * each group walks its list with its per-pixel state in registers: forward front to back (transmittance in
+//     double, as the reference, plus its float rounding; stops when all its pixels have terminated: early
+//     termination per pixel group); backward back to front from the group's largest consumed entry;
+//   * the backward sums each entry's terms over the group's lanes into a per-entry accumulator and writes the
+//     entry's record of the per-intersection buffer once per tile: no atomics, deterministic for any thread count.
+// The exp is a branch-free polynomial (vexp8, ~1 ulp of expf).
 
 constexpr int kLanes = 8;
 
-inline float vexp(float x) {
-  // Cephes-style expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n by the exponent bits.
-  x = x > -87.0f ? x : -87.0f;  // also maps NaN to -87 (the lane is masked out by the caller)
-  x = x < 88.0f ? x : 88.0f;
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(fx);
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-inline double vexp(double x) { return std::exp(x); }
 
 // 8-lane vectors (GCC/Clang vector extensions): one AVX2 register each for floats and int32, two 4-lane halves
 // for doubles. The baseline build lowers them to SSE2 pairs.
@@ -65,7 +44,8 @@ inline bool vany(vi8 m) {
   return (q[0] | q[1] | q[2] | q[3]) != 0;
 }
 inline vf8 vsplat(float x) { return vf8{x, x, x, x, x, x, x, x}; }
-inline vf8 vexp8(vf8 x) {  // vexp on 8 lanes
+inline vf8 vexp8(vf8 x) {
+  // Cephes-style expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n by the exponent bits.
   x = x > vsplat(-87.0f) ? x : vsplat(-87.0f);  // NaN -> -87 (masked by the caller)
   x = x < vsplat(88.0f) ? x : vsplat(88.0f);
   const vf8 t = x * 1.44269504088896341f + 0.5f;
