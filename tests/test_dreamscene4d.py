@@ -397,3 +397,20 @@ def test_world_translation_recovers_a_parabola(tmp_path):
     px = 3.2 / float(cams.Ks[0, 0, 0])  # world units per pixel at the true depth
     assert float((rec[:, :2] - traj[:, :2]).abs().max()) < 0.5 * px
     assert float((p - p_init)[:, 2].abs().max()) < 0.05 * float(depth.mean())
+
+
+def test_crop_camera_turns_with_a_moving_camera():
+    """Spec 1.4 / 11.15: with camera motion the virtual crop camera of frame t is turned by R_t R_lift^T, so an object
+    that does not move is seen in every crop exactly as the world camera sees it (no deformation needed)."""
+    from methods.dreamscene4d.stages import FitSettings, ObjectFit
+
+    T, H, W = 3, 32, 32
+    eyes = torch.stack([torch.tensor([3.0 * math.sin(a), 0.4, 3.0 * math.cos(a)]) for a in (0.0, 0.2, 0.4)])
+    cams = Cameras(look_at(eyes), intrinsics_from_fov(torch.full((T,), 49.1), W, H), W, H)
+    masks = _rect_mask(H, W, 16, 16, 10, 10)[None, None].expand(1, T, H, W).clone()
+    fit = ObjectFit(0, torch.rand(T, H, W, 3), masks, cams, FitSettings(crop_size=32, lift_frame=1), None)
+    Rc = fit.crop_cam.viewmats[0, :3, :3]
+    for t in range(T):
+        assert torch.allclose(fit.crop_cam_at(t).viewmats[0, :3, :3], cams.viewmats[t, :3, :3] @ fit.A, atol=1e-6)
+    assert torch.equal(fit.crop_cam_at(1).viewmats, fit.crop_cam.viewmats)  # the lift frame: the reference camera
+    assert torch.allclose(fit.crop_cam_at(1).viewmats[0, :3, :3], Rc)

@@ -80,7 +80,14 @@ class ObjectFit:
         cv = self.valid if lift_masks is None else torch.ones_like(self.valid)
         self.crop_valid = G.crop(cv[:, None].float(), self.centers, self.sides, R, fill=1.0)[:, 0] > 0.5
         self.crop_cam = G.crop_camera(R, st.crop_radius, st.crop_fovy)
-        self.A = G.object_rotation(self.crop_cam, cams[0])
+        lift = st.lift_frame
+        self.A = G.object_rotation(self.crop_cam, cams[lift])
+        # camera motion: the virtual crop camera of frame t turns with the real one (R_t R_lift^T, spec 1.4), so
+        # the deformation does not absorb the camera's rotation
+        Rw = cams.viewmats[:, :3, :3]
+        same = (Rw == Rw[lift]).flatten(1).all(1)
+        rel = Rw @ Rw[lift].T
+        self.crop_rot = torch.where(same[:, None, None], torch.eye(3).expand_as(rel), rel)
         self.qA = G.rotation_quat(self.A)
         S, p = G.init_placement(self.centers, self.sides, cams, self.crop_cam, R, st.crop_radius)
         self.S = S
@@ -111,6 +118,14 @@ class ObjectFit:
             out[t] = u2 - u
             msk[t] = self.crop_mask[t - 1]
         return out, msk
+
+    def crop_cam_at(self, t: int, cams: Cameras | None = None) -> Cameras:
+        """The object-centric camera(s) of frame ``t``: ``cams`` (default the reference crop camera) turned by the
+        camera's rotation since the lift frame; the same distance to the object's origin."""
+        cams = self.crop_cam if cams is None else cams
+        vm = cams.viewmats.clone()
+        vm[:, :3, :3] = self.crop_rot[t] @ vm[:, :3, :3]
+        return Cameras(vm, cams.Ks, cams.width, cams.height)
 
     def cond(self, t: int, d_polar: Tensor, d_az: Tensor, d_r: Tensor):
         img = self.crop_rgb[t].permute(2, 0, 1)[None]
@@ -164,7 +179,7 @@ class ObjectFit:
         el = torch.randint(-30, 30, (n,), generator=self.gen).float()
         az = torch.randint(-180, 180, (n,), generator=self.gen).float()
         el, az = (el / grid).round() * grid, (az / grid).round() * grid  # a fixed view set: teachers cache renders
-        cams = orbit_cameras(el, az, torch.full((n,), st.crop_radius), st.crop_fovy, R, R)
+        cams = self.crop_cam_at(t_ref, orbit_cameras(el, az, torch.full((n,), st.crop_radius), st.crop_fovy, R, R))
         img, _, _ = self.render(g, cams, R, R)
         latents = self.teacher.encode(img.permute(0, 3, 1, 2))
         cond = self.cond(t_ref, -el, az, torch.zeros(n))
@@ -374,7 +389,7 @@ class DeformStage(_DynamicPhase):
             tp = max(t - 1, 0)
             g_now, g_prev = f.object_gaussians(t), f.object_gaussians(tp)
             if st.factorise:
-                img, alpha, _ = f.render(g_now, f.crop_cam, R, R)
+                img, alpha, _ = f.render(g_now, f.crop_cam_at(t), R, R)
                 v = f.crop_valid[t]
                 l_rgb = G.balanced_loss(img[0], f.crop_rgb[t], f.crop_mask[t], v)
                 l_mask = G.balanced_loss(alpha[0], f.crop_mask[t].float(), f.crop_mask[t], v)
@@ -382,7 +397,7 @@ class DeformStage(_DynamicPhase):
                     l_rgb, l_mask = l_rgb * 0, l_mask * 0
                 l_flow = torch.zeros(())
                 if f.crop_flow is not None and t > 0 and st.flow_weight > 0:
-                    fl = f.flow_render(g_prev, g_now, f.crop_cam, f.crop_cam, R, R)
+                    fl = f.flow_render(g_prev, g_now, f.crop_cam_at(tp), f.crop_cam_at(t), R, R)
                     target, m = f.crop_flow[0][t], f.crop_flow[1][t]
                     err = ((fl - target * m[..., None]) / R).abs().sum(-1)
                     mv = m & f.crop_valid[t - 1]
