@@ -737,8 +737,6 @@ class Personalization:
         self.summary = dict(summary or {})
         self.adapter_name = adapter_name
         self.kv_original = dict(kv_original or {})
-        self.kv_personal = {n: lin.weight.detach().clone() for n, lin in cross_attention_kv(teacher).items()
-                            if n in self.kv_original} if self.kv_original else {}
 
     @contextlib.contextmanager
     def pretrained(self) -> Iterator[None]:
