@@ -128,7 +128,7 @@ def run_native_vs_ref(repeats: int) -> dict:
         res = lib.render_forward(*fargs)
         render, m2, con, feats, opac, radii, offs, flat, tf, last = (res[0], res[2], res[3], res[6], res[7], res[5],
                                                                       res[8], res[9], res[11], res[12])
-        ext = res[13]
+        kept = res[13:]
         pairs = int(last.sum())
         g_r, g_a = torch.ones_like(render), torch.ones_like(tf)
 
@@ -136,7 +136,7 @@ def run_native_vs_ref(repeats: int) -> dict:
             lib.render_forward(*fargs)
 
         def stage_bwd():
-            lib.render_backward(*fargs[:8], m2, con, feats, opac, radii, offs, flat, tf, last, ext, g_r, g_a,
+            lib.render_backward(*fargs[:8], m2, con, feats, opac, radii, offs, flat, tf, last, *kept, g_r, g_a,
                                 *fargs[8:])
 
         cpu: dict[str, list[float]] = {}

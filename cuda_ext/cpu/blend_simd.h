@@ -86,7 +86,7 @@ struct GroupLists {
     cnt.assign(ngroups, 0);
     ids.resize(static_cast<size_t>(ngroups) * std::max<int64_t>(n, 1));
     for (int64_t k = 0; k < n; ++k) {
-      const int32_t* bx = tc.box.data() + kBox * k;
+      const int32_t* bx = tc.boxp + kBox * k;
       if (bx[0] > bx[1]) continue;
       const int g0 = (bx[0] - x0) / kLanes, g1 = (bx[1] - x0) / kLanes;
       for (int py = bx[2]; py <= bx[3]; ++py) {
@@ -121,7 +121,10 @@ void forward_tiles(const Params<float>& p, float* render, float* alphas, float* 
       const int bw = x1 - x0, bh = y1 - y0;
       const int64_t s = p.offsets[t], e = (t + 1 < ntiles) ? p.offsets[t + 1] : p.n_isect;
       const int64_t len = e - s;
-      if (len > 0) tc.gather(p, s, len, D, x0, x1 - 1, y0, y1 - 1, p.ext);
+      if (len > 0) {
+        tc.gather(p, s, len, D, x0, x1 - 1, y0, y1 - 1, p.ext);
+        if (p.keep_soa) tc.store(p.keep_soa, p.keep_col, p.keep_box, s, len, D);  // for the backward
+      }
       gls.build(tc, len, x0, y0, GPR, GPR * bh);
       const float* bgc = p.bg ? p.bg + cam * D : nullptr;
       for (int ly = 0; ly < bh; ++ly) {
@@ -163,7 +166,7 @@ void forward_tiles(const Params<float>& p, float* render, float* alphas, float* 
               stop = !vany(~done);  // every pixel of the group has terminated
             }
             const vf8 w = add ? alpha * Tf8 : vsplat(0.0f);
-            const float* ck = tc.col.data() + static_cast<int64_t>(k) * D;
+            const float* ck = tc.colp + static_cast<int64_t>(k) * D;
             for (int d = 0; d < D; ++d) acc[d] += w * ck[d];
             Tlo = nTl;
             Thi = nTh;
@@ -231,7 +234,11 @@ void backward_tiles(const Params<float>& p, const float* g_render, const float* 
       float* part = partial + s * Q;
       if (maxlast < len) std::fill(part + maxlast * Q, part + len * Q, 0.0f);
       if (maxlast == 0) continue;
-      tc.gather(p, s, maxlast, D, x0, x1 - 1, y0, y1 - 1, p.ext);
+      if (p.keep_soa) {
+        tc.view(p.keep_soa, p.keep_col, p.keep_box, s, len, D);  // the forward's gathered lists
+      } else {
+        tc.gather(p, s, maxlast, D, x0, x1 - 1, y0, y1 - 1, p.ext);
+      }
       gls.build(tc, maxlast, x0, y0, GPR, GPR * bh);
       la.assign(static_cast<size_t>(maxlast) * Q * kLanes, 0.0f);
       for (int ly = 0; ly < bh; ++ly) {
@@ -279,7 +286,7 @@ void backward_tiles(const Params<float>& p, const float* g_render, const float* 
             const vf8 alpha = oG > amax ? vsplat(amax) : oG;
             const vi8 valid = (k < last) & (sigma >= 0.0f) & (sigma <= tc.thr[k]) & (alpha >= amin);
             if (!vany(valid)) continue;
-            const float* ck = tc.col.data() + static_cast<int64_t>(k) * D;
+            const float* ck = tc.colp + static_cast<int64_t>(k) * D;
             // transmittance recovery, suffix sums and d loss / d alpha, 8 float lanes
             const vf8 ra = valid ? 1.0f / (1.0f - alpha) : vsplat(0.0f);
             const vf8 Ti = T8 * ra;

@@ -183,6 +183,10 @@ struct Params {
   int64_t C, N, D, n_isect;
   int W, H, ts, tw, th;
   const double* ext = nullptr;  // [C,N,3] gaussian_extent per Gaussian (fused path), or nullptr
+  // fused path, float32 SIMD blend: the forward stores its gathered tile lists here, the backward reads them
+  scalar_t* keep_soa = nullptr;   // [7 n_isect]
+  scalar_t* keep_col = nullptr;   // [n_isect D]
+  int32_t* keep_box = nullptr;    // [4 n_isect]
 };
 
 constexpr int kBox = 4;  // x0, x1, y0, y1: inclusive pixel box inside the tile
@@ -215,7 +219,8 @@ template <typename scalar_t>
 struct TileCache {
   std::vector<scalar_t> buf, col;
   std::vector<int32_t> box;
-  const scalar_t *mx, *my, *ca, *cb, *cc, *op, *thr;
+  const scalar_t *mx, *my, *ca, *cb, *cc, *op, *thr, *colp = nullptr;
+  const int32_t* boxp = nullptr;
 
   // ext (optional, [C*N*3] doubles from gaussian_extent): the per-Gaussian threshold and ellipse half extents,
   // computed once per Gaussian instead of once per intersection; the result is the same.
@@ -266,6 +271,22 @@ struct TileCache {
       }
     }
     mx = x; my = y; ca = a; cb = bb; cc = c; op = o; thr = th;
+    colp = col.data();
+    boxp = box.data();
+  }
+
+  // The fused path keeps the forward's gathered tile lists for the backward: store() copies this tile's arrays to
+  // global buffers (SoA [7][len] at 7 s, colours at s D, boxes at 4 s), view() points at them again.
+  void store(scalar_t* G, scalar_t* Cg, int32_t* Bg, int64_t s, int64_t len, int64_t D) const {
+    std::copy(buf.data(), buf.data() + 7 * len, G + 7 * s);
+    std::copy(col.data(), col.data() + len * D, Cg + s * D);
+    std::copy(box.data(), box.data() + kBox * len, Bg + kBox * s);
+  }
+  void view(const scalar_t* G, const scalar_t* Cg, const int32_t* Bg, int64_t s, int64_t len, int64_t D) {
+    const scalar_t* b = G + 7 * s;
+    mx = b; my = b + len; ca = b + 2 * len; cb = b + 3 * len; cc = b + 4 * len; op = b + 5 * len; thr = b + 6 * len;
+    colp = Cg + s * D;
+    boxp = Bg + kBox * s;
   }
 };
 
@@ -768,7 +789,8 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
 //   colors: features [N,D] / [C,N,D], or SH coefficients [N,K',D] / [C,N,K',D] (the first (deg+1)^2 used).
 //   -> render [C,H,W,Dt], alphas [C,H,W,1], means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N,2],
 //      feats [C,N,Dt], opac [C,N], isect_offsets, flatten_ids, tiles_per_gauss, T_final, last_ids,
-//      ext [C,N,3] (float64: per-Gaussian reject threshold and ellipse half extents, see gaussian_extent)
+//      ext [C,N,3] (float64: per-Gaussian reject threshold and ellipse half extents, see gaussian_extent),
+//      keep_soa, keep_col, keep_box (the SIMD blend's gathered tile lists, for the backward; empty otherwise)
 // render_backward(the inputs, the saved outputs, grad render, grad alphas, the settings)
 //   -> grads of means, quats, scales, opacities, colors (input shape), viewmats [C,4,4], backgrounds, and
 //      d loss / d means2d [C,N,2] (the screen-space gradient densification reads)
@@ -901,10 +923,20 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
   });
   at::Tensor flatten_ids = at::empty({static_cast<int64_t>(flat.size())}, i32);
   std::copy(flat.begin(), flat.end(), flatten_ids.data_ptr<int32_t>());
+  at::Tensor keep_soa = at::empty({0}, fopt), keep_col = at::empty({0}, fopt), keep_box = at::empty({0}, i32);
   AT_DISPATCH_FLOATING_TYPES(st, "render_forward_blend", [&] {
     Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids, width,
                                                height, tile_size);
     p.ext = ext.data_ptr<double>();
+    if (std::is_same_v<scalar_t, float> && (Dt == 1 || Dt == 3 || Dt == 4) && blend_choice() != Blend::kScalar) {
+      const int64_t M = flatten_ids.numel();
+      keep_soa = at::empty({7 * M}, fopt);
+      keep_col = at::empty({M * Dt}, fopt);
+      keep_box = at::empty({kBox * M}, i32);
+      p.keep_soa = keep_soa.data_ptr<scalar_t>();
+      p.keep_col = keep_col.data_ptr<scalar_t>();
+      p.keep_box = keep_box.data_ptr<int32_t>();
+    }
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
       constexpr bool kSimd = std::is_same_v<scalar_t, float> && (DC == 1 || DC == 3 || DC == 4);
@@ -928,19 +960,21 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
     });
   });
   return {render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flatten_ids, tiles_per_gauss,
-          tfinal, last, ext};
+          tfinal, last, ext, keep_soa, keep_col, keep_box};
 }
 
 std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
                                         at::Tensor colors, at::Tensor viewmats, at::Tensor Ks, at::Tensor backgrounds,
                                         at::Tensor means2d, at::Tensor conics, at::Tensor feats, at::Tensor opac,
                                         at::Tensor radii, at::Tensor offsets, at::Tensor flatten_ids, at::Tensor tfinal,
-                                        at::Tensor last, at::Tensor ext, at::Tensor g_render, at::Tensor g_alphas,
+                                        at::Tensor last, at::Tensor ext, at::Tensor keep_soa, at::Tensor keep_col,
+                                        at::Tensor keep_box, at::Tensor g_render, at::Tensor g_alphas,
                                         int64_t width,
                                         int64_t height, int64_t tile_size, int64_t sh_degree, int64_t depth_mode,
                                         double near_plane, double far_plane, double eps2d) {
   for (auto* pr : {&means, &quats, &scales, &opacities, &colors, &viewmats, &Ks, &backgrounds, &means2d, &conics,
-                   &feats, &opac, &radii, &offsets, &flatten_ids, &tfinal, &last, &ext, &g_render, &g_alphas})
+                   &feats, &opac, &radii, &offsets, &flatten_ids, &tfinal, &last, &ext, &keep_soa, &keep_col, &keep_box,
+                   &g_render, &g_alphas})
     check_cpu(*pr, "input");
   const FusedDims f = fused_dims(means, colors, viewmats, sh_degree, depth_mode);
   const int64_t C = f.C, N = f.N, Dt = f.Dt;
@@ -963,6 +997,14 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
                                                height, tile_size);
     TORCH_CHECK(ext.scalar_type() == at::kDouble && ext.numel() == C * N * 3, "ext must be float64 [C,N,3]");
     p.ext = ext.data_ptr<double>();
+    if (keep_soa.numel() == 7 * n_isect && keep_soa.numel() > 0) {
+      TORCH_CHECK(keep_soa.scalar_type() == means.scalar_type() && keep_col.numel() == n_isect * Dt &&
+                      keep_box.scalar_type() == at::kInt && keep_box.numel() == kBox * n_isect,
+                  "kept tile lists do not match");
+      p.keep_soa = keep_soa.data_ptr<scalar_t>();
+      p.keep_col = keep_col.data_ptr<scalar_t>();
+      p.keep_box = keep_box.data_ptr<int32_t>();
+    }
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
       scalar_t* bgp = has_bg ? bg_partial.data_ptr<scalar_t>() : nullptr;
@@ -1099,7 +1141,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("render_forward", &render_forward,
         "Fused Gaussians -> image: (render, alphas, means2d, conics, depths, radii, feats, opac, isect_offsets, "
-        "flatten_ids, tiles_per_gauss, T_final, last_ids, ext)",
+        "flatten_ids, tiles_per_gauss, T_final, last_ids, ext, keep_soa, keep_col, keep_box)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("render_backward", &render_backward,
         "Fused backward: (d means, d quats, d scales, d opacities, d colors, d viewmats, d backgrounds, d means2d)",

@@ -195,9 +195,9 @@ class _NativeRender(torch.autograd.Function):
         lib = _NATIVE.load()
         bg = backgrounds if backgrounds is not None else means.new_empty((0,))
         out = lib.render_forward(means, quats, scales, opacities, colors, viewmats, Ks, bg, *settings)
-        (render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flat, tpg, t_final, last, ext_) = out
+        (render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flat, tpg, t_final, last, *kept) = out
         ctx.save_for_backward(means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats,
-                              opac, radii, offsets, flat, t_final, last, ext_)
+                              opac, radii, offsets, flat, t_final, last, *kept)
         ctx.settings = settings
         ctx.has_bg = backgrounds is not None
         ctx.mark_non_differentiable(means2d, conics, depths, radii, opac, offsets, flat, tpg)
@@ -207,7 +207,7 @@ class _NativeRender(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_render, g_alphas, *_unused):
         (means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats, opac, radii, offsets,
-         flat, t_final, last, ext_) = ctx.saved_tensors
+         flat, t_final, last, *kept) = ctx.saved_tensors
         dt = means.dtype
         if g_render is None:
             g_render = t_final.new_zeros(*t_final.shape, feats.shape[-1])
@@ -216,7 +216,7 @@ class _NativeRender(torch.autograd.Function):
         width, height, tile_size, sh_degree, depth_mode, near, far, eps2d = ctx.settings
         gm, gq, gs, go, gc, gv, gb, gm2 = _NATIVE.load().render_backward(
             means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats, opac, radii, offsets,
-            flat, t_final, last, ext_, g_render, g_alphas, width, height, tile_size, sh_degree, depth_mode, near, far, eps2d,
+            flat, t_final, last, *kept, g_render, g_alphas, width, height, tile_size, sh_degree, depth_mode, near, far, eps2d,
         )
         return gm, gq, gs, go, gc, gv, None, (gb if ctx.has_bg else None), gm2, None
 
