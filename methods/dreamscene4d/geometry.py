@@ -137,11 +137,12 @@ def object_rotation(crop_cam: Cameras, world_cam0: Cameras) -> Tensor:
 
 
 def init_placement(centers: Tensor, sides: Tensor, cams: Cameras, crop_cam: Cameras, size: int,
-                   radius: float = 2.0) -> tuple[Tensor, Tensor]:
+                   radius: float = 2.0, depth0: float | None = None) -> tuple[Tensor, Tensor]:
     """Scales ``S [T]`` and world positions ``p [T,3]`` of the object's origin from its box track (spec 3.3 / 4.7).
 
-    Frame 0's origin is put at depth ``radius`` on the ray through the box centre; later frames at the depth that
-    point has in their camera (``radius`` again for a static camera), on their own box-centre rays. ``S_t`` makes the
+    Frame 0's origin is put at depth ``depth0`` (default ``radius``, the paper's choice; with a moving camera the
+    caller passes a metric depth so the camera's translation gives the right parallax) on the ray through the box
+    centre; later frames at the depth that point has in their camera, on their own box-centre rays. ``S_t`` makes the
     projected size match the crop at that depth.
     """
     T = centers.shape[0]
@@ -150,7 +151,7 @@ def init_placement(centers: Tensor, sides: Tensor, cams: Cameras, crop_cam: Came
     K = cams.Ks
     rays = torch.stack([(centers[:, 0] - K[:, 0, 2]) / K[:, 0, 0], (centers[:, 1] - K[:, 1, 2]) / K[:, 1, 1],
                         torch.ones(T)], -1)  # camera-frame rays with z = 1
-    p0_cam = rays[0] * radius
+    p0_cam = rays[0] * (radius if depth0 is None else float(depth0))
     p0 = c2w[0, :3, :3] @ p0_cam + c2w[0, :3, 3]
     depth = (cams.viewmats[:, :3, :3] @ p0 + cams.viewmats[:, :3, 3])[:, 2].clamp_min(1e-3)  # D_t
     p_cam = rays * depth[:, None]

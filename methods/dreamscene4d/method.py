@@ -149,8 +149,14 @@ class DreamScene4DMethod(VideoTo4DMethod):
             lift_rgb = lift_masks = None
             if amodal == "exact":
                 lift_rgb, lift_masks = scene.object_rgb[k], scene.amodal_masks[k]
+            depth0 = None  # a moving camera needs the object at a metric depth (its translation sets the parallax)
+            moving = not bool((cams.viewmats == cams.viewmats[:1]).all())
+            if moving and metric and bool(masks[k, 0].any()):
+                reg = masks[k, 0] & (depth_map > 0)
+                depth0 = float(depth_map[reg].median()) if bool(reg.any()) else None
+            info.setdefault("init_depth", []).append(depth0)
             fit = ObjectFit(k, frames, masks, cams, st, teacher, lift_rgb=lift_rgb, lift_masks=lift_masks,
-                            flow=scene.flow if flow_src == "exact" else None)
+                            flow=scene.flow if flow_src == "exact" else None, depth0=depth0)
             fits.append(fit)
             stages += object_stages(fit, {"static": cfg.steps_static, "deform": cfg.steps_deform,
                                           "translate": cfg.steps_translate, "joint": cfg.steps_joint})

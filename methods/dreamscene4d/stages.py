@@ -57,7 +57,8 @@ class ObjectFit:
     """One object's targets and state across the stages."""
 
     def __init__(self, k: int, frames: Tensor, masks: Tensor, cams: Cameras, st: FitSettings, teacher, *,
-                 lift_rgb: Tensor | None = None, lift_masks: Tensor | None = None, flow: Tensor | None = None):
+                 lift_rgb: Tensor | None = None, lift_masks: Tensor | None = None, flow: Tensor | None = None,
+                 depth0: float | None = None):
         self.k, self.st, self.teacher = k, st, teacher
         K, T, H, W = masks.shape
         self.T, self.H, self.W = T, H, W
@@ -89,7 +90,7 @@ class ObjectFit:
         rel = Rw @ Rw[lift].T
         self.crop_rot = torch.where(same[:, None, None], torch.eye(3).expand_as(rel), rel)
         self.qA = G.rotation_quat(self.A)
-        S, p = G.init_placement(self.centers, self.sides, cams, self.crop_cam, R, st.crop_radius)
+        S, p = G.init_placement(self.centers, self.sides, cams, self.crop_cam, R, st.crop_radius, depth0)
         self.S = S
         self.p = nn.Parameter(p.clone())
         self.p_init = p.clone()
