@@ -125,7 +125,8 @@ def run_native_vs_ref(repeats: int) -> dict:
         # the blend stage alone on the fused path's own lists: SIMD kernels vs the reference scalar kernels
         fargs = (g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], cams.viewmats, cams.Ks,
                  torch.ones(1, 3), size, size, 16, -1, 0, 0.01, 1e10, 0.3)
-        res = lib.render_forward(*fargs)
+        keep = True  # keep the forward's tile lists for the backward, as a training step does
+        res = lib.render_forward(*fargs, keep)
         render, m2, con, feats, opac, radii, offs, flat, tf, last = (res[0], res[2], res[3], res[6], res[7], res[5],
                                                                       res[8], res[9], res[11], res[12])
         kept = res[13:]
@@ -133,7 +134,7 @@ def run_native_vs_ref(repeats: int) -> dict:
         g_r, g_a = torch.ones_like(render), torch.ones_like(tf)
 
         def stage_fwd():
-            lib.render_forward(*fargs)
+            lib.render_forward(*fargs, keep)
 
         def stage_bwd():
             lib.render_backward(*fargs[:8], m2, con, feats, opac, radii, offs, flat, tf, last, *kept, g_r, g_a,

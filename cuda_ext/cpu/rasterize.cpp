@@ -785,7 +785,8 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
 //
 // render_forward(means [N,3], quats [N,4], scales [N,3], opacities [N], colors, viewmats [C,4,4], Ks [C,3,3],
 //                backgrounds [C,Dt] or empty, W, H, tile_size, sh_degree (-1: colors are features),
-//                depth_mode (0: none, 1: depth appended as the last channel, 2: depth only), near, far, eps2d)
+//                depth_mode (0: none, 1: depth appended as the last channel, 2: depth only), near, far, eps2d,
+//                keep_lists (keep the SIMD blend's gathered tile lists for the backward))
 //   colors: features [N,D] / [C,N,D], or SH coefficients [N,K',D] / [C,N,K',D] (the first (deg+1)^2 used).
 //   -> render [C,H,W,Dt], alphas [C,H,W,1], means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N,2],
 //      feats [C,N,Dt], opac [C,N], isect_offsets, flatten_ids, tiles_per_gauss, T_final, last_ids,
@@ -847,7 +848,8 @@ void dispatch_blend(int64_t D, F&& f) {
 std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
                                        at::Tensor colors, at::Tensor viewmats, at::Tensor Ks, at::Tensor backgrounds,
                                        int64_t width, int64_t height, int64_t tile_size, int64_t sh_degree,
-                                       int64_t depth_mode, double near_plane, double far_plane, double eps2d) {
+                                       int64_t depth_mode, double near_plane, double far_plane, double eps2d,
+                                       bool keep_lists) {
   for (auto* pr : {&means, &quats, &scales, &opacities, &colors, &viewmats, &Ks, &backgrounds})
     check_cpu(*pr, "input");
   const auto st = means.scalar_type();
@@ -928,7 +930,8 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
     Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids, width,
                                                height, tile_size);
     p.ext = ext.data_ptr<double>();
-    if (std::is_same_v<scalar_t, float> && (Dt == 1 || Dt == 3 || Dt == 4) && blend_choice() != Blend::kScalar) {
+    if (keep_lists && std::is_same_v<scalar_t, float> && (Dt == 1 || Dt == 3 || Dt == 4) &&
+        blend_choice() != Blend::kScalar) {
       const int64_t M = flatten_ids.numel();
       keep_soa = at::empty({7 * M}, fopt);
       keep_col = at::empty({M * Dt}, fopt);

@@ -191,10 +191,10 @@ class _NativeRender(torch.autograd.Function):
     """Gaussians -> image in one C++ call (projection, SH, binning, blend) and back in one."""
 
     @staticmethod
-    def forward(ctx, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, tap, settings):
+    def forward(ctx, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, tap, settings, keep):
         lib = _NATIVE.load()
         bg = backgrounds if backgrounds is not None else means.new_empty((0,))
-        out = lib.render_forward(means, quats, scales, opacities, colors, viewmats, Ks, bg, *settings)
+        out = lib.render_forward(means, quats, scales, opacities, colors, viewmats, Ks, bg, *settings, keep)
         (render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flat, tpg, t_final, last, *kept) = out
         ctx.save_for_backward(means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats,
                               opac, radii, offsets, flat, t_final, last, *kept)
@@ -218,7 +218,7 @@ class _NativeRender(torch.autograd.Function):
             means, quats, scales, opacities, colors, viewmats, Ks, bg, means2d, conics, feats, opac, radii, offsets,
             flat, t_final, last, *kept, g_render, g_alphas, width, height, tile_size, sh_degree, depth_mode, near, far, eps2d,
         )
-        return gm, gq, gs, go, gc, gv, None, (gb if ctx.has_bg else None), gm2, None
+        return gm, gq, gs, go, gc, gv, None, (gb if ctx.has_bg else None), gm2, None, None
 
 
 def native_render(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmats: Tensor,
@@ -249,7 +249,7 @@ def native_render(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tenso
     settings = (int(width), int(height), int(tile_size), -1 if sh_degree is None else int(sh_degree), depth_mode,
                 float(near_plane), float(far_plane), float(eps2d))
     render, alphas, means2d, conics, depths, radii, opac, offsets, flat, tpg = _NativeRender.apply(
-        *inputs, backgrounds, tap, settings)
+        *inputs, backgrounds, tap, settings, grad)
     if tap is not None:
         with torch.no_grad():
             tap.copy_(means2d)
