@@ -5,7 +5,8 @@ Algorithm (``../shared/specs/placiddreamer_dreampolish.md`` section 2.2):
     0. reference image of the prompt: ``--image``, else sampled from the text-to-image teacher
        ("<prompt>, front view")
     1. multi-view + geometry: the novel-view teacher (Zero123-XL, or ShapeWorld's exact image-conditioned
-       teacher) generates 8 views on the Latent-Plane's camera ring; the Latent-Plane's coarse plane turns
+       teacher) generates 8 views on the Latent-Plane's camera ring, with the Latent-Plane's fine plane
+       applied inside the sampling (``--enhance-views``, :mod:`.enhance`); the Latent-Plane's coarse plane turns
        them into a 64^3 density grid -> marching-cubes mesh -> surface points (paper 100k, default 20k) -> Gaussians
        (uniform scaling into the unit cube, opacity 0.1, scale from 3-NN distances)
     2. personalisation: DreamBooth-LoRA (rank 4, lr 1e-4, 400 steps, batch 2, no prior preservation) of
@@ -96,6 +97,17 @@ class PlacidDreamerConfig(TextTo3DConfig):
     latent_plane_steps: int = 45
     """with a plane that hooks the novel-view UNet (the official planes): active in the first this many of
     --nv-steps denoising steps"""
+    enhance_views: bool = True
+    """apply the Latent-Plane's fine plane inside the novel-view sampling (the paper's "enhanced" multi-view
+    images, which then train the DreamBooth-LoRA): hooked into the UNet for the official planes, on the
+    predicted ring images for the shipped plane (methods/placiddreamer/enhance.py). False = plain teacher views
+    (the coarse plane still gives the init mesh)"""
+    enhance_every: int = 15
+    """shipped (image-reading) plane: run it at every this-many-th step of its active window (the first
+    --latent-plane-steps of 50, scaled to --nv-steps), counted back from the window's last step; 1 = every step
+    (one pass costs ~10-50 s on a 2-core CPU)"""
+    enhance_samples: int | None = 16
+    """samples per ray of the enhancing pass (the shipped plane was trained with 16; None = the plane's 32)"""
     init: Literal["latent_plane", "random"] = "latent_plane"
     init_points: int = 20_000
     """surface points of the initial Gaussians (the paper: 100k; 20k keeps a CPU run in minutes)"""

@@ -29,6 +29,7 @@ from studio.teachers.registry import default_guidance, load_teacher
 from studio.teachers.sampling import ddim_sample
 from studio.train.personalize import DreamBoothConfig, dreambooth_lora
 
+from .enhance import enhanced_sample
 from .latent_plane.gaussian_init import density_to_mesh, init_from_ring_views, mesh_to_gaussian_init
 from .latent_plane.ring import FOCAL_256, PRINCIPAL_256, RING_ELEVATION, RING_N, RING_RADIUS, SHAPEWORLD_CUBE_SCALE
 from .latent_plane.weights import load_latent_plane
@@ -133,7 +134,10 @@ def ring_views_and_init(cfg, ref: Tensor, progress: bool = True):
     """The 8 ring views from the novel-view teacher, then the Latent-Plane density grid -> mesh -> Gaussians.
 
     The shipped Latent-Plane (``assets/latent-plane``) is our ShapeWorld-trained plane that reads the ring
-    *images* (RGB + fixed random-conv features) after sampling; it serves any novel-view teacher. A plane
+    *images* (RGB + fixed random-conv features); it serves any novel-view teacher. With ``cfg.enhance_views``
+    its fine plane rewrites the predicted views inside the sampling (:func:`.enhance.enhanced_sample`: the
+    enhanced multi-view images that personalise the teacher); its coarse plane then reads the final views
+    for the mesh. A plane
     that reads UNet features (``host == "unet"``, e.g. the official checkpoints) is instead hooked into
     the novel-view UNet while the views are sampled (:func:`hooked_views`). Returns
     ``(views [8,3,H,W], GaussianModel, info)`` with ``info["mesh"]`` the trimesh of the init.
@@ -152,12 +156,27 @@ def ring_views_and_init(cfg, ref: Tensor, progress: bool = True):
         info["posterior_weight"] = round(float(w.max()), 4)
     plane, features, lp_cfg = (load_latent_plane(cfg.latent_plane) if cfg.init == "latent_plane"
                                else (None, None, None))
+    enhance = bool(getattr(cfg, "enhance_views", False)) and plane is not None and plane.fine is not None
+    info["enhanced_views"] = enhance
     if plane is not None and lp_cfg.host == "unet":
-        views, mesh = hooked_views(nv, cond, plane, lp_cfg, cfg)
+        fine = plane.fine
+        if not enhance:  # coarse plane only (the density for the mesh), views left as the UNet samples them
+            plane.fine = None
+        try:
+            views, mesh = hooked_views(nv, cond, plane, lp_cfg, cfg)
+        finally:
+            plane.fine = fine
         model = mesh_to_gaussian_init(mesh, cfg.init_points, cfg.seed)  # unit cube, as the official init
         lp_info = {"latent_plane": "hooked into the novel-view UNet", "n_faces": int(len(mesh.faces))}
     else:
-        views = sample_novel_views(nv, cond, steps=cfg.nv_steps, guidance_scale=cfg.nv_guidance, seed=cfg.seed)
+        if enhance:  # the fine plane inside the sampling (.enhance): the enhanced multi-view images
+            active = max(1, round(cfg.latent_plane_steps * cfg.nv_steps / 50))
+            views, calls = enhanced_sample(nv, cond, plane, features, lp_cfg, steps=cfg.nv_steps,
+                                           guidance_scale=cfg.nv_guidance, seed=cfg.seed, active_steps=active,
+                                           every=cfg.enhance_every, n_samples=cfg.enhance_samples)
+            info["enhance_plane_calls"] = calls
+        else:
+            views = sample_novel_views(nv, cond, steps=cfg.nv_steps, guidance_scale=cfg.nv_guidance, seed=cfg.seed)
         if plane is None:
             return views, None, info
         try:
