@@ -229,18 +229,22 @@ def test_edit_metrics_limits():
     assert float(palette_distance(src, tgt, m)) > float(palette_distance(0.5 * (src + tgt), tgt, m)) > 0.1
 
 
-def test_clip_scorer_with_a_tiny_real_clip_by_path(tmp_path):
+def _tiny_clip(path):
     from transformers import CLIPConfig, CLIPModel
-
-    from studio.teachers.clip_image import ClipImageScorer
 
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
                                       vocab_size=64, max_position_embeddings=16),
                      vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2,
                                         num_hidden_layers=2, image_size=32, patch_size=8), projection_dim=8)
-    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
-    s = ClipImageScorer.from_pretrained(tmp_path / "clip")
+    CLIPModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_clip_scorer_with_a_tiny_real_clip_by_path(tmp_path):
+    from studio.teachers.clip_image import ClipImageScorer
+
+    s = ClipImageScorer.from_pretrained(_tiny_clip(tmp_path / "clip"))
     pair = edit_pair("striped_cube", 30.0)
     a, b = pair["source"], pair["target"]
     assert float(s.clip_i(a, a)) == pytest.approx(1.0, abs=1e-5)
@@ -317,3 +321,22 @@ def test_app_has_an_image_editing_tab_whose_form_takes_a_source_path(tmp_path):
     values[tab.primary["source"]] = "shapeworld:checker_ball@0"
     method, cfg = tab.config_from(values)
     assert method == "dreamsteerer" and cfg.source == "shapeworld:checker_ball@0" and cfg.concept == "striped_cube"
+
+
+def test_studio_edit_on_a_tiny_sd_pipeline_by_path_with_an_image_and_reference_folder(sd_path, tmp_path):
+    """The real-model path (tier 1): an image file, a folder of reference images, an SD-class teacher folder,
+    Custom Diffusion + steering, CLIP-I through a tiny real CLIPModel by path."""
+    from studio.io import write_png
+
+    (tmp_path / "refs").mkdir()
+    for i, im in enumerate(concept_views("striped_cube", 3, size=64)):
+        write_png(tmp_path / "refs" / f"{i}.png", im.permute(1, 2, 0))
+    write_png(tmp_path / "src.png", edit_pair("striped_cube", 30.0, size=64)["source"][0].permute(1, 2, 0))
+    code = _studio("edit", str(tmp_path / "src.png"), "--source-prompt", "a red cube", "--concept",
+                   str(tmp_path / "refs"), "--teacher", str(sd_path), "--baseline", "custom-diffusion",
+                   "--clip-model", str(_tiny_clip(tmp_path / "clip")), "--out", str(tmp_path / "out"), *TINY)
+    assert code == 0
+    m = json.loads((tmp_path / "out" / "src" / "metrics.json").read_text())
+    assert m["personalization"] == "custom-diffusion" and m["steered"] and m["target_prompt"] == "a red <new1> cube"
+    assert -1.0 <= m["clip_i"] <= 1.0 and m["feature_distance_outside"] >= 0.0
+    assert (tmp_path / "out" / "src" / "personalization" / "pytorch_custom_diffusion_weights.safetensors").is_file()
