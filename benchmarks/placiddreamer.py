@@ -17,6 +17,13 @@ posterior object, so the Latent-Plane init measures the plane on true views of a
 
     python benchmarks/placiddreamer.py            # 3 held-out prompts x 2 seeds, lambdas 5/15/50 + SDS, 500 steps
     python benchmarks/placiddreamer.py --quick    # 3 prompts x 2 seeds, BSD (lambda 15) vs SDS, short (~15 min)
+    python benchmarks/placiddreamer.py --views-only --view-objects green_torus   # enhanced vs plain views only
+
+View consistency (issue 17 part 3): per held-out object the 8 ring views from ``--view-teacher`` (default
+``shapeworld-nv-unet``: a learnt, imperfect model; the exact teacher's views are true renders already) with and
+without the Latent-Plane inside the sampling; ``enhanced_view_consistency`` / ``plain_view_consistency`` are the
+mean silhouette-hull IoU of the 8 views (1 = the silhouettes agree with one shape), ``*_view_gt_psnr`` their PSNR
+against true renders at the ring cameras.
 """
 from __future__ import annotations
 
@@ -100,6 +107,31 @@ def run_prompt(prompt: str, variants: dict, args, tmp: Path, seed: int, first=No
     return rows, first
 
 
+def view_consistency_rows(objects: list[str], teacher: str, nv_steps: int, every: int) -> dict:
+    """Plain vs Latent-Plane-enhanced ring views (issue 17 part 3) per held-out object, reference = the object's
+    true render at the teacher's reference camera: silhouette-hull IoU and ground-truth PSNR at the ring cameras
+    (all views, and the views inside the held-out sector)."""
+    from methods.placiddreamer.enhance import compare_enhanced_views
+
+    rows = {}
+    for obj in objects:
+        try:
+            rows[obj] = compare_enhanced_views(obj, teacher, steps=nv_steps, active_steps=round(0.9 * nv_steps),
+                                               every=every)
+        except Exception as e:  # keep the other objects
+            rows[obj] = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+        print(f"# views {obj} {teacher}: {rows[obj]}", file=sys.stderr, flush=True)
+    ok = [r for r in rows.values() if "error" not in r]
+
+    def avg(which, key):
+        return mean([r[which].get(key) for r in ok])
+
+    return {"per_object": rows, "teacher": teacher, "nv_steps": nv_steps, "enhance_every": every,
+            **{f"{w}_{k}": avg(w, k) for w in ("plain", "enhanced")
+               for k in ("silhouette_iou", "gt_psnr", "gt_psnr_sector")}}
+
+
 def mean(vals):
     vals = [v for v in vals if isinstance(v, (int, float))]
     return round(statistics.fmean(vals), 4) if vals else None
@@ -127,7 +159,23 @@ def main() -> None:
     ap.add_argument("--init-points", type=int, default=None, help="default 20000 (quick 5000)")
     ap.add_argument("--lambdas", type=float, nargs="*", default=None, help="default 5 15 50 (quick 15)")
     ap.add_argument("--sds-guidance", type=float, default=None, help="CFG of the SDS baseline (default: method's)")
+    ap.add_argument("--views-only", action="store_true",
+                    help="only the enhanced-vs-plain view consistency (issue 17 part 3) on the held-out objects")
+    ap.add_argument("--view-teacher", default="shapeworld-nv-unet",
+                    help="novel-view teacher of the view-consistency rows (shapeworld-nv-unet or shapeworld-nv-exact)")
+    ap.add_argument("--view-objects", nargs="*", default=None, help="default: the Latent-Plane's held-out objects")
+    ap.add_argument("--enhance-every", type=int, default=15)
     args = ap.parse_args()
+    view_objects = args.view_objects or latent_plane_objects()["held_out"]
+    if args.views_only:
+        t0 = time.perf_counter()
+        v = view_consistency_rows(view_objects, args.view_teacher, args.nv_steps or 50, args.enhance_every)
+        print(json.dumps({"benchmark": "placiddreamer", "headline": {
+            "enhanced_view_consistency": v["enhanced_silhouette_iou"], "plain_view_consistency": v["plain_silhouette_iou"],
+            "enhanced_view_gt_psnr": v["enhanced_gt_psnr"], "plain_view_gt_psnr": v["plain_gt_psnr"]},
+            "view_consistency": v, "settings": {"total_seconds": round(time.perf_counter() - t0, 1),
+                                                "objects": view_objects}}, indent=2))
+        return
     q = args.quick
     args.steps = args.steps or (60 if q else 500)
     args.dreambooth_steps = args.dreambooth_steps or (50 if q else 400)
@@ -180,6 +228,7 @@ def main() -> None:
             sat == sorted(sat) or sat == sorted(sat, reverse=True)),
         "saturation_gap_by_lambda": dict(zip([f"{lam:g}" for lam in sorted(args.lambdas)], sat)),
     }
+    views = view_consistency_rows(view_objects, args.view_teacher, args.nv_steps, args.enhance_every)
     lp = summary["latent_plane_init"]
     out = {
         "benchmark": "placiddreamer",
@@ -192,9 +241,13 @@ def main() -> None:
             "bsd_iou_heldout": default.get("iou"), "sds_iou_heldout": sds.get("iou"),
             "latent_plane_init_iou_heldout": lp.get("iou"),
             "latent_plane_init_chamfer_heldout": lp.get("chamfer"),
+            "enhanced_view_consistency": views["enhanced_silhouette_iou"],
+            "plain_view_consistency": views["plain_silhouette_iou"],
+            "enhanced_view_gt_psnr": views["enhanced_gt_psnr"], "plain_view_gt_psnr": views["plain_gt_psnr"],
             "claims": claims,
         },
         "summary": summary,
+        "view_consistency": views,
         "runs": results,
         "errors": errors,
         "settings": {"prompts": prompts, "seeds": args.seeds, "teacher": args.teacher, "steps": args.steps,
