@@ -233,6 +233,8 @@ def test_lora_load_changes_outputs(teacher, sd_path, tmp_path):
         assert not torch.allclose(with_lora, base, atol=1e-4)
         with tl.lora_disabled():
             torch.testing.assert_close(tl.predict(x_t, t, cond), base, rtol=1e-4, atol=1e-5)
+        # leaving the context must not unfreeze the loaded (frozen) adapter: peft's enable_adapters() would
+        assert all(not p.requires_grad for p in tl.parameters())
         tl.set_lora_scale(0.0)
         torch.testing.assert_close(tl.predict(x_t, t, cond), base, rtol=1e-4, atol=1e-5)
         tl.set_lora_scale(1.0)

@@ -360,15 +360,21 @@ class DiffusersTeacher(ImageTeacher):
 
     @contextlib.contextmanager
     def lora_disabled(self) -> Iterator[None]:
-        """Context in which the UNet runs without its LoRA adapters (e.g. pretrained vs LoRA branches)."""
+        """Context in which the UNet runs without its LoRA adapters (e.g. pretrained vs LoRA branches).
+
+        peft's ``enable_adapters()`` sets ``requires_grad=True`` on every active adapter; the flags are put back on
+        leaving, so a frozen adapter (a personal LoRA under a trainable steering LoRA) stays frozen."""
         if not peft_adapter_names(self.unet):
             yield
             return
+        flags = [(q, q.requires_grad) for q in self.unet.parameters()]
         self.unet.disable_adapters()
         try:
             yield
         finally:
             self.unet.enable_adapters()
+            for q, f in flags:
+                q.requires_grad_(f)
 
     # ------------------------------------------------------------------ protocol
     def _embed_texts(self, texts: list[str]) -> Tensor:
