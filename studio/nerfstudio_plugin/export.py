@@ -27,7 +27,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_file() and p.suffix == ".ckpt":
         return p
-    folder = p.parent if p.is_file() else p
+    folder = p.parent if p.is_file() or p.suffix in (".yml", ".yaml") else p
     ckpts = sorted((folder / "nerfstudio_models").glob("step-*.ckpt"))
     if not ckpts:
         raise UserError(f"no nerfstudio checkpoint found at '{path}': give a step-*.ckpt file, a run folder "
