@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--target-gain", type=float, default=0.15)
     ap.add_argument("--guidance", type=float, default=None, help="c_g of the PRM gradient (default: the method's)")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--explicit", action="store_true", help="with --quick: also Euphonium with the explicit distillation loss")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,6 +123,7 @@ def main() -> None:
     methods = {"dance_grpo": {"preset": "dance-grpo"}, "euphonium": eu}
     if not quick:
         methods["flow_grpo"] = {"preset": "flow-grpo"}
+    if not quick or args.explicit:
         methods["euphonium_explicit"] = {**eu, "distill": "explicit"}
     t0 = time.perf_counter()
     effect = guidance_effect(common, eu.get("guidance", EuphoniumConfig.guidance))
