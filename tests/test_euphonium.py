@@ -207,3 +207,22 @@ def test_denoiser_prm_on_a_real_video_denoiser_class(tiny_wan, tmp_path):
     back = load_process_reward(tmp_path / "prm")
     assert isinstance(back, DenoiserProcessReward) and not any(p.requires_grad for p in back.head.parameters())
     torch.testing.assert_close(back.reward(x, 0.6, prompts), r)
+
+
+def test_video_rl_resume_continues(tiny_wan, tmp_path):
+    from methods import run
+    from methods.euphonium import EuphoniumConfig, EuphoniumMethod
+    from studio.runs.video_generate import load_video_model
+    from studio.train.loop import TrainingCancelled
+
+    cfg = EuphoniumConfig(policy=str(tiny_wan), steps=2, sampling_steps=4, group_size=2, prompts_per_step=1,
+                          guidance_scale=1.0, guidance_start=1, eval_samples=1, held_out_every=7, lr=1e-2,
+                          checkpoint_every=1)
+    full = run(cfg, EuphoniumMethod(), tmp_path / "a", progress=False)
+    with pytest.raises(TrainingCancelled):
+        run(cfg, EuphoniumMethod(), tmp_path / "b", progress=False, callbacks=[lambda rec: rec["step"] < 1])
+    resumed = run(cfg, EuphoniumMethod(), tmp_path / "b", resume=True, progress=False)
+    a, b = load_video_model(tmp_path / "a" / "student")[0], load_video_model(tmp_path / "b" / "student")[0]
+    x, c = a.noise(1, seed=1), a.encode_prompt(["a blue cube moving up"])
+    torch.testing.assert_close(a.predict(x, 400, c), b.predict(x, 400, c))
+    assert resumed["eval_after"]["reward"] == full["eval_after"]["reward"]
