@@ -8,6 +8,7 @@ conditioning, timestep schedules, backgrounds, densification (our CPU ``DefaultS
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -19,7 +20,10 @@ from ..cameras import Cameras, OrbitSampler, orbit_cameras
 from ..distill.timesteps import TimestepSampler
 from ..students.gaussians import DefaultStrategy, GaussianModel
 from ..teachers.prompts import view_conditioned
+from . import profile as _profile
 from .loop import StepOutput
+
+_off = contextlib.nullcontext  # the section() of an unprofiled step
 
 
 @dataclass
@@ -214,15 +218,77 @@ class GaussianDistillStage:
                                  backend=self.cfg.backend, render_mode=render_mode)
 
     def train_step(self, step: int, progress: float) -> StepOutput:
+        prof = _profile.active()
+        if prof is None:
+            return self._train_step(step, progress, _off)
+        for h in getattr(self, "_profile_handles", ()):  # left by a step the Trainer skipped (no after_step)
+            h.remove()
+        prof.begin_step()
+        teacher = self.teacher
+        inner = getattr(teacher, "_forward", None)
+        own = getattr(teacher, "__dict__", {})
+        fwd = own.get("_forward")  # an instance override, if any, is put back afterwards
+
+        def timed_forward(*a, **kw):
+            with prof.section("teacher_forward"):
+                return inner(*a, **kw)
+
+        if inner is not None and hasattr(teacher, "__dict__"):
+            own["_forward"] = timed_forward
+        try:
+            with prof.section("loss_sds"):
+                out = self._train_step(step, progress, prof.section)
+        finally:
+            if fwd is None:
+                own.pop("_forward", None)
+            else:
+                own["_forward"] = fwd
+        self._profile_hooks(prof, out)
+        return out
+
+    def _profile_hooks(self, prof, out: StepOutput) -> None:
+        """Autograd and optimizer hooks that time the backward of the render and the optimizer steps (they change
+        no value); removed in ``after_step``."""
+        handles = []
+        img, alpha = self._profile_outputs
+        if out.loss.requires_grad:
+            handles.append(out.loss.register_hook(lambda g: prof.mark("backward_start", "min") or None))
+        for x in (img, alpha):
+            if x.requires_grad:
+                handles.append(x.register_hook(lambda g: prof.mark("render_grad_ready", "max") or None))
+        for prm in self.model.params.values():
+            if prm.requires_grad:
+                handles.append(prm.register_post_accumulate_grad_hook(lambda p: prof.mark("backward_end", "max")))
+        for o in self.optimizers().values():
+            handles.append(o.register_step_pre_hook(lambda *a: prof.mark("opt_start") or None))
+            handles.append(o.register_step_post_hook(
+                lambda *a: prof.add("optimizer_step", prof.clock() - prof.marks["opt_start"])))
+        self._profile_handles = handles
+
+    def _profile_backward(self, prof) -> None:
+        for h in getattr(self, "_profile_handles", ()):
+            h.remove()
+        self._profile_handles, self._profile_outputs = [], None
+        m = prof.marks
+        if "render_grad_ready" in m and "backward_end" in m:
+            prof.add("render_backward", m["backward_end"] - m["render_grad_ready"])
+            if "backward_start" in m:
+                prof.add("loss_sds", m["render_grad_ready"] - m["backward_start"])
+
+    def _train_step(self, step: int, progress: float, section) -> StepOutput:
         c, teacher = self.cfg, self.teacher
-        self.model.step_sh_degree(step, every=c.sh_degree_every)
-        self.sampler.radius_range, self.sampler.fovy_range = scheduled_camera_ranges(c, step)
-        views = self.sampler.sample(c.batch_size, self.generator)
-        bg = self._backgrounds(c.batch_size)
+        with section("cameras"):
+            self.model.step_sh_degree(step, every=c.sh_degree_every)
+            self.sampler.radius_range, self.sampler.fovy_range = scheduled_camera_ranges(c, step)
+            views = self.sampler.sample(c.batch_size, self.generator)
+            bg = self._backgrounds(c.batch_size)
         use_depth = c.depth_latent_p > 0 and float(torch.rand((), generator=self.generator)) < c.depth_latent_p
         need_depth = use_depth or c.tv_weight > 0
-        img, alpha, meta = self.render(views.cameras, bg, render_mode="RGB+ED" if need_depth else "RGB")
-        self.strategy.step_pre_backward(self.model.params, self._optim, self.strategy_state, step, meta)
+        with section("render_forward"):
+            img, alpha, meta = self.render(views.cameras, bg, render_mode="RGB+ED" if need_depth else "RGB")
+        self._profile_outputs = (img, alpha) if section is not _off else None
+        with section("densification"):
+            self.strategy.step_pre_backward(self.model.params, self._optim, self.strategy_state, step, meta)
         img = img.permute(0, 3, 1, 2)
         alpha = alpha.permute(0, 3, 1, 2)
         images, depth = img[:, :3], (img[:, 3:4] if need_depth else None)  # [B,3,H,W], [B,1,H,W]
@@ -236,9 +302,10 @@ class GaussianDistillStage:
         size = teacher.native_resolution
         if images.shape[-1] != size and teacher.is_latent:
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        latents = teacher.encode(images)
-        cond = view_conditioned(teacher, self.prompt, views.azimuth, views.elevation,
-                                mode=c.view_prompt, negative=c.negative_prompt or None)
+        with section("teacher_forward"):
+            latents = teacher.encode(images)
+            cond = view_conditioned(teacher, self.prompt, views.azimuth, views.elevation,
+                                    mode=c.view_prompt, negative=c.negative_prompt or None)
         t = self.timesteps.sample(1 if c.shared_t else c.batch_size, progress, teacher.schedule, self.generator)
         t = t.expand(c.batch_size) if c.shared_t else t
         ctx = ScoreContext(teacher, latents, images, alpha, cond, t,
@@ -266,7 +333,11 @@ class GaussianDistillStage:
         return StepOutput(loss, logs, meta)
 
     def after_step(self, step: int, out: StepOutput) -> None:
-        self.strategy.step_post_backward(self.model.params, self._optim, self.strategy_state, step, out.info)
+        prof = _profile.active()
+        if prof is not None:
+            self._profile_backward(prof)
+        with (prof.section("densification") if prof is not None else _off()):
+            self.strategy.step_post_backward(self.model.params, self._optim, self.strategy_state, step, out.info)
         self.model.step = step + 1
 
     # -- state -------------------------------------------------------------------------------------
@@ -293,6 +364,11 @@ class GaussianDistillStage:
     @torch.no_grad()
     def preview(self, n: int = 4, size: int | None = None) -> Tensor:
         """``n`` views around the object side by side: ``[H, n*W, 3]`` in [0,1]."""
+        prof = _profile.active()
+        with (prof.section("preview") if prof is not None else _off()):
+            return self._preview(n, size)
+
+    def _preview(self, n: int, size: int | None) -> Tensor:
         s = size or self.resolution
         cams = orbit_cameras(15.0, torch.arange(n) * (360.0 / n), sum(self.cfg.radius_range) / 2,
                              sum(self.cfg.fovy_range) / 2, s, s)
