@@ -43,7 +43,8 @@ from studio.distill.edsd import (SelfAttentionFeatures, ddim_timesteps, feature_
 from studio.errors import UserError
 from studio.runs.image_edit import EditJob, ImageEditConfig, ImageEditMethod, default_target_prompt
 from studio.runs.skeleton import train_stages
-from studio.train.edit_stages import STEER_ADAPTER, DDSEditStage, SteerStage
+from studio.train.edit_stages import (STEER_ADAPTER, DDSEditStage, GaussianDDSEditStage, SteerStage,
+                                      lift_mask_to_gaussians)
 from studio.train.personalize import (PersonalizeConfig, load_personalization, personalize,
                                       save_dreambooth_lora)
 
@@ -99,6 +100,23 @@ class DreamSteererConfig(ImageEditConfig):
     mask_threshold: float = 0.4
     mask_dilate: int | None = None
     """latent pixels of mask dilation; None: 1 (latent teachers), 0 (pixel-space shapeworld-unet)"""
+    edit3d_steps: int = 150
+    """3D sources (model.ply): multi-view DDS iterations on the Gaussians' colours"""
+    edit3d_lr: float = 0.02
+    """3D sources: Adam lr on the SH colour coefficients [S]"""
+    edit3d_params: str = "sh0"
+    """3D sources: the Gaussian parameters edited, comma-separated (sh0 = base colour; sh0,shN adds view-dependent
+    colour); positions,
+    scales, rotations and opacities never change"""
+
+
+def _params3d(spec: str) -> tuple[str, ...]:
+    ps = tuple(p.strip() for p in str(spec).split(",") if p.strip())
+    bad = [p for p in ps if p not in ("sh0", "shN")]
+    if not ps or bad:
+        raise UserError(f"--edit3d-params {spec!r}: give sh0 or sh0,shN (only colours are edited; positions, "
+                        "scales, rotations and opacities stay)")
+    return ps
 
 
 def _tiny(teacher_name: str) -> bool:
@@ -147,6 +165,9 @@ class DreamSteererMethod(ImageEditMethod):
         for f in ("guided_samples", "guided_steps", "steer_rank"):
             if int(getattr(cfg, f)) < 1:
                 raise UserError(f"--{f.replace('_', '-')} must be >= 1, got {getattr(cfg, f)}")
+        _params3d(cfg.edit3d_params)
+        if int(cfg.edit3d_steps) < 1:
+            raise UserError(f"--edit3d-steps must be >= 1, got {cfg.edit3d_steps}")
         for f in ("personalize_steps", "steer_steps", "edit_steps"):
             v = getattr(cfg, f)
             if v is not None and int(v) < (0 if f == "steer_steps" else 1):
@@ -167,10 +188,10 @@ class DreamSteererMethod(ImageEditMethod):
             kw["personalize_lr"] = TINY_DEFAULTS["personalize_lr"][kw.get("baseline", cfg.baseline)]
         return dataclasses.replace(cfg, **kw)
 
-    def edit(self, cfg, job: EditJob) -> dict:
-        cfg = self.resolve(cfg)
+    def _stage01(self, cfg, job: EditJob) -> dict:
+        """Stages 0 and 1, shared by the 2D edit and the 3D edit: personalise (or load), the DDS-SM mask of
+        ``job.source`` and the steering stage (not yet run: it goes first in the one ``train_stages`` call)."""
         teacher, run_dir = job.teacher, job.run_dir
-        # Stage 0: personalise (or load)
         if job.personalization_dir is not None:
             pz = load_personalization(teacher, job.personalization_dir)
         else:
@@ -188,7 +209,7 @@ class DreamSteererMethod(ImageEditMethod):
         tokens = token_indices(teacher.tokenizer, job.source_prompt, job.subject)
         mask, _ = attention_subject_mask(src_view, z_src, ys, tokens, guidance_scale=cfg.guidance_scale,
                                          threshold=cfg.mask_threshold, dilate=cfg.mask_dilate, generator=gen)
-        stages, steer = [], None
+        steer = None
         if cfg.steer and int(cfg.steer_steps) > 0:
             guided = None
             if cfg.mode_shift and cfg.lambda_ms > 0:
@@ -198,24 +219,82 @@ class DreamSteererMethod(ImageEditMethod):
             steer = SteerStage(teacher, src_view, z_src, y, ys, steps=int(cfg.steer_steps), lr=float(cfg.steer_lr),
                                rank=cfg.steer_rank, lambda_ms=cfg.lambda_ms, guided=guided,
                                guidance_scale=cfg.guidance_scale, mask=mask if cfg.mask else None, seed=cfg.seed)
-            stages.append(steer)
-        edit = DDSEditStage(teacher, z_src, y, ys, source_teacher=src_view if cfg.source_correction else None,
+        return {"pz": pz, "target_prompt": target_prompt, "src_view": src_view, "z_src": z_src, "y": y, "ys": ys,
+                "tokens": tokens, "mask": mask, "steer": steer}
+
+    def _finish_steer(self, cfg, job: EditJob, ctx: dict, history: list, secs: float) -> dict:
+        pz, steer = ctx["pz"], ctx["steer"]
+        out = {"personalization": pz.method, "token": pz.token, "target_prompt": ctx["target_prompt"],
+               "steered": steer is not None, "mode_shift": bool(steer is not None and steer.lambda_ms > 0),
+               "train_seconds": round(secs, 3), "personalize_seconds": pz.summary.get("seconds")}
+        if steer is not None:
+            steer.finish()
+            save_dreambooth_lora(job.teacher, job.run_dir / "steered", STEER_ADAPTER)
+            rs = [r.get("edsd_residual_rms") for r in history if r.get("stage") == "steer" and "edsd_residual_rms" in r]
+            if rs:
+                out["edsd_residual_first"], out["edsd_residual_last"] = float(rs[0]), float(rs[-1])
+        return out
+
+    def edit(self, cfg, job: EditJob) -> dict:
+        cfg = self.resolve(cfg)
+        teacher, run_dir = job.teacher, job.run_dir
+        ctx = self._stage01(cfg, job)
+        z_src, mask = ctx["z_src"], ctx["mask"]
+        stages = [ctx["steer"]] if ctx["steer"] is not None else []
+        edit = DDSEditStage(teacher, z_src, ctx["y"], ctx["ys"],
+                            source_teacher=ctx["src_view"] if cfg.source_correction else None,
                             mask=mask if cfg.mask else None, steps=int(cfg.edit_steps), lr=cfg.edit_lr,
                             guidance_scale=cfg.guidance_scale, seed=cfg.seed)
         stages.append(edit)
         history, secs = train_stages(stages, run_dir, seed=cfg.seed, callbacks=job.callbacks, resume=job.resume,
                                      progress=job.progress, checkpoint_every=0, preview_every=0,
                                      log_every=max(1, int(cfg.edit_steps) // 10))
-        out = {"personalization": pz.method, "token": pz.token, "target_prompt": target_prompt,
-               "steered": steer is not None, "mode_shift": bool(steer is not None and steer.lambda_ms > 0),
-               "train_seconds": round(secs, 3), "personalize_seconds": pz.summary.get("seconds")}
-        if steer is not None:
-            steer.finish()
-            save_dreambooth_lora(teacher, run_dir / "steered", STEER_ADAPTER)
-            rs = [r.get("edsd_residual_rms") for r in history if r.get("stage") == "steer" and "edsd_residual_rms" in r]
-            if rs:
-                out["edsd_residual_first"], out["edsd_residual_last"] = float(rs[0]), float(rs[-1])
+        out = self._finish_steer(cfg, job, ctx, history, secs)
         with torch.no_grad():
             edited = teacher.decode(edit.latents().to(z_src.dtype))
-        out.update(edited=edited, mask=mask, _pretrained=pz.pretrained)
+        out.update(edited=edited, mask=mask, _pretrained=ctx["pz"].pretrained)
+        return out
+
+    def edit_3d(self, cfg, job: EditJob, model, *, sampler, mask_cameras) -> dict:
+        """Issue 21 part 6 (beyond the paper): personalise and steer on ``job.source`` (a render of the asset),
+        DDS-SM masks of the pretrained model on ``mask_cameras``' renders lifted to the Gaussians
+        (:func:`~studio.train.edit_stages.lift_mask_to_gaussians`), then multi-view DDS-S(M) on the colours only
+        (:class:`~studio.train.edit_stages.GaussianDDSEditStage`, random ``sampler`` cameras). ``model`` is
+        edited in place. Returns the method's metrics plus ``mask`` (the source view's 2D mask) and
+        ``gaussian_mask [N]``."""
+        cfg = self.resolve(cfg)
+        teacher, run_dir = job.teacher, job.run_dir
+        ctx = self._stage01(cfg, job)
+        gmask = None
+        if cfg.mask:
+            from studio.render.turntable import render_views
+
+            g = {"means": model.means.detach(), "quats": model.quats.detach(), "scales": model.scales.detach(),
+                 "opacities": model.opacities.detach(), "colors": model.colors.detach()}
+            views = render_views(g, mask_cameras, sh_degree=model.active_sh_degree, backend="torch")
+            masks = []
+            for i in range(views.shape[0]):
+                gen = torch.Generator().manual_seed(int(cfg.seed) + i)
+                with torch.no_grad():
+                    zi = teacher.encode(views[i:i + 1].permute(0, 3, 1, 2).contiguous())
+                m, _ = attention_subject_mask(ctx["src_view"], zi, ctx["ys"], ctx["tokens"],
+                                              guidance_scale=cfg.guidance_scale, threshold=cfg.mask_threshold,
+                                              dilate=cfg.mask_dilate, generator=gen)
+                masks.append(m.float())
+            gmask = (lift_mask_to_gaussians(model, mask_cameras, torch.cat(masks)) > 0.5).float()
+        stages = [ctx["steer"]] if ctx["steer"] is not None else []
+        steps = int(cfg.edit3d_steps)
+        edit = GaussianDDSEditStage(teacher, model, ctx["y"], ctx["ys"], sampler=sampler,
+                                    source_teacher=ctx["src_view"] if cfg.source_correction else None,
+                                    gaussian_mask=gmask, steps=steps, lr=cfg.edit3d_lr,
+                                    guidance_scale=cfg.guidance_scale, params=_params3d(cfg.edit3d_params),
+                                    seed=cfg.seed)
+        stages.append(edit)
+        history, secs = train_stages(stages, run_dir, seed=cfg.seed, callbacks=job.callbacks, resume=job.resume,
+                                     progress=job.progress, checkpoint_every=0, preview_every=0,
+                                     log_every=max(1, steps // 10))
+        edit.finish()
+        out = self._finish_steer(cfg, job, ctx, history, secs)
+        out.update(mask=ctx["mask"], gaussian_mask=gmask, edit3d_params=list(_params3d(cfg.edit3d_params)),
+                   _pretrained=ctx["pz"].pretrained)
         return out

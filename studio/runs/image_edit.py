@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..cameras import HELDOUT_AZIMUTH
 from ..errors import UserError
 from ..io import write_png, write_png_grid
+from .gaussian_edit import is_ply
 from .protocol import Method
 
 SHAPEWORLD_PREFIX = "shapeworld:"
@@ -63,6 +65,24 @@ class ImageEditConfig:
     num_references: int = 6
     """reference renders of a ShapeWorld concept"""
     seed: int = 0
+    # -- 3D sources only (SOURCE = a model.ply; studio.runs.gaussian_edit) --
+    heldout_azimuth: tuple[float, float] = HELDOUT_AZIMUTH
+    """3D: azimuth sector (start, end), degrees, that no editing camera sees; concept fidelity is measured inside it
+    (equal ends: off)"""
+    view_azimuth: float = 0.0
+    """3D: azimuth of the source view the concept is personalised / steered on (outside the held-out sector)"""
+    view_elevation: float = 10.0
+    orbit_radius: float = 3.0
+    """3D: camera distance of the editing, evaluation and turntable cameras (ShapeWorld renders: 3.0)"""
+    orbit_fovy: float = 40.0
+    orbit_elevation: tuple[float, float] = (0.0, 30.0)
+    """3D: elevation range (degrees) of the random editing cameras"""
+    mask_views: int = 6
+    """3D: views (a ring from the source view, held-out ones dropped) whose subject masks are lifted to the Gaussians"""
+    eval_views: int = 4
+    eval_size: int = 64
+    turntable_frames: int = 36
+    turntable_size: int = 128
 
 
 @dataclass
@@ -169,6 +189,8 @@ class ImageEditMethod(Method):
         from .protocol import slugify
 
         src = str(cfg.source)
+        if is_ply(src):
+            return slugify(f"{Path(src).parent.name}-{Path(src).stem}-edit")
         return slugify(src[len(SHAPEWORLD_PREFIX):] if src.startswith(SHAPEWORLD_PREFIX) else Path(src).stem)
 
     def validate(self, cfg) -> None:
@@ -176,6 +198,15 @@ class ImageEditMethod(Method):
         src = str(cfg.source)
         if src.startswith(SHAPEWORLD_PREFIX):
             parse_shapeworld_source(src)
+        elif is_ply(src):
+            from ..world.concepts import CONCEPTS
+            from .gaussian_edit import load_asset
+
+            load_asset(src)
+            if not cfg.source_prompt.strip() and str(cfg.concept).strip() not in CONCEPTS:
+                raise UserError("--source-prompt is empty; describe the asset, e.g. \"a red cube\"")
+            if int(cfg.mask_views) < 1 or int(cfg.eval_views) < 1:
+                raise UserError("--mask-views and --eval-views must be >= 1")
         else:
             read_image(src)
             if not cfg.source_prompt.strip():
@@ -194,6 +225,11 @@ class ImageEditMethod(Method):
     def edit(self, cfg, job: EditJob) -> dict:
         raise NotImplementedError
 
+    def edit_3d(self, cfg, job: EditJob, model, *, sampler, mask_cameras) -> dict:
+        """Edit a Gaussian asset's colours in place (``studio edit model.ply``, :mod:`studio.runs.gaussian_edit`);
+        returns metrics plus ``mask`` (the source view's 2D mask) and ``gaussian_mask`` ([N] or None)."""
+        raise UserError(f"method {self.name!r} edits images only; give a PNG / JPEG source")
+
     def run(self, cfg, run_dir: Path, *, callbacks=None, resume: bool = False, progress: bool = True) -> dict:
         from ..teachers.registry import load_teacher
         from ..world.concepts import CONCEPTS, concept_views, edit_pair
@@ -203,7 +239,17 @@ class ImageEditMethod(Method):
         res = int(teacher.native_resolution)
         src, truth, target = str(cfg.source), None, cfg.target_prompt.strip()
         source_prompt, subject = cfg.source_prompt.strip(), cfg.subject.strip()
-        if src.startswith(SHAPEWORLD_PREFIX):
+        asset = None
+        if is_ply(src):
+            from .gaussian_edit import load_asset, render_source_view
+
+            asset = load_asset(src)
+            image = render_source_view(asset, cfg, res)
+            c = CONCEPTS.get(str(cfg.concept).strip())
+            if c is not None and not source_prompt:  # a ShapeWorld concept on its base object's asset
+                source_prompt, subject = c.source_prompt, subject or c.noun
+                target = target or "a {token} " + c.noun
+        elif src.startswith(SHAPEWORLD_PREFIX):
             name, az = parse_shapeworld_source(src)
             pair = edit_pair(name, az, size=res)
             image = pair["source"]
@@ -229,6 +275,10 @@ class ImageEditMethod(Method):
             refs = read_reference_folder(Path(concept), res)
         job = EditJob(teacher, image, source_prompt, subject, target, refs, pdir, Path(run_dir),
                       list(callbacks or []), progress, resume, truth)
+        if asset is not None:
+            from .gaussian_edit import finish
+
+            return finish(self, cfg, job, asset, Path(run_dir), t0)
         out = self.edit(cfg, job)
         edited, mask, pre = out.pop("edited"), out.pop("mask"), out.pop("_pretrained", None)
         mask_img = torch.nn.functional.interpolate(mask.float(), size=edited.shape[-2:], mode="nearest")
@@ -244,6 +294,10 @@ class ImageEditMethod(Method):
         return metrics
 
     def summary(self, metrics: dict, run_dir: Path) -> str:
+        if "alpha_iou_ring" in metrics:
+            extra = (f", held-out concept fidelity {metrics['edit_3d_concept_fidelity_heldout']:.3f}"
+                     if "edit_3d_concept_fidelity_heldout" in metrics else "")
+            return f"edited the asset in {metrics.get('seconds', 0):.0f}s{extra}: {run_dir}/model.ply"
         extra = f", concept fidelity {metrics['concept_fidelity_exact']:.3f}" if "concept_fidelity_exact" in metrics else ""
         return f"edited in {metrics.get('seconds', 0):.0f}s{extra}: {run_dir}/edited.png"
 
