@@ -111,7 +111,7 @@ def view_consistency_rows(objects: list[str], teacher: str, nv_steps: int, every
     """Plain vs Latent-Plane-enhanced ring views (issue 17 part 3) per held-out object, reference = the object's
     true render at the teacher's reference camera: silhouette-hull IoU and ground-truth PSNR at the ring cameras
     (all views, and the views inside the held-out sector)."""
-    from methods.placiddreamer.enhance import compare_enhanced_views
+    from methods.placiddreamer.view_eval import compare_enhanced_views
 
     rows = {}
     for obj in objects:
