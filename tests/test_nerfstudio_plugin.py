@@ -38,6 +38,12 @@ def trainer_config(tmp_path, steps: int, **stage):
     return cfg
 
 
+def saved(cfg):
+    """What ns-train does before training: the run folder and its config.yml."""
+    cfg.save_config()
+    return cfg
+
+
 def gt_mse(pipeline) -> float:
     """Mean squared error of the student's renders to ShapeWorld's ground truth at the held-out views."""
     ds = pipeline.datamanager.eval_dataset
@@ -76,7 +82,7 @@ def test_train_lowers_ground_truth_error_checkpoint_resume_export(tmp_path):
     from studio.nerfstudio_plugin.export import export_ply
 
     steps = 12
-    cfg = trainer_config(tmp_path, steps)
+    cfg = saved(trainer_config(tmp_path, steps))
     trainer = Trainer(cfg)
     trainer.setup()
     pipe = trainer.pipeline
@@ -89,7 +95,7 @@ def test_train_lowers_ground_truth_error_checkpoint_resume_export(tmp_path):
 
     ckpts = sorted(trainer.checkpoint_dir.glob("step-*.ckpt"))
     assert [c.name for c in ckpts] == [f"step-{steps - 1:09d}.ckpt"]
-    ply = export_ply(cfg.get_base_dir(), tmp_path / "model.ply")  # the run folder: its newest checkpoint
+    ply = export_ply(cfg.get_base_dir() / "config.yml", tmp_path / "model.ply")  # the newest checkpoint
     d = read_ply(ply)
     g = pipe.model.gaussians
     assert d["means"].shape == (g.num_gaussians, 3)
@@ -99,9 +105,71 @@ def test_train_lowers_ground_truth_error_checkpoint_resume_export(tmp_path):
     # resume the nerfstudio way (--load-dir): the studio stage comes back as it was saved
     cfg2 = trainer_config(tmp_path / "resumed", steps)
     cfg2.load_dir = trainer.checkpoint_dir
-    t2 = Trainer(cfg2)
+    t2 = Trainer(saved(cfg2))
     t2.setup()
     assert t2._start_step == steps
     torch.testing.assert_close(t2.pipeline.model.gaussians.params["means"], g.params["means"].detach())
     sd = {k: o.state_dict()["state"] for k, o in t2.pipeline.stage.optimizers().items()}
     assert all(len(s) > 0 for s in sd.values()), "the studio optimizers' Adam state was restored"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_viewer_websocket_serves_the_scene(tmp_path):
+    """Headless: ns-train's viewer (viser) serves the scene over its websocket (the held-out views as camera
+    frustums) and answers a client camera with the studio model's render (a background image)."""
+    import time
+
+    import msgspec
+    import numpy as np
+    import viser.transforms as vtf
+    from nerfstudio.engine.trainer import Trainer
+    from websockets.sync.client import connect
+
+    cfg = trainer_config(tmp_path, 3)
+    cfg.vis = "viewer"
+    cfg.viewer = dataclasses.replace(cfg.viewer, websocket_host="127.0.0.1", websocket_port=free_port(),
+                                     quit_on_train_completion=True)
+    trainer = Trainer(saved(cfg))
+    trainer.setup()
+    try:
+        trainer.train()
+        types: list[str] = []
+        image = None
+
+        def receive(ws, until: str, seconds: float):
+            nonlocal image
+            deadline = time.time() + seconds
+            while time.time() < deadline and until not in types:
+                try:
+                    raw = ws.recv(timeout=1)
+                except TimeoutError:
+                    continue
+                msgs = msgspec.msgpack.decode(raw)
+                for m in (msgs if isinstance(msgs, list) else [msgs]):
+                    types.append(m.get("type", "?"))
+                    if m.get("type") == "BackgroundImageMessage":
+                        image = m
+
+        with connect(f"ws://127.0.0.1:{cfg.viewer.websocket_port}", open_timeout=20, max_size=None) as ws:
+            receive(ws, "CameraFrustumMessage", 15)
+            assert "CameraFrustumMessage" in types, f"viewer sent {sorted(set(types))}"
+            # a client camera 3.2 units in front of the object (viser units are 10x nerfstudio's), OpenCV axes
+            pos, fwd, up = np.array([0.0, -32.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0])
+            right = np.cross(fwd, up)
+            R = np.stack([right, np.cross(fwd, right), fwd], axis=1)
+            ws.send(msgspec.msgpack.encode({
+                "type": "ViewerCameraMessage", "wxyz": [float(v) for v in vtf.SO3.from_matrix(R).wxyz],
+                "position": pos.tolist(), "fov": 0.7, "aspect": 1.0, "look_at": [0.0, 0.0, 0.0],
+                "up_direction": up.tolist()}))
+            receive(ws, "BackgroundImageMessage", 60)
+        assert image is not None, f"no render came back; viewer sent {sorted(set(types))}"
+        assert image["media_type"] in ("image/jpeg", "image/png") and len(image["rgb_bytes"]) > 100
+    finally:
+        trainer.shutdown()
