@@ -196,7 +196,7 @@ def test_wrong_shape_right_motion_loses_on_motion_accuracy(gaming):
 
 def test_blur_loses_on_motion_frame_error_and_diversity(gaming):
     b, f = gaming["blur"], gaming["fresh"]
-    assert b["motion_accuracy_any_object"] > 0.6           # the ungated score was fooled
+    assert b["motion_accuracy_any_object"] > 0.3           # the ungated score is fooled (0.71 before the robust mask, 0.44 after)
     assert b["motion_accuracy"] <= 0.05
     assert b["frame_error"] > 2 * f["frame_error"] and b["frame_error_vs_floor"] > 1.0
     assert b["diversity_ratio"] == 0.0
