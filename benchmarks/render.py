@@ -21,6 +21,10 @@ time (``time.process_time``: on a busy machine it is much steadier than wall tim
 reports Gaussian-pixel pairs per second per core: pairs = the tile-list entries each pixel consumed (its
 ``last_ids``, what the blend loops iterate over), summed over pixels, divided by the fused forward (backward) CPU
 time; and the same with the blend stage alone (the SIMD kernels vs the reference scalar ones, same lists).
+Those rates are also given as a fraction of this core's arithmetic limit for the same loop: the blend's float
+operations per pair, counted from its source (``BLEND_FLOPS_PER_PAIR``: 41 forward, 77 backward, RGB), into the
+core's measured float32 peak (one-thread torch sgemm GFLOP/s, ``core_peak_gflops``); an estimate, not a measured
+loop (selects, compares and conversions are not counted, and sgemm uses the widest vectors the CPU has).
 
 ``--contention`` times one native render (10k Gaussians, 128^2, 2 threads; forward and forward+backward)
 alone and beside one competing CPU-bound process: a pure-Python busy loop (one thread) and a torch job
@@ -88,6 +92,38 @@ def run_case(backend: str, n: int, size: int, repeats: int) -> dict:
     fb_ms = timed(fwd_bwd)
     return {"backend": used, "n": n, "size": size, "fwd_ms": round(f_ms, 3), "fwd_bwd_ms": round(fb_ms, 3),
             "peak_rss_above_baseline_mb": round(_rss_mb() - base, 1), "repeats": repeats}
+
+
+# Floating-point operations per Gaussian-pixel pair of the float32 SIMD blend (cuda_ext/cpu/blend_simd.h), RGB (D=3),
+# counted per pixel lane from the source: add / sub / mul / div = 1, a fused multiply-add = 2, compares, selects,
+# min / max, int and conversion ops = 0 (they are counted apart, as "other ops"). Forward: dx 1, sigma 7, -sigma 1,
+# expf (range reduction 7, degree-7 polynomial 14, scale 1) 22, o*G 1, 1 - alpha 1, T update (double) 1,
+# w = alpha*T 1, colour accumulation 3 FMAs 6: 41. Backward: the same conic and expf 32, 1 / (1 - alpha) 2, T / w 2,
+# colour dot 6, dL/dalpha 4, suffix sum 2, dL/dsigma 2, the six geometry / opacity terms 15, colour terms 3,
+# per-entry accumulation of 9 terms 9: 77.
+BLEND_FLOPS_PER_PAIR = {"fwd": 41, "bwd": 77}
+BLEND_OTHER_OPS_PER_PAIR = {"fwd": 14, "bwd": 12}
+
+
+def core_peak_gflops(repeats: int = 5) -> dict:
+    """This core's measured float32 arithmetic peak: one-thread torch matmul (oneDNN / MKL sgemm, FMA vectors of the
+    widest ISA the CPU has), GFLOP/s = 2 n^3 / CPU time, best of ``repeats`` per size, best size."""
+    import torch
+
+    torch.set_num_threads(1)
+    best = {}
+    for n in (256, 512, 1024):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        inner = max(1, int(2e9 // (2 * n ** 3)))
+        rates = []
+        for _ in range(repeats):
+            c = time.process_time()
+            for _ in range(inner):
+                a @ b
+            rates.append(2 * n ** 3 * inner / max(time.process_time() - c, 1e-9) / 1e9)
+        best[n] = round(max(rates), 2)
+    return {"sgemm_gflops_per_core": max(best.values()), "by_size": best}
 
 
 def run_native_vs_ref(repeats: int) -> dict:
@@ -178,8 +214,28 @@ def run_native_vs_ref(repeats: int) -> dict:
             "pairs_per_s_per_core_fwd": round(pairs / (mc["fused_fwd"] / 1e3)),
             "pairs_per_s_per_core_bwd": round(pairs / (fused_bwd / 1e3)),
         }
+    peak = core_peak_gflops()
+    g = peak["sgemm_gflops_per_core"] * 1e9
+    peak["peak_pairs_per_s_per_core"] = {k: round(g / f) for k, f in BLEND_FLOPS_PER_PAIR.items()}
+    peak["blend_flops_per_pair"] = BLEND_FLOPS_PER_PAIR
+    peak["blend_other_ops_per_pair"] = BLEND_OTHER_OPS_PER_PAIR
+    for case in out["cases"].values():
+        pairs, mc = case["pairs"], case["cpu_ms"]
+        stage = {"fwd": pairs / (mc["simd_stage_fwd"] / 1e3), "bwd": pairs / (mc["simd_stage_bwd"] / 1e3)}
+        case["blend_pairs_per_s_per_core"] = {k: round(v) for k, v in stage.items()}
+        case["peak_fraction"] = {
+            "fwd": round(case["pairs_per_s_per_core_fwd"] / peak["peak_pairs_per_s_per_core"]["fwd"], 4),
+            "bwd": round(case["pairs_per_s_per_core_bwd"] / peak["peak_pairs_per_s_per_core"]["bwd"], 4),
+            "blend_fwd": round(stage["fwd"] / peak["peak_pairs_per_s_per_core"]["fwd"], 4),
+            "blend_bwd": round(stage["bwd"] / peak["peak_pairs_per_s_per_core"]["bwd"], 4)}
+    out["peak"] = peak
     c10, c50 = out["cases"]["10k_128"], out["cases"]["50k_256"]
     out["headline"] = {
+        "native_pairs_per_s_per_core_fwd_peak_fraction": c10["peak_fraction"]["fwd"],
+        "native_pairs_per_s_per_core_bwd_peak_fraction": c10["peak_fraction"]["bwd"],
+        "native_blend_pairs_per_s_per_core_fwd_peak_fraction": c10["peak_fraction"]["blend_fwd"],
+        "native_blend_pairs_per_s_per_core_bwd_peak_fraction": c10["peak_fraction"]["blend_bwd"],
+        "core_sgemm_gflops": peak["sgemm_gflops_per_core"],
         "native_fwd_bwd_ms_50k_256": c50["cpu_ms"]["fused_fwd_bwd"],
         "native_pairs_per_s_per_core_fwd": c10["pairs_per_s_per_core_fwd"],
         "native_pairs_per_s_per_core_bwd": c10["pairs_per_s_per_core_bwd"],

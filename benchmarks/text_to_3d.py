@@ -13,6 +13,19 @@ the sweep. Each row reports PSNR / SSIM / IoU / Chamfer / saturation gap / Janus
 
     python benchmarks/text_to_3d.py            # 6 prompts, CFG sweeps of 3
     python benchmarks/text_to_3d.py --quick    # one prompt, 200 steps, CFG sweeps of 2 (~15 min on a busy CPU)
+    python benchmarks/text_to_3d.py --profile  # per-step profile of SDS (shapeworld-exact, shapeworld-unet)
+    python benchmarks/text_to_3d.py --contention  # one short prompt alone vs beside a competing busy process
+
+``--profile`` runs SDS on the first prompt for ``--profile-steps`` steps (default 40) with each teacher at its
+default settings (shapeworld-exact with the camera, shapeworld-unet at its default CFG) under
+``studio.train.profile.StepProfiler`` and prints the mean milliseconds per step of teacher forward, render
+forward, render backward, loss/SDS, cameras, optimizer step, densification, previews and the rest, in wall time
+and in CPU time (``time.process_time``; steadier on a busy machine), the first 2 steps left out.
+``--contention`` runs SDS with shapeworld-exact on the first prompt (``--contention-steps``, default 60) in a fresh
+process, 2 threads, alone and beside one competing CPU-bound torch job (2 threads, as ``benchmarks/render.py
+--contention``), alternating, ``--contention-rounds`` rounds (default 2); the headline is the median training
+seconds beside the job / alone. The load average is reported with each run: on a shared machine "alone" is not
+quiet.
 """
 from __future__ import annotations
 
@@ -50,6 +63,82 @@ def run(method: str, prompt: str, teacher: str, steps: int, out: Path, camera: b
                if k in ("psnr", "ssim", "iou", "chamfer", "saturation_gap", "janus")}}
 
 
+def profile_runs(steps: int, prompt: str, out: Path) -> dict:
+    """Per-step profile (``StepProfiler``) of SDS with each ShapeWorld teacher at its defaults, wall and CPU clock."""
+    from studio.train.profile import StepProfiler, profiling
+
+    res = {}
+    for name, teacher, cam in (("sds_exact_reconstruction", "shapeworld-exact", True),
+                               ("sds_unet", "shapeworld-unet", True)):
+        res[name] = {}
+        for clock_name, clock in (("wall", time.perf_counter), ("cpu", time.process_time)):
+            prof = StepProfiler(clock=clock)
+            load0 = os.getloadavg()[0]
+            with profiling(prof):
+                row = run("sds", prompt, teacher, steps, out / f"{name}_{clock_name}", camera=cam)
+            res[name][clock_name] = {**prof.summary(skip=2), "train_seconds": row["train_seconds"],
+                                     "load_average_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    return res
+
+
+def contention_case(steps: int, prompt: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        c = time.process_time()
+        row = run("sds", prompt, "shapeworld-exact", steps, Path(tmp) / "run", camera=True)
+        return {**row, "cpu_seconds": round(time.process_time() - c, 2)}
+
+
+COMPETITOR = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(384, 384)\n"
+              "print('ready', flush=True)\nwhile True:\n    a = torch.tanh(a @ a)\n")
+
+
+def contention(steps: int, prompt: str, rounds: int) -> dict:
+    """Seconds per prompt alone vs beside one competing torch job, ``rounds`` alternating rounds, fresh processes."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+
+    def measure() -> dict:
+        load0 = os.getloadavg()[0]
+        r = subprocess.run([sys.executable, __file__, "--contention-case", str(steps), prompt], capture_output=True,
+                           text=True, timeout=1800, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"contention case failed: {r.stderr.strip()[-2000:]}")
+        return {**json.loads(r.stdout.strip().splitlines()[-1]),
+                "load_average_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+
+    alone, beside = [], []
+    for _ in range(rounds):
+        alone.append(measure())
+        print(f"# alone: {alone[-1]}", file=sys.stderr, flush=True)
+        comp = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            if comp.stdout.readline().strip() != "ready":
+                raise RuntimeError("competitor did not start")
+            time.sleep(0.5)
+            beside.append(measure())
+            print(f"# beside a torch job: {beside[-1]}", file=sys.stderr, flush=True)
+        finally:
+            comp.kill()
+            comp.wait()
+            comp.stdout.close()
+
+    def med(rows, k):
+        return round(statistics.median(r[k] for r in rows), 2)
+
+    ratio = med(beside, "train_seconds") / med(alone, "train_seconds")
+    return {"text_to_3d_contention_slowdown": round(ratio, 2),
+            "text_to_3d_contention_slowdown_wall": round(med(beside, "wall_seconds") / med(alone, "wall_seconds"), 2),
+            "text_to_3d_contention_goal_2_5_met": ratio <= 2.5,
+            "alone_train_seconds": med(alone, "train_seconds"), "beside_train_seconds": med(beside, "train_seconds"),
+            "alone": alone, "beside": beside,
+            "settings": {"method": "sds", "teacher": "shapeworld-exact (camera)", "prompt": prompt, "steps": steps,
+                         "rounds": rounds, "threads": 2, "resolution": 64,
+                         "competitor": "torch 384x384 matmul + tanh loop, 2 threads",
+                         "ratio": "median train_seconds beside the competitor / median alone",
+                         "machine": f"{platform.machine()} {os.cpu_count()} cpus"}}
+
+
 def mean(rows: list[dict], key: str):
     vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
     return round(statistics.fmean(vals), 4) if vals else None
@@ -67,7 +156,34 @@ def main() -> None:
     ap.add_argument("--vsd-steps", type=int, default=None, help="default --steps")
     ap.add_argument("--only", nargs="*", default=None,
                     help="subset of runs: sds_unet vsd_unet sds_exact_nocam sds_exact_reconstruction")
+    ap.add_argument("--profile", action="store_true", help="only the per-step profile of SDS (both teachers)")
+    ap.add_argument("--profile-steps", type=int, default=40)
+    ap.add_argument("--contention", action="store_true",
+                    help="only seconds per prompt alone vs beside one competing busy process")
+    ap.add_argument("--contention-steps", type=int, default=60)
+    ap.add_argument("--contention-rounds", type=int, default=2)
+    ap.add_argument("--contention-case", nargs=2, metavar=("STEPS", "PROMPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.contention_case:
+        print(json.dumps(contention_case(int(args.contention_case[0]), args.contention_case[1])))
+        return
+    if args.profile or args.contention:
+        out = {"benchmark": "text_to_3d", "headline": {}}
+        if args.profile:
+            with tempfile.TemporaryDirectory() as tmp:
+                prof = profile_runs(args.profile_steps, PROMPTS[0], Path(tmp))
+            out["profile"] = prof
+            for name, p in prof.items():
+                out["headline"][f"profile_{name}_step_ms_cpu"] = p["cpu"].get("step_ms")
+        if args.contention:
+            c = contention(args.contention_steps, PROMPTS[0], args.contention_rounds)
+            out["contention"] = c
+            out["headline"].update({k: v for k, v in c.items() if k.startswith("text_to_3d_contention")})
+        out["settings"] = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, threads "
+                                      f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
+                           "load_average_end": round(os.getloadavg()[0], 2)}
+        print(json.dumps(out, indent=2))
+        return
     steps = args.steps or (200 if args.quick else 400)
     vsd_steps = args.vsd_steps or steps
     prompts = PROMPTS[:1] if args.quick else PROMPTS
