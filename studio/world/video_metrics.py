@@ -11,6 +11,11 @@ objects are saturated, so the *chroma* ``c = max(RGB) - min(RGB)`` separates the
   (at least 0.2): close to the coverage ``alpha`` at the edges, about 0.5 on the ball's darker stripe
   (so the stripe's orientation is visible in ``o``);
 * solid mask ``m = clamp((c - 0.1) / (0.45 c_ref - 0.1), 0, 1)`` (stripe included) for shape and colour;
+* robust to residual pixel noise (issue 16 follow-up): the floor 0.1 is raised per frame to 2.6 x the frame's
+  median chroma (the achromatic background's own chroma noise; :func:`_floor_chroma`, 0.1 on clean frames),
+  and only the main object counts (:func:`_main_object`: the largest 8-connected component of ``m >= 0.5``
+  plus its rim), so stray noisy pixels far away no longer dominate the angular moments; the mass outside it
+  (``stray``) refuses a second object in the object gate. Clean clips read exactly as before;
 * centroid = ``o``-weighted mean pixel position (frame units, y down, as ``ClipSpec``);
 * orientation from the k-th angular moment ``M_k = sum o (dx - i dy)^k`` about the centroid, ``k`` the
   shape's :data:`~studio.world.clips.ORIENTATION_ORDER` (2: stripe, 4: square, 3: triangle):
@@ -511,7 +516,10 @@ def _object_gate(a: dict[str, Tensor], words, pred=None) -> Tensor:
     * a saturated object: chroma of the mask-weighted mean colour over the palette colour's chroma,
       ``ramp(., 0.35, 0.6)`` (ShapeWorld clips: 0.71-0.90; the pixel mean of 16 references: 0.02-0.29);
     * a compact object: largest per-frame solid-mask fraction, ``1 - ramp(., 0.12, 0.2)`` (ShapeWorld
-      objects: 0.03-0.07; a smear of many objects: 0.08-0.99)."""
+      objects: 0.03-0.07; a smear of many objects: 0.08-0.99);
+    * one object: largest per-frame ``stray`` (mask mass outside the main object's region over the mass in
+      it), ``1 - ramp(., 0.25, 0.5)`` (ShapeWorld clips 0, with noise std 0.06 at most 0.14; a second object of
+      the same size ~1), so keeping only the main component forgives no extra object."""
     pred = _classify(a) if pred is None else pred
     same = torch.tensor([float(p[0] == w[0] and p[1] == w[1]) for p, w in zip(pred, words)])
     chroma = a["color"].amax(-1) - a["color"].amin(-1)
