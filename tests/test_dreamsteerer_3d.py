@@ -29,7 +29,7 @@ def _studio(*args):
 
 
 TINY = ["--personalize-steps", "2", "--steer-steps", "2", "--guided-samples", "1", "--guided-steps", "2",
-        "--num-references", "3", "--edit3d-steps", "3", "--mask-views", "3", "--eval-views", "2",
+        "--num-references", "3", "--edit3d-steps", "3", "--mask-views", "3", "--eval-views", "2", "--eval-size", "32",
         "--turntable-frames", "2", "--turntable-size", "32"]
 
 

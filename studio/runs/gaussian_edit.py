@@ -13,7 +13,7 @@ rotations / opacities; only colours changed), ``model.splat``, ``turntable.mp4``
 views) and the metrics:
 
 * ``alpha_iou_heldout`` / ``alpha_iou_ring``: geometry preservation, IoU of the edited vs the source renders'
-  silhouettes (alpha > 0.5) at the held-out views / a ring (1 by construction while only colours are edited; the
+  silhouettes (alpha > 0.5) at the held-out views / a ring of 4 views (1 by construction while only colours are edited; the
   check that nothing else moved); ``means_max_change`` (0 by construction);
 * for a ShapeWorld concept (``--concept striped_cube``): ``edit_3d_concept_fidelity_heldout`` =
   1 - ``concept_error_heldout`` (RMSE to the concept's ground-truth renders, :func:`~studio.world.concepts.
@@ -165,7 +165,7 @@ def finish(method, cfg, job, model, run_dir: Path, t0: float) -> dict:
     s_img, s_a = render(source_g, ecams, sh)
     from ..cameras import ring_cameras
 
-    rcams = ring_cameras(8, elevation_deg=float(cfg.view_elevation), radius=float(cfg.orbit_radius),
+    rcams = ring_cameras(4, elevation_deg=float(cfg.view_elevation), radius=float(cfg.orbit_radius),
                          fovy_deg=float(cfg.orbit_fovy), width=size, height=size)
     _, re_a = render(edited_g, rcams, sh)
     _, rs_a = render(source_g, rcams, sh)
