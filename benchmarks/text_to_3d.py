@@ -130,6 +130,8 @@ def contention(steps: int, prompt: str, rounds: int) -> dict:
     return {"text_to_3d_contention_slowdown": round(ratio, 2),
             "text_to_3d_contention_slowdown_wall": round(med(beside, "wall_seconds") / med(alone, "wall_seconds"), 2),
             "text_to_3d_contention_goal_2_5_met": ratio <= 2.5,
+            # CPU seconds of the measured process beside / alone: > 1 would mean threads burning CPU while they wait
+            "text_to_3d_contention_cpu_ratio": round(med(beside, "cpu_seconds") / med(alone, "cpu_seconds"), 2),
             "alone_train_seconds": med(alone, "train_seconds"), "beside_train_seconds": med(beside, "train_seconds"),
             "alone": alone, "beside": beside,
             "settings": {"method": "sds", "teacher": "shapeworld-exact (camera)", "prompt": prompt, "steps": steps,
