@@ -375,3 +375,56 @@ def test_a_new_kind_gets_its_own_tab(tmp_path, monkeypatch):
     app = build_app(AppSettings(out=tmp_path / "out", models_dir=tmp_path))
     labels = {c.get("props", {}).get("label") for c in app.get_config_file()["components"]}
     assert "Text to 4D" in labels
+
+
+def _fake_4d_run(run_dir: Path, frames: int = 3) -> Path:
+    import torch
+
+    from studio.io.ply import write_ply
+
+    (run_dir / "ply").mkdir(parents=True)
+    for t in range(frames):  # each frame's splat moves along x: the viewer copies differ by frame
+        n = 4
+        means = torch.zeros(n, 3) + torch.tensor([0.1 * t, 0.0, 0.0])
+        write_ply(run_dir / "ply" / f"frame_{t:05d}.ply", means, torch.full((n, 3), -3.0),
+                  torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1), torch.zeros(n), torch.zeros(n, 1, 3))
+    for v in ("orbit.mp4", "time_sweep.mp4", "reconstruction.mp4"):
+        (run_dir / v).write_bytes(b"not decoded here")
+    (run_dir / "metrics.json").write_text('{"seconds": 1.0}')
+    (run_dir / "config.yaml").write_text("method: dreamscene4d\nvideo: two_cross\n")
+    return run_dir
+
+
+def test_video_to_4d_tab_has_a_time_slider_over_the_frame_plys(app):
+    from studio.io.ply import read_ply
+
+    tab = app.studio_tabs["video-to-4d"]
+    assert "dreamscene4d" in tab.classes and tab.input == "video"
+    assert "video" in tab.primary  # a text box: a path or a scene name
+    cfg = build_config(tab.classes["dreamscene4d"].Config, {"video": "two_cross"})
+    assert cfg.video == "two_cross"
+    run_dir = _fake_4d_run(tab.settings.out / "fake4d")
+    assert [Path(f).name for f in core.frame_plys(run_dir)] == [f"frame_{t:05d}.ply" for t in range(3)]
+    upd = tab.result_updates(run_dir, {"seconds": 1.0})
+    slider = upd[tab.time]
+    assert slider["visible"] is True and (slider["minimum"], slider["maximum"], slider["step"]) == (0, 2, 1)
+    assert upd[tab.model3d]["value"].endswith("frame_00000.ply")  # no model.ply: the first frame
+    assert upd[tab.shown_run] == str(run_dir)
+    shown = [tab.frame_changed(i, upd[tab.shown_run])["value"] for i in range(3)]
+    assert [Path(p).name for p in shown] == [f"frame_{t:05d}.ply" for t in range(3)]
+    assert len(set(shown)) == 3 and all(Path(p).parent.name == "viewer" for p in shown)
+    xs = [float(read_ply(p)["means"][0, 0]) for p in shown]
+    assert xs == pytest.approx([0.0, 0.1, 0.2], abs=1e-6)  # each slider position shows its own frame
+    assert tab.frame_changed(99, str(run_dir))["value"] == shown[-1]  # clamped
+    # the videos: all of the run's MP4s offered, the player accepts only those
+    pick = upd[tab.video_pick]
+    assert pick["visible"] is True and {n for n, _ in pick["choices"]} == {"orbit.mp4", "time_sweep.mp4",
+                                                                           "reconstruction.mp4"}
+    assert upd[tab.video]["value"] == pick["value"]
+    sweep = str(run_dir / "time_sweep.mp4")
+    assert tab.video_changed(sweep, str(run_dir))["value"] == sweep
+    assert "value" not in tab.video_changed("/etc/passwd", str(run_dir))
+    # a 3D run (no frame sequence) hides the slider
+    plain = tab.settings.out / "plain"
+    plain.mkdir()
+    assert tab.result_updates(plain, None)[tab.time]["visible"] is False

@@ -463,7 +463,8 @@ def artefacts(run_dir: Path) -> list[str]:
 
 
 def viewer_file(run_dir: Path) -> str | None:
-    """What the 3D viewer shows: a mesh as is; a Gaussian PLY as its y-down copy (see :func:`viewer_ply`)."""
+    """What the 3D viewer shows: a mesh as is; a Gaussian PLY as its y-down copy (see :func:`viewer_ply`); for a
+    run with only a per-frame PLY sequence (4D), its first frame (the time slider picks the others)."""
     for n in VIEWER_ORDER:
         p = Path(run_dir) / n
         if p.exists():
@@ -473,7 +474,7 @@ def viewer_file(run_dir: Path) -> str | None:
                 except (OSError, ValueError) as e:
                     print(f"warning: viewer copy of {p} failed ({e}); showing the file as is", file=sys.stderr)
             return str(p)
-    return None
+    return frame_viewer_file(run_dir, 0)
 
 
 def viewer_ply(ply: Path) -> Path:
@@ -500,6 +501,33 @@ def viewer_ply(ply: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     write_ply(target, means, d["scales"], quats, d["opacities"], d["sh0"])
     return target
+
+
+def frame_plys(run_dir: Path) -> list[str]:
+    """A run's per-frame Gaussian PLY sequence (``ply/frame_*.ply``, any 4D run), in frame order; [] if none."""
+    d = Path(run_dir) / "ply"
+    return [str(p) for p in sorted(d.glob("frame_*.ply"))] if d.is_dir() else []
+
+
+def frame_viewer_file(run_dir: Path, index: int) -> str | None:
+    """What the 3D viewer shows at time slider position ``index`` (clamped): that frame's PLY as its y-down
+    display copy (``ply/viewer/frame_*.ply``, see :func:`viewer_ply`); None without a frame sequence."""
+    frames = frame_plys(run_dir)
+    if not frames:
+        return None
+    p = Path(frames[min(max(int(index or 0), 0), len(frames) - 1)])
+    try:
+        return str(viewer_ply(p))
+    except (OSError, ValueError) as e:
+        print(f"warning: viewer copy of {p} failed ({e}); showing the file as is", file=sys.stderr)
+        return str(p)
+
+
+def video_files(run_dir: Path) -> list[str]:
+    """Every MP4 of a run (its top level), the one :func:`video_file` shows first."""
+    first = video_file(run_dir)
+    vids = [str(p) for p in sorted(Path(run_dir).glob("*.mp4")) if str(p) != first]
+    return ([first] if first else []) + vids
 
 
 def video_file(run_dir: Path) -> str | None:

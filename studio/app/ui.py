@@ -118,12 +118,13 @@ class KindTab:
                 self.primary: dict[str, Any] = {}
                 if self.input is not None and self.input in self.specs[self.default_method]:
                     self.primary[self.input] = gr.Textbox(label=self.input.replace("_", " "), lines=2,
-                                                          placeholder='e.g. "a red cube"' if self.input == "prompt"
-                                                          else None, elem_id=_eid(k, self.input))
+                                                          placeholder=_PLACEHOLDERS.get(self.input),
+                                                          elem_id=_eid(k, self.input))
                     examples = _examples(self.classes[self.default_method])
                     if examples:
                         gr.Examples([[p] for p in examples], inputs=[self.primary[self.input]],
-                                    label="ShapeWorld prompts (ground-truth metrics)", examples_per_page=14)
+                                    label=("ShapeWorld prompts" if self.input == "prompt" else "ShapeWorld scenes")
+                                    + " (ground-truth metrics)", examples_per_page=14)
                 if "stage.negative_prompt" in primary:
                     self.primary["stage.negative_prompt"] = gr.Textbox(
                         label="negative prompt", max_lines=1, value=primary["stage.negative_prompt"].default,
@@ -174,12 +175,21 @@ class KindTab:
                                               height=320, elem_id=_eid(k, "model3d"), clear_color=(1, 1, 1, 1))
                     self.video = gr.Video(label=VIDEO_LABEL, interactive=False, height=320, loop=True, autoplay=True,
                                           visible=False, elem_id=_eid(k, "video"))
+                with gr.Row():
+                    # A run with a per-frame PLY sequence (ply/frame_*.ply, any 4D run): the time slider picks the
+                    # frame the 3D viewer shows; a run with several MP4s: a choice of the one the player shows.
+                    self.time = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="time (frame)", visible=False,
+                                          elem_id=_eid(k, "time"))
+                    self.video_pick = gr.Radio(choices=[], label="video", visible=False,
+                                               elem_id=_eid(k, "video-pick"))
+                self.shown_run = gr.State(None)  # the run folder the viewers show (server side)
                 self.metrics = gr.Markdown("", elem_id=_eid(k, "metrics"))
                 self.files = gr.File(label="downloads", file_count="multiple", interactive=False,
                                      elem_id=_eid(k, "files"))
         self.form_components = ([self.method] + list(self.primary.values())
                                 + [c for d in self.advanced.values() for c in d.values()])
         self.result_components = [self.status, self.progress, self.preview, self.loss, self.model3d, self.video,
+                                  self.time, self.video_pick, self.shown_run,
                                   self.metrics, self.files, self.run_btn, self.cancel_btn]
         self.method.change(self._method_changed, inputs=[self.method],
                            outputs=[self.method_md] + list(self.adv_groups.values()), queue=False)
@@ -189,6 +199,11 @@ class KindTab:
         self.run_event = self.run_btn.click(self.run, inputs=set(self.form_components), outputs=self.result_components,
                                             concurrency_limit=settings.concurrency, concurrency_id=TRAIN)
         self.cancel_btn.click(self.cancel, inputs=None, outputs=None, concurrency_limit=None, queue=False)
+        # on release, not on every change: each frame is one splat load in the viewer
+        self.time.release(self.frame_changed, inputs=[self.time, self.shown_run], outputs=[self.model3d],
+                          concurrency_limit=None)
+        self.video_pick.input(self.video_changed, inputs=[self.video_pick, self.shown_run], outputs=[self.video],
+                              concurrency_limit=None)
 
     # -- handlers --------------------------------------------------------------------------------------
     def _method_changed(self, method: str):
@@ -292,6 +307,7 @@ class KindTab:
         prev = run_dir / "preview.png"
         viewer = core.viewer_file(run_dir)
         video = core.video_file(run_dir)
+        frames, videos = core.frame_plys(run_dir), core.video_files(run_dir)
         secs = (metrics or {}).get("train_seconds", (metrics or {}).get("seconds"))
         done = status or (f"Done in {secs:.0f} s: `{run_dir}`" if secs is not None else f"Run `{run_dir}`")
         return {self.status: done,
@@ -303,7 +319,26 @@ class KindTab:
                 self.model3d: (gr.update(value=viewer, label=MODEL3D_LABEL, visible=True) if viewer else
                                gr.update(visible=False)),
                 self.video: gr.update(value=video, visible=video is not None),
+                self.time: gr.update(minimum=0, maximum=max(len(frames) - 1, 1), step=1, value=0,
+                                     visible=len(frames) > 1, label=f"time (frame, {len(frames)} in all)"),
+                self.video_pick: gr.update(choices=[(Path(v).name, v) for v in videos], value=video,
+                                           visible=len(videos) > 1),
+                self.shown_run: str(run_dir),
                 self.metrics: core.metrics_markdown(metrics), self.files: core.artefacts(run_dir) or None}
+
+    def frame_changed(self, index, run_dir: str | None):
+        """The 3D viewer at time slider position ``index``: that frame's PLY of the shown run."""
+        path = core.frame_viewer_file(Path(run_dir), index) if run_dir else None
+        if path is None:
+            return gr.update()
+        n = len(core.frame_plys(Path(run_dir)))
+        return gr.update(value=path, label=f"{MODEL3D_LABEL} · frame {int(index or 0)} of {n}", visible=True)
+
+    def video_changed(self, video: str | None, run_dir: str | None):
+        """The player shows the chosen MP4, accepted only among the shown run's own videos."""
+        if not run_dir or video not in core.video_files(Path(run_dir)):
+            return gr.update()
+        return gr.update(value=video, visible=True)
 
     def fill_updates(self, config: dict) -> dict:
         """Form updates that restore a run's config (from its ``config.yaml``)."""
@@ -322,6 +357,10 @@ class KindTab:
         for n, grp in self.adv_groups.items():
             out[grp] = gr.update(visible=(n == method))
         return out
+
+
+_PLACEHOLDERS = {"prompt": 'e.g. "a red cube"',
+                 "video": "a video path (MP4 or frame folder) or a ShapeWorld scene name, e.g. two_cross"}
 
 
 def _examples(cls: type) -> list[str]:
