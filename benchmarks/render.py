@@ -96,7 +96,7 @@ def run_case(backend: str, n: int, size: int, repeats: int) -> dict:
 
 # Floating-point operations per Gaussian-pixel pair of the float32 SIMD blend (cuda_ext/cpu/blend_simd.h), RGB (D=3),
 # counted per pixel lane from the source: add / sub / mul / div = 1, a fused multiply-add = 2, compares, selects,
-# min / max, int and conversion ops = 0 (they are counted apart, as "other ops"). Forward: dx 1, sigma 7, -sigma 1,
+# min / max, int and conversion ops = 0 (approximate counts of those are kept apart, as "other ops"). Forward: dx 1, sigma 7, -sigma 1,
 # expf (range reduction 7, degree-7 polynomial 14, scale 1) 22, o*G 1, 1 - alpha 1, T update (double) 1,
 # w = alpha*T 1, colour accumulation 3 FMAs 6: 41. Backward: the same conic and expf 32, 1 / (1 - alpha) 2, T / w 2,
 # colour dot 6, dL/dalpha 4, suffix sum 2, dL/dsigma 2, the six geometry / opacity terms 15, colour terms 3,
