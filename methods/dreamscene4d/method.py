@@ -55,9 +55,14 @@ class DreamScene4DConfig(VideoTo4DConfig):
     """CFG scale of the novel-view SDS (DreamGaussian: 5)"""
     factorise: bool = True
     """motion factorisation (crops + object-to-world translation); false = deformation only (the ablation)"""
-    amodal: Literal["auto", "none", "exact"] = "auto"
-    """amodal completion for lifting: exact (a ShapeWorld scene's unoccluded object renders), none; auto = exact
-    when the input has ground truth"""
+    amodal: Literal["auto", "none", "exact", "teacher"] = "auto"
+    """amodal completion for lifting: exact (a ShapeWorld scene's unoccluded object renders), teacher (inpaint the
+    occluded parts with --inpaint-teacher, from the visible masks), none; auto = exact when the input has ground truth"""
+    inpaint_teacher: str = "shapeworld-exact"
+    """the inpainting teacher of --amodal teacher: shapeworld-exact (a ShapeWorld scene's exact teacher, conditioned
+    on the visible pixels) or an SD-inpainting model (folder or HF id, e.g. stabilityai/stable-diffusion-2-inpainting)"""
+    inpaint_steps: int = 10
+    """DDIM steps of the inpainting (--amodal teacher)"""
     flow: Literal["auto", "none", "exact"] = "auto"
     """optical-flow targets: exact (the scene's ground-truth flow), none; auto = exact when available"""
     depth: str = "auto"
@@ -109,6 +114,9 @@ class DreamScene4DMethod(VideoTo4DMethod):
             raise UserError("--steps-static must be >= 1 and the other --steps-* >= 0")
         if cfg.crop_size < 16 or cfg.init_points < 8 or cfg.batch_frames < 1:
             raise UserError("--crop-size must be >= 16, --init-points >= 8, --batch-frames >= 1")
+        if cfg.amodal == "teacher" and (cfg.inpaint_steps < 1 or not cfg.inpaint_teacher.strip()):
+            raise UserError("--amodal teacher needs --inpaint-steps >= 1 and an --inpaint-teacher (shapeworld-exact, "
+                            "or an SD-inpainting folder / HF id)")
 
     # -- the pipeline --------------------------------------------------------------------------------------
     def reconstruct(self, cfg: DreamScene4DConfig, inp: VideoInput, run_dir: Path, *, callbacks=None, resume=False,
@@ -128,16 +136,20 @@ class DreamScene4DMethod(VideoTo4DMethod):
         flow_src = cfg.flow if cfg.flow != "auto" else ("exact" if scene is not None else "none")
         if scene is None and (amodal == "exact" or flow_src == "exact"):
             raise UserError("--amodal exact / --flow exact need a ShapeWorld scene input (ground truth); use none")
+        if amodal == "teacher" and scene is None and cfg.inpaint_teacher.strip().lower() == "shapeworld-exact":
+            raise UserError("--inpaint-teacher shapeworld-exact needs a ShapeWorld scene input; give an SD-inpainting "
+                            "model (folder or HF id) or use --amodal none")
         depth = cfg.depth if cfg.depth != "auto" else ("exact" if scene is not None else "none")
         if depth == "exact" and scene is None:
             raise UserError("--depth exact needs a ShapeWorld scene input; pass a depth model (folder or HF id) or none")
         info.update(amodal=amodal, flow=flow_src, depth=depth, lift_frames=[])
         depth_map, metric = _estimate_depth(depth, inp)  # before training: a bad model path fails fast
+        completed = _complete(cfg, inp, info) if amodal == "teacher" else None  # (rgb, amodal masks) per object
         kp = KPlanesConfig(resolution=cfg.kplanes_resolution, multires=tuple(cfg.kplanes_multires),
                            time_resolution=time_resolution_for(T), channels=cfg.kplanes_channels)
         fits, stages = [], []
         for k in range(K):
-            lm = scene.amodal_masks[k] if (amodal == "exact") else masks[k]
+            lm = scene.amodal_masks[k] if amodal == "exact" else completed[1][k] if completed else masks[k]
             lift = 0 if cfg.lift_frame == "first" else least_occluded_frame(lm)
             info["lift_frames"].append(lift)
             st = FitSettings(crop_size=cfg.crop_size, init_points=cfg.init_points, init=cfg.init, lift_frame=lift,
@@ -149,6 +161,8 @@ class DreamScene4DMethod(VideoTo4DMethod):
             lift_rgb = lift_masks = None
             if amodal == "exact":
                 lift_rgb, lift_masks = scene.object_rgb[k], scene.amodal_masks[k]
+            elif completed is not None:
+                lift_rgb, lift_masks = completed[0][k], completed[1][k]
             depth0 = None  # a moving camera needs the object at a metric depth (its translation sets the parallax)
             moving = not bool((cams.viewmats == cams.viewmats[:1]).all())
             if moving and metric and bool(masks[k, 0].any()):
@@ -182,6 +196,31 @@ class DreamScene4DMethod(VideoTo4DMethod):
         model = Composed4D(fits, rhos, cams.centers[0])
         model.save(Path(run_dir) / "model_4d.safetensors", cfg)
         return model, info
+
+
+def _complete(cfg: DreamScene4DConfig, inp: VideoInput, info: dict) -> tuple[Tensor, Tensor]:
+    """--amodal teacher: every object's occluded pixels inpainted by ``cfg.inpaint_teacher`` from the frames and the
+    visible masks (part 3, ``studio.teachers.inpaint.complete_objects``), ``(rgb [K,T,H,W,3] over white, amodal
+    masks [K,T,H,W])``; with a ground-truth scene ``info["amodal_iou"]`` per object (against its amodal masks) and
+    ``info["visible_iou"]`` (the visible masks against the same, what no completion gives)."""
+    from studio.teachers.inpaint import complete_objects
+
+    t0 = time.perf_counter()
+    name = cfg.inpaint_teacher.strip()
+    rgb, am = complete_objects(inp.frames, inp.masks, teacher="shapeworld-exact" if name.lower() == "shapeworld-exact"
+                               else name, scene=inp.scene, steps=cfg.inpaint_steps, seed=cfg.seed)
+    info["inpaint_seconds"] = round(time.perf_counter() - t0, 2)
+    info["inpaint_teacher"] = name
+    if inp.scene is not None:
+        gt = inp.scene.amodal_masks.bool()
+
+        def iou(a: Tensor) -> list[float]:
+            inter = (a & gt).flatten(1).sum(1).float()
+            union = (a | gt).flatten(1).sum(1).float().clamp_min(1)
+            return [round(float(v), 4) for v in inter / union]
+
+        info["amodal_iou"], info["visible_iou"] = iou(am.bool()), iou(inp.masks.bool())
+    return rgb.float(), am.bool()
 
 
 def least_occluded_frame(masks: Tensor) -> int:
