@@ -115,6 +115,36 @@ def test_teacher_resolution_confines_paths_to_the_models_folder(settings, tmp_pa
     assert _message(core.resolve_teacher, "", settings) == _message(load_teacher, "")
 
 
+def test_every_path_field_of_every_method_is_confined_to_the_app_folders(settings, tmp_path):
+    """A kind's input (the image to edit, the video to lift) and any other model / file field (reward, PRM,
+    inpainting or depth model, concept folder, novel-view teacher) may name only files inside the models or the
+    output folder; names pass."""
+    from methods.registry import get_method
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"x")
+    inside = settings.models_dir / "me.png"
+    inside.write_bytes(b"x")
+    checked = 0
+    for name, field in (("dreamsteerer", "source"), ("dreamsteerer", "concept"), ("dreamscene4d", "video"),
+                        ("dreamscene4d", "inpaint_teacher"), ("euphonium", "prm"), ("placiddreamer", "novel_view_teacher")):
+        cls = get_method(name)
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        assert field in fields, (name, field)
+        for bad in (str(secret), "/etc/passwd", "../../x", "~/"):
+            cfg = cls.Config()
+            setattr(cfg, field, bad)
+            assert "outside the models folder" in _message(core.resolve_models, cfg, settings), (name, field, bad)
+        cfg = cls.Config()
+        setattr(cfg, field, str(inside))
+        core.resolve_models(cfg, settings)  # inside the models folder: accepted
+        checked += 1
+    assert checked == 6
+    cfg = get_method("dreamscene4d").Config()
+    cfg.video = "two_cross"  # a ShapeWorld scene name is not a path
+    core.resolve_models(cfg, settings)
+
+
 # -- uploads -----------------------------------------------------------------------------------------------
 def test_prompt_upload_checks_size_and_type(tmp_path):
     ok = tmp_path / "p.txt"

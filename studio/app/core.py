@@ -105,7 +105,39 @@ def resolve_models(cfg, settings: AppSettings):
         if name == "model" and is_student_folder(value) and _inside(Path(value), settings.out):
             continue
         setattr(cfg, name, resolve_teacher(value, settings))
+    _check_paths(cfg, settings)
     return cfg
+
+
+def _looks_like_path(value: str) -> bool:
+    expanded = Path(os.path.expanduser(value))
+    return (expanded.is_absolute() or value.startswith((".", "~")) or "\\" in value
+            or ".." in Path(value).parts or expanded.exists())
+
+
+def _check_paths(cfg, settings: AppSettings, prefix: str = "") -> None:
+    """Every other text field of ``cfg`` (and of its nested configs) that names a file or folder -- a kind's input
+    (an image to edit, a video to lift to 4D), a reward / process-reward / inpainting / depth model, a concept
+    folder -- must lie inside the models folder or the output folder: the browser cannot make the app read any
+    other file on the server. Names (registered teachers, ShapeWorld scenes and concepts, hub ids) pass."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name, None)
+        if dataclasses.is_dataclass(value):
+            _check_paths(value, settings, f"{prefix}{f.name}.")
+            continue
+        if f.name in MODEL_FIELDS or not isinstance(value, str) or not value.strip():
+            continue
+        value = value.strip()
+        if not _looks_like_path(value):
+            continue
+        full = Path(os.path.expanduser(value))
+        full = full if full.is_absolute() else Path.cwd() / full
+        if not (_inside(full, settings.models_dir) or _inside(full, settings.out)):
+            raise UserError(f"{prefix}{f.name} '{value}' is outside the models folder {settings.models_dir} and the "
+                            f"output folder {settings.out}; the app reads local files only from there (copy the "
+                            f"file into the models folder, or start the app with --models-dir), or use the CLI")
 
 
 # -- teachers ----------------------------------------------------------------------------------------
