@@ -7,9 +7,11 @@ with the nerfstudio venv's python, ``-P``; see docs/notes/issue23.md). Goal (iss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +62,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    # nerfstudio's trainer prints its progress to stdout: keep stdout for the one JSON object
+    with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(sys.stderr):
         studio = run_studio(args, Path(d) / "studio")
         ns = run_nerfstudio(args, Path(d) / "ns")
     print(json.dumps({"benchmark": "nerfstudio_plugin", "prompt": args.prompt, "teacher": args.teacher,
