@@ -25,6 +25,7 @@ from ..distill.edsd import edsd, mode_shift_loss, steering_loss
 from ..students.lora_score import LORA_TARGETS, add_lora_adapter
 from ..teachers.diffusers_sd import peft_adapter_names
 from .loop import StepOutput
+from .personalize import train_only_adapter
 
 STEER_ADAPTER = "steer"
 
@@ -62,16 +63,7 @@ class SteerStage:
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             add_lora_adapter(unet, rank=int(rank), adapter_name=STEER_ADAPTER, target_modules=LORA_TARGETS,
                              scales=scales, seed=int(seed))
-        if isinstance(getattr(teacher, "_lora_scales", None), dict):
-            teacher._lora_scales[STEER_ADAPTER] = 1.0
-        tag = f".{STEER_ADAPTER}."
-        self._params: dict[str, torch.nn.Parameter] = {}
-        for n, p in unet.named_parameters():
-            train = f"lora_A{tag}" in n or f"lora_B{tag}" in n
-            p.requires_grad_(train)
-            if train:
-                p.data = p.data.to(torch.float32)
-                self._params[n] = p
+        self._params = train_only_adapter(teacher, STEER_ADAPTER)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.optimizer = torch.optim.AdamW(list(self._params.values()), lr=float(lr))
         self._k = 0

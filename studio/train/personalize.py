@@ -261,6 +261,23 @@ def save_dreambooth_lora(teacher: Any, out: str | Path, adapter_name: str = "per
 
 
 # --------------------------------------------------------------------------------------- the stage
+
+def train_only_adapter(teacher, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """Make the UNet LoRA ``adapter_name`` (just added) the only trainable part of ``teacher``'s UNet: it is
+    registered with the teacher's adapter scales (so ``set_lora_scale`` / ``unload_lora`` / ``lora_adapters`` know
+    it), its A / B weights are float32 and train, every other UNet parameter is frozen. Returns them by name."""
+    if isinstance(getattr(teacher, "_lora_scales", None), dict):
+        teacher._lora_scales[adapter_name] = 1.0
+    tag = f".{adapter_name}."
+    params: dict[str, torch.nn.Parameter] = {}
+    for n, p in _teacher_unet(teacher).named_parameters():
+        train = f"lora_A{tag}" in n or f"lora_B{tag}" in n
+        p.requires_grad_(train)
+        if train:
+            p.data = p.data.to(torch.float32)
+            params[n] = p
+    return params
+
 class DreamBoothStage:
     """One :class:`~studio.train.loop.Trainer` stage that trains a DreamBooth LoRA on ``teacher.unet`` in place.
 
@@ -299,16 +316,7 @@ class DreamBoothStage:
                 unet._hf_peft_config_loaded = loaded  # a failed diffusers add_adapter leaves the flag set
             raise UserError(f"could not add a LoRA on {targets} to teacher {getattr(teacher, 'name', '?')!r}: "
                             f"{e}") from None
-        if isinstance(getattr(teacher, "_lora_scales", None), dict):
-            teacher._lora_scales[cfg.adapter_name] = 1.0  # known to set_lora_scale / unload_lora / lora_adapters
-        tag = f".{cfg.adapter_name}."
-        self._params: dict[str, torch.nn.Parameter] = {}
-        for n, p in unet.named_parameters():
-            train = f"lora_A{tag}" in n or f"lora_B{tag}" in n
-            p.requires_grad_(train)
-            if train:
-                p.data = p.data.to(torch.float32)
-                self._params[n] = p
+        self._params = train_only_adapter(teacher, cfg.adapter_name)
         for p in getattr(teacher, "text_encoder", torch.nn.Module()).parameters():
             p.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(int(cfg.seed))
