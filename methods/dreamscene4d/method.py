@@ -22,8 +22,13 @@ Algorithm (``../shared/specs/dreamscene4d.md``):
 ``--factorise false`` is the paper's ablation: no crops, no translation stage: the deformation field alone explains
 all motion in the world frame (frame 0's placement).
 
-Cameras: the scene's ground-truth cameras when the input is a ShapeWorld scene (camera motion enters through them;
-estimating them is part 6, not done here), else DreamScene4D's static camera (fovy 49.1, distance 2).
+Cameras (``--camera``): ``gt`` the scene's ground-truth cameras (the default when the input is a ShapeWorld scene),
+``static`` frame 0's camera for every frame (the default for a user video: DreamScene4D's static camera, fovy 49.1,
+distance 2), ``estimate`` frame 0's camera fixes the gauge and every later pose is refined photometrically against a
+background model (part 6, :mod:`.background`: our design, the official code releases no background or camera
+code). ``--background gaussians`` (on by default with ``--camera estimate``) adds the static background Gaussians to
+the composition, the PLYs, the 4D file and the videos; ``--background-fill`` fills the occluded background through
+the part-3 inpainting path (exact on a ShapeWorld scene).
 """
 from __future__ import annotations
 
@@ -40,10 +45,12 @@ from torch import Tensor
 from studio.errors import UserError
 from studio.io import atomic_write_bytes
 from studio.runs.skeleton import train_stages
+from studio.cameras import Cameras
 from studio.runs.video_to_4d import VideoInput, VideoTo4DConfig, VideoTo4DMethod
 from studio.students.deform4d import KPlanesConfig, time_resolution_for
 
 from . import geometry as G
+from .background import BACKGROUND_CHOICES, CAMERA_CHOICES, FILL_CHOICES, BackgroundSettings, build_background
 from .stages import FitSettings, ObjectFit, object_stages
 
 
@@ -98,6 +105,23 @@ class DreamScene4DConfig(VideoTo4DConfig):
     """K-planes size (paper: 64, (1, 2, 4, 8), 32 channels; smaller here for CPU)"""
     rigid_weight: float = 5e4
     flow_weight: float = 1e4
+    camera: Literal["auto", "gt", "estimate", "static"] = "auto"
+    """per-frame cameras: gt (the scene's ground truth), estimate (photometric refinement against the background
+    model, frame 0 fixing the gauge), static (frame 0's camera for every frame); auto = gt when the input has ground
+    truth, else static (DreamScene4D's default camera)"""
+    background: Literal["auto", "none", "gaussians"] = "auto"
+    """background model: gaussians (static background Gaussians fitted to the frames outside the object masks,
+    composed behind the objects and written to the outputs), none; auto = gaussians with --camera estimate"""
+    background_fill: Literal["auto", "none", "teacher"] = "auto"
+    """the background hidden by the objects: teacher (inpainted by --inpaint-teacher: shapeworld-exact on a
+    ShapeWorld scene is exact, or an SD-inpainting model), none (fit only the visible background); auto = teacher
+    when the teacher can run (a ShapeWorld scene, or an SD-inpainting model named), else none"""
+    background_steps: int = 60
+    """fit steps of the background Gaussians (each pass)"""
+    background_stride: int = 1
+    """one background Gaussian per stride x stride pixel block"""
+    pose_steps: int = 15
+    """Gauss-Newton iterations per frame and pyramid level of the camera refinement"""
 
 
 class DreamScene4DMethod(VideoTo4DMethod):
@@ -114,6 +138,15 @@ class DreamScene4DMethod(VideoTo4DMethod):
             raise UserError("--steps-static must be >= 1 and the other --steps-* >= 0")
         if cfg.crop_size < 16 or cfg.init_points < 8 or cfg.batch_frames < 1:
             raise UserError("--crop-size must be >= 16, --init-points >= 8, --batch-frames >= 1")
+        for opt, val, choices in (("--camera", cfg.camera, CAMERA_CHOICES), ("--background", cfg.background,
+                                   BACKGROUND_CHOICES), ("--background-fill", cfg.background_fill, FILL_CHOICES)):
+            if val not in choices:
+                raise UserError(f"{opt} {val!r} is not an option; choose one of {', '.join(choices)}")
+        if cfg.camera == "estimate" and cfg.background == "none":
+            raise UserError("--camera estimate refines the poses against the background model; use --background "
+                            "gaussians (or auto), or --camera static / gt")
+        if cfg.background_steps < 0 or cfg.background_stride < 1 or cfg.pose_steps < 1:
+            raise UserError("--background-steps must be >= 0, --background-stride >= 1 and --pose-steps >= 1")
         if cfg.amodal == "teacher" and (cfg.inpaint_steps < 1 or not cfg.inpaint_teacher.strip()):
             raise UserError("--amodal teacher needs --inpaint-steps >= 1 and an --inpaint-teacher (shapeworld-exact, "
                             "or an SD-inpainting folder / HF id)")
@@ -144,6 +177,8 @@ class DreamScene4DMethod(VideoTo4DMethod):
             raise UserError("--depth exact needs a ShapeWorld scene input; pass a depth model (folder or HF id) or none")
         info.update(amodal=amodal, flow=flow_src, depth=depth, lift_frames=[])
         depth_map, metric = _estimate_depth(depth, inp)  # before training: a bad model path fails fast
+        background = _cameras_and_background(cfg, inp, depth, info, run_dir)  # may replace inp.cameras
+        cams = inp.cameras
         completed = _complete(cfg, inp, info) if amodal == "teacher" else None  # (rgb, amodal masks) per object
         kp = KPlanesConfig(resolution=cfg.kplanes_resolution, multires=tuple(cfg.kplanes_multires),
                            time_resolution=time_resolution_for(T), channels=cfg.kplanes_channels)
@@ -192,10 +227,101 @@ class DreamScene4DMethod(VideoTo4DMethod):
         rhos = compose(fits, inp, cfg, depth_map, metric)
         info["compose_seconds"] = round(time.perf_counter() - t1, 2)
         info["rho"] = [round(float(r), 4) for r in rhos]
+        rho_bg = 1.0
+        if background is not None and depth_map is not None and not metric:
+            rho_bg = _background_rho(fits, depth_map)
+            info["rho_background"] = round(rho_bg, 4)
         info["fit_seconds"] = round(time.perf_counter() - t0, 2)
-        model = Composed4D(fits, rhos, cams.centers[0])
+        model = Composed4D(fits, rhos, cams.centers[0], background=background, rho_background=rho_bg)
         model.save(Path(run_dir) / "model_4d.safetensors", cfg)
         return model, info
+
+
+def _cameras_and_background(cfg: DreamScene4DConfig, inp: VideoInput, depth: str, info: dict,
+                            run_dir: Path) -> dict[str, Tensor] | None:
+    """``--camera`` / ``--background`` (module doc): sets ``inp.cameras`` (and ``inp.camera_source``) to the cameras
+    the method uses, writes them as ``cameras.json`` (spec 1.4's layout: ``pos`` + x, y, z, w quaternion,
+    camera-to-world, OpenCV axes) and returns the background's activated Gaussians (None without a background)."""
+    from studio.world.scenes4d import camera_pose_records
+
+    scene = inp.scene
+    camera = cfg.camera if cfg.camera != "auto" else ("gt" if scene is not None else "static")
+    bg_kind = cfg.background if cfg.background != "auto" else ("gaussians" if camera == "estimate" else "none")
+    if camera == "estimate" and bg_kind == "none":
+        raise UserError("--camera estimate refines the poses against the background model; use --background gaussians")
+    if camera == "gt" and scene is None:
+        raise UserError("--camera gt needs a ShapeWorld scene input (ground-truth cameras); use --camera static or "
+                        "estimate for a video")
+    cams = inp.cameras
+    if camera == "static":
+        T = len(cams)
+        cams = Cameras(cams.viewmats[:1].expand(T, 4, 4).clone(), cams.Ks.clone(), cams.width, cams.height)
+    info["camera"] = camera
+    info["background"] = bg_kind
+    out = None
+    if bg_kind == "gaussians":
+        fill_kind = cfg.background_fill
+        name = cfg.inpaint_teacher.strip()
+        if fill_kind == "auto":
+            fill_kind = "teacher" if (scene is not None or name.lower() != "shapeworld-exact") else "none"
+        fill = None
+        if fill_kind == "teacher":
+            from .background import complete_background
+
+            fill = complete_background(inp.frames, inp.masks, name, scene=scene, steps=cfg.inpaint_steps, seed=cfg.seed)
+        depth_fn, metric = _background_depth(depth, inp)
+        bg, est, binfo = build_background(inp.frames, inp.masks, cams, depth_fn, fill=fill,
+                                          estimate=camera == "estimate", metric=metric, seed=cfg.seed,
+                                          settings=BackgroundSettings(fit_steps=cfg.background_steps,
+                                                                      stride=cfg.background_stride,
+                                                                      pose_steps=cfg.pose_steps))
+        info.update(binfo, background_fill=fill_kind)
+        if camera == "estimate":
+            cams = est
+        out = bg.gaussians()
+    inp.cameras = cams
+    if not (camera == "static" and inp.camera_source == "default"):  # a user video keeps its default camera's name
+        inp.camera_source = {"gt": "ground-truth", "estimate": "estimated", "static": "static"}[camera]
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(run_dir) / "cameras.json", json.dumps(
+        {"source": inp.camera_source, "convention": "camera-to-world, OpenCV axes, orientation x,y,z,w",
+         "frames": camera_pose_records(cams)}, indent=1).encode())
+    return out
+
+
+def _background_depth(depth: str, inp: VideoInput):
+    """``(depth_fn(t) -> [H,W], metric)`` for the background: the scene's exact background depth; a depth model's
+    per-frame estimate with the objects' pixels set to the background's median (relative scale); or, with no depth,
+    a fronto-parallel plane at ``BackgroundSettings.plane_depth`` (positions kept on it)."""
+    from .background import background_valid
+
+    if depth == "exact":
+        return (lambda t: inp.scene.background_depth[t]), True
+    if depth == "none":
+        T, H, W = inp.frames.shape[:3]
+        plane = torch.full((H, W), BackgroundSettings().plane_depth)
+        return (lambda t: plane), True
+    from studio.teachers.depth import DepthEstimator
+
+    d = DepthEstimator.from_pretrained(depth).depth(inp.frames)  # [T,H,W]
+    valid = background_valid(inp.masks) & (d > 0)
+    for t in range(d.shape[0]):
+        fillv = d[t][valid[t]].median() if bool(valid[t].any()) else d[t][d[t] > 0].median()
+        d[t] = torch.where(valid[t], d[t], fillv)
+    return (lambda t: d[t]), False
+
+
+def _background_rho(fits: list[ObjectFit], depth: Tensor) -> float:
+    """Spec 5.3's ``rho_bg`` for a relative depth map: the background was built in the depth map's units, the
+    reference object (the last, rho 1) sits at its rendered depth, so the background scales by
+    ``d_ref / D_ref`` (rendered over estimated median depth of the reference object at frame 0)."""
+    f = fits[-1]
+    with torch.no_grad():
+        img, a, _ = f.render(f.world_gaussians(0), f.cams[0], f.W, f.H, mode="RGB+ED")
+    reg = f.vis[0] & (a[0] > 0.75) & (depth > 0)
+    if not bool(reg.any()):
+        return 1.0
+    return float(img[0, ..., -1][reg].median() / depth[reg].median())
 
 
 def _complete(cfg: DreamScene4DConfig, inp: VideoInput, info: dict) -> tuple[Tensor, Tensor]:
@@ -315,10 +441,22 @@ class Composed4D:
     """The composed scene: every object's deformed Gaussians, placed in the world and scaled by ``rho_k`` about the
     first camera's centre (the kind's ``Dynamic4D``)."""
 
-    def __init__(self, fits: list[ObjectFit], rhos: list[float], center: Tensor):
+    def __init__(self, fits: list[ObjectFit], rhos: list[float], center: Tensor, *,
+                 background: dict[str, Tensor] | None = None, rho_background: float = 1.0):
         self.fits, self.rhos, self.center = fits, list(rhos), center
         self.num_frames = fits[0].T
         self.num_objects = len(fits)
+        self.background, self.rho_background = background, float(rho_background)
+
+    def background_gaussians(self) -> dict[str, Tensor] | None:
+        """The static background's activated Gaussians in the world (scaled by ``rho_background`` about the centre),
+        or None: the kind composes them behind the objects (the renderer's depth sort) in the PLYs and videos."""
+        if self.background is None or self.background["means"].shape[0] == 0:
+            return None
+        b = dict(self.background)
+        b["means"] = G.scale_about(b["means"], self.center, self.rho_background)
+        b["scales"] = b["scales"] * self.rho_background
+        return b
 
     def object_gaussians(self, k: int, t: int) -> dict[str, Tensor]:
         f, rho = self.fits[k], self.rhos[k]
@@ -349,10 +487,14 @@ class Composed4D:
             tensors[f"obj{k}/translation"] = p.contiguous().clone()
             tensors[f"obj{k}/rotation"] = f.A.contiguous()
             tensors[f"obj{k}/rho"] = torch.tensor([float(self.rhos[k])])
+        bgd = self.background_gaussians()
+        if bgd is not None:  # the static background, world frame (activated: scales linear, colours RGB)
+            tensors.update({f"background/{n}": v.detach().contiguous().clone() for n, v in bgd.items()})
         kp = dataclasses.asdict(self.fits[0].st.kplanes)
         kp["multires"] = list(kp["multires"])
         meta = {"format": "studio.dreamscene4d", "version": 1, "objects": len(self.fits), "frames": self.num_frames,
                 "kplanes": kp, "time": "tau = 2 t / T - 1",
-                "world": "x_w = center + rho (S_t A (mu + d_mu(mu, tau)) + p_t - center)"}
+                "world": "x_w = center + rho (S_t A (mu + d_mu(mu, tau)) + p_t - center)",
+                "background": bgd is not None}
         atomic_write_bytes(path, st_save(tensors, metadata={"studio": json.dumps(meta)}))
         return path

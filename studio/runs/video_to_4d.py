@@ -7,13 +7,17 @@ A method subclasses :class:`VideoTo4DMethod`, extends :class:`VideoTo4DConfig` a
 * **input** (:func:`load_input`): a 4D ShapeWorld scene name (``two_cross``, ``random_3``...; rendered with full
   ground truth), a saved scene folder, an MP4 / frame folder with ``--masks DIR`` (one mask folder or video per
   object, spec 1.1 layout);
-* **artefacts** (:func:`export`): ``ply/frame_00000.ply`` ... (3DGS PLY of every frame), ``orbit.mp4`` (a 360-degree
-  orbit at the middle frame), ``time_sweep.mp4`` (all frames from a fixed novel view), ``reconstruction.mp4`` (the
-  input camera), ``tracks.npz`` (2D tracks of the ground-truth query points or of a query grid, from the 3D
+* **artefacts** (:func:`export`): ``ply/frame_00000.ply`` ... (3DGS PLY of every frame, with the model's static
+  background when it has one, also alone as ``background.ply``), ``orbit.mp4`` (a 360-degree orbit of the objects
+  at the middle frame), ``time_sweep.mp4`` (all frames from a fixed novel view), ``reconstruction.mp4`` (the
+  method's cameras; both with the background), ``tracks.npz`` (2D tracks of the ground-truth query points or of a query grid, from the 3D
   trajectories of the Gaussians, spec 6);
 * **metrics** against the scene's ground truth (:func:`evaluate`): novel-view PSNR and mask IoU of the objects at
   held-out views (the input camera turned by +-``eval_azimuth`` degrees about the scene's vertical axis) at every
-  frame, 2D track EPE on visible and occluded points and delta_avg, 3D trajectory error.
+  frame, 2D track EPE on visible and occluded points and delta_avg, 3D trajectory error; with cameras other than
+  the ground truth (static or estimated) the camera pose errors (``camera_rot_error_deg`` geodesic, mean over frames
+  1.., ``camera_trans_error``, both relative to frame 0); with a background the background PSNR against the clean
+  plates and the full composite's PSNR against the frames.
 """
 from __future__ import annotations
 
@@ -61,7 +65,8 @@ class VideoInput:
     masks: Tensor  # [K,T,H,W] bool (visible)
     cameras: Cameras  # one per frame
     scene: Any = None  # a studio.world.scenes4d.Scene4D with ground truth, or None
-    camera_source: str = "default"  # "ground-truth" or "default" (static DreamScene4D camera, fovy 49.1)
+    camera_source: str = "default"  # "ground-truth", "default" (static DreamScene4D camera, fovy 49.1), or what a
+    # method set in reconstruct(): "static" / "estimated" (it may replace ``cameras`` with the ones it used)
 
 
 class Dynamic4D(Protocol):
@@ -71,6 +76,25 @@ class Dynamic4D(Protocol):
     def world_gaussians(self, t: int, objects: list[int] | None = None) -> dict[str, Tensor]:
         """Activated world Gaussians of frame ``t``: ``means quats scales opacities colors`` (RGB) ``object`` [N]."""
         ...
+
+    # optional: ``background_gaussians() -> dict | None``, a static background (same keys, no ``object``); the kind
+    # composes it behind the objects (one depth-sorted render) in the PLYs and the videos, never in object metrics
+
+
+_KEYS = ("means", "quats", "scales", "opacities", "colors")
+
+
+def with_background(g: dict[str, Tensor], bg: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """Objects ``g`` plus the static background ``bg`` as one Gaussian set (the rasterizer sorts every Gaussian by
+    depth, so the background lands behind the objects wherever it is farther)."""
+    if bg is None:
+        return g
+    return {k: torch.cat([g[k], bg[k].to(g[k])]) for k in _KEYS}
+
+
+def model_background(model) -> dict[str, Tensor] | None:
+    fn = getattr(model, "background_gaussians", None)
+    return fn() if callable(fn) else None
 
 
 def default_cameras(T: int, H: int, W: int, fovy: float = 49.1) -> Cameras:
@@ -247,17 +271,19 @@ def predicted_tracks(seq: list[dict[str, Tensor]], cams: Cameras, queries: Tenso
     return tracks, dist < max_dist
 
 
-def evaluate(seq: list[dict[str, Tensor]], inp: VideoInput, cfg: VideoTo4DConfig) -> dict[str, Any]:
-    """Metrics against the scene's ground truth (module doc)."""
+def evaluate(seq: list[dict[str, Tensor]], inp: VideoInput, cfg: VideoTo4DConfig,
+             bg: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """Metrics against the scene's ground truth (module doc); ``bg`` the model's static background, if any."""
     scene = inp.scene
     T = len(seq)
-    cams = inp.cameras
+    cams = inp.cameras  # the method's cameras (ground truth, static or estimated): tracks are projected with them
+    gcams = scene.cameras  # the held-out views are defined by the ground truth
     out: dict[str, Any] = {}
     # novel views (held-out) at every frame: objects only, over white
     psnrs, ious = [], []
     gts = [ground_truth_gaussians(scene, cfg.seed, t) for t in range(T)]
     for sign in (1.0, -1.0):
-        nv = turned_cameras(cams, sign * cfg.eval_azimuth)
+        nv = turned_cameras(gcams, sign * cfg.eval_azimuth)
         for t in range(T):
             gt = gts[t]
             gi, ga = render_gaussians(gt, nv[t])
@@ -272,10 +298,28 @@ def evaluate(seq: list[dict[str, Tensor]], inp: VideoInput, cfg: VideoTo4DConfig
     # input-view reconstruction of the object layer
     rec = []
     for t in range(T):
-        gi, _ = render_gaussians(gts[t], cams[t])
+        gi, _ = render_gaussians(gts[t], gcams[t])
         pi, _ = render_gaussians(seq[t], cams[t])
         rec.append(-10 * math.log10(max(float((gi - pi).pow(2).mean()), 1e-10)))
     out["input_view_psnr"] = float(np.mean(rec))
+    # cameras other than the ground truth: pose errors relative to frame 0 (geodesic rotation, centre offset)
+    if inp.camera_source != "ground-truth":
+        from ..world.scenes4d import camera_pose_errors
+
+        e = camera_pose_errors(cams.c2w_opencv, scene)
+        out["camera_rot_error_deg"] = float(e["rot_deg"][1:].mean()) if T > 1 else 0.0
+        out["camera_rot_error_deg_max"] = float(e["rot_deg"].max())
+        out["camera_trans_error"] = float(e["trans"][1:].mean()) if T > 1 else 0.0
+        out["camera_trans_error_scaled"] = float(e["trans_scaled"][1:].mean()) if T > 1 else 0.0
+    # the background layer (when the model has one) against the scene's clean plates, in the method's cameras, and
+    # the full composite against the input frames
+    if bg is not None:
+        bi, _ = render_gaussians(bg, cams, bg=0.0)
+        out["background_psnr"] = float(np.mean([-10 * math.log10(max(float((bi[t] - scene.background_frames[t])
+                                                                             .pow(2).mean()), 1e-10)) for t in range(T)]))
+        full = [render_gaussians(with_background(seq[t], bg), cams[t])[0][0] for t in range(T)]
+        out["input_view_psnr_full"] = float(np.mean([-10 * math.log10(max(float((full[t] - inp.frames[t]).pow(2)
+                                                                                .mean()), 1e-10)) for t in range(T)]))
     # tracks: the ground-truth points visible at frame 0 are the queries
     vis0 = scene.track_visible[:, :, 0]
     q = scene.tracks_2d[:, :, 0][vis0]  # [Q,2]
@@ -309,12 +353,20 @@ def export(model: Dynamic4D, inp: VideoInput, cfg: VideoTo4DConfig, run_dir: Pat
     run_dir = Path(run_dir)
     T = int(inp.frames.shape[0])
     seq = _stack_frames(model, T)
+    bg = model_background(model)
+    if bg is not None:
+        bg = {k: bg[k].detach() for k in _KEYS}
     (run_dir / "ply").mkdir(parents=True, exist_ok=True)
-    for t, g in enumerate(seq):
+
+    def ply(path: Path, g: dict[str, Tensor]) -> None:
         sh = ((g["colors"].clamp(0, 1) - 0.5) / SH_C0)[:, None, :]
         op = torch.logit(g["opacities"].clamp(1e-6, 1 - 1e-6))
-        write_ply(run_dir / "ply" / f"frame_{t:05d}.ply", g["means"], torch.log(g["scales"].clamp_min(1e-12)),
-                  g["quats"], op, sh)
+        write_ply(path, g["means"], torch.log(g["scales"].clamp_min(1e-12)), g["quats"], op, sh)
+
+    for t, g in enumerate(seq):  # every frame's PLY holds the whole scene: objects and the static background
+        ply(run_dir / "ply" / f"frame_{t:05d}.ply", with_background(g, bg))
+    if bg is not None:
+        ply(run_dir / "background.ply", bg)
     cams = inp.cameras
     center = torch.cat([g["means"] for g in seq]).median(0).values if seq[0]["means"].numel() else torch.zeros(3)
     vs = int(cfg.video_size)
@@ -325,13 +377,17 @@ def export(model: Dynamic4D, inp: VideoInput, cfg: VideoTo4DConfig, run_dir: Pat
     orbit = [turned_cameras(sq[tm], 360.0 * i / cfg.orbit_frames, center) for i in range(cfg.orbit_frames)]
     frames = [render_gaussians(seq[tm], c.resized(vs, int(round(vs * H / W))))[0][0] for c in orbit]
     write_mp4(run_dir / "orbit.mp4", torch.stack(frames), fps=12)
+    # (the 360-degree orbit shows the objects alone: a one-sided background would hide them from behind)
     side = turned_cameras(sq[0], cfg.eval_azimuth + 15.0, center).resized(vs, int(round(vs * H / W)))
-    write_mp4(run_dir / "time_sweep.mp4", torch.stack([render_gaussians(seq[t], side)[0][0] for t in range(T)]), fps=8)
-    recon = torch.stack([render_gaussians(seq[t], cams[t])[0][0] for t in range(T)])
+    write_mp4(run_dir / "time_sweep.mp4", torch.stack([render_gaussians(with_background(seq[t], bg), side)[0][0]
+                                                       for t in range(T)]), fps=8)
+    recon = torch.stack([render_gaussians(with_background(seq[t], bg), cams[t])[0][0] for t in range(T)])
     write_mp4(run_dir / "reconstruction.mp4", torch.cat([inp.frames, recon], 2), fps=8)
     metrics: dict[str, Any] = {"n_gaussians": int(seq[0]["means"].shape[0])}
+    if bg is not None:
+        metrics["n_background_gaussians"] = int(bg["means"].shape[0])
     if inp.scene is not None:
-        gt, tracks = evaluate(seq, inp, cfg)
+        gt, tracks = evaluate(seq, inp, cfg, bg)
         metrics["ground_truth"] = gt
         vis0 = inp.scene.track_visible[:, :, 0]
         np.savez(run_dir / "tracks.npz", tracks=tracks.numpy(), queries=inp.scene.tracks_2d[:, :, 0][vis0].numpy())
@@ -348,4 +404,5 @@ def export(model: Dynamic4D, inp: VideoInput, cfg: VideoTo4DConfig, run_dir: Pat
 
 
 __all__ = ["VideoTo4DConfig", "VideoTo4DMethod", "VideoInput", "Dynamic4D", "load_input", "export", "evaluate",
+           "with_background", "model_background",
            "ground_truth_gaussians", "predicted_tracks", "render_gaussians", "turned_cameras", "default_cameras"]
