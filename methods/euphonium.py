@@ -11,7 +11,7 @@ Algorithm box (spec 4.3-4.5; one training step)::
         x_{i+1} = mu_base + c_g Delta_i G_i + g sqrt(Delta_i) xi             (c_g, or KL mode g^2 / (2 beta))
         logp_i  = mean log N(x_{i+1}; mu_base, g^2 Delta_i)                  (the unguided mean)
     r^O      <- outcome reward of decode(x_N)                                (ShapeWorld reward; no PRM)
-    A^O, A^P <- group-normalised r^O, and R_i per step                      (A^P = 0 off the window)
+    A^O, A^P <- group-normalised r^O, and per step R_{i+1} (the state transition i produced; A^P = 0 off the window)
     K        <- per sample a random floor(0.6 (N - 1)) of the transitions 0..N-2
     loss     =  w_O L_clip(rho, A^O) + w_P L_clip(rho, A^P)                  rho = exp(logpi_theta - logp_old)
               + kl_coef ||v_theta - v_ref||^2 Delta / (2 g^2 sigma^2)        (optional)
@@ -37,10 +37,17 @@ prompts, and c_g = 10 for ShapeWorld's trained PRM: on the policy's late rollout
 RMS and 0.08 at most per element (measured), so ``c_g Delta G`` reaches the SDE noise's scale (``eta sqrt(Delta)``)
 only on the object's pixels, where the release's 0.01 would do nothing.
 
-Gaps kept as the release has them (spec 4.9): the process reward of transition i is the PRM score of its *input*
-state x_i; the KL-mode scale g^2 / (2 beta) alone does not sample the tilted target (the exact scale is
-``(sigma / (1 - sigma) + g^2 / 2) / beta``, :func:`studio.teachers.sampling.tilted_guidance_scale`; measured in
-``tests/test_euphonium_parts.py``); Flow-GRPO's SDE window is replaced by the same timestep subsampling.
+Process-reward credit (spec 4.9's suspected off-by-one, measured in docs/notes/issue19-locate.md): the release
+credits transition i (x_i -> x_{i+1}) with the PRM score of its *input* state x_i, a value fixed before the
+transition is drawn, so that process advantage carries no signal about the transition (on a toy Gaussian policy
+with an exact PRM, process-only GRPO then lowers the reward below the base policy's; crediting R(x_{i+1}) raises
+it). The default credits the produced state (``--process-credit output``); ``--process-credit input`` is the
+release's alignment.
+
+Gaps kept as the release has them (spec 4.9): the KL-mode scale g^2 / (2 beta) alone does not sample the tilted
+target (the exact scale is ``(sigma / (1 - sigma) + g^2 / 2) / beta``,
+:func:`studio.teachers.sampling.tilted_guidance_scale`; measured in ``tests/test_euphonium_parts.py``); Flow-GRPO's
+SDE window is replaced by the same timestep subsampling.
 """
 from __future__ import annotations
 
@@ -97,6 +104,10 @@ class EuphoniumConfig(VideoRLConfig):
     normalize_grad: bool = False
     advantage_mode: Literal["both", "none", "only"] | None = None
     """both (outcome + process) | none (outcome only: Flow-GRPO / DanceGRPO) | only (process only); None = the preset's"""
+    process_credit: Literal["input", "output"] = "output"
+    """which PRM score a transition x_i -> x_{i+1} is credited with: output (R(x_{i+1}), the state it produced) |
+    input (R(x_i), the release's alignment: a value fixed before the transition, so its process advantage carries
+    no signal about it; measured in docs/notes/issue19-locate.md)"""
     outcome_weight: float = 1.0
     process_weight: float = 1.0
     kl_coef: float = 0.0
@@ -113,6 +124,20 @@ def preset_values(cfg: EuphoniumConfig) -> tuple[str, float, str, str]:
     form, level, prm, mode = PRESETS[cfg.preset]
     return (cfg.sde_form or form, float(level if cfg.noise_level is None else cfg.noise_level),
             prm if cfg.prm is None else cfg.prm, cfg.advantage_mode or mode)
+
+
+def credited_process_rewards(process_rewards: Tensor, credit: str = "input") -> Tensor:
+    """``[B, N]``: the PRM score each transition ``i`` (``x_i -> x_{i+1}``) is credited with. ``process_rewards[:,
+    i]`` is the score of the rollout's state ``x_i`` (0 off the PRM window). ``"input"`` (the release) keeps it:
+    transition ``i`` gets ``R(x_i)``, a value fixed before the transition is drawn, so ``E[A^P_i grad log p(x_{i+1}
+    | x_i) | x_i] = 0`` on-policy (a pure-noise term; spec 4.9 flags it as a possible off-by-one). ``"output"``:
+    transition ``i`` gets ``R(x_{i+1})``, the score of the state it produced (column ``i + 1``; the last transition,
+    never trained, gets 0)."""
+    if credit == "input":
+        return process_rewards
+    if credit != "output":
+        raise UserError(f"--process-credit must be input or output, got {credit!r}")
+    return torch.cat([process_rewards[:, 1:], torch.zeros_like(process_rewards[:, :1])], dim=1)
 
 
 class EuphoniumStage:
@@ -187,7 +212,7 @@ class EuphoniumStage:
         if roll["log_probs"] is None:
             raise UserError("--noise-level 0 makes the rollout the ODE, whose log-probabilities are undefined")
         a_o = group_advantages(r_o, G)                                        # [B]
-        a_p = process_advantages(roll["process_rewards"].double(), G)         # [B, N]
+        a_p = process_advantages(credited_process_rewards(roll["process_rewards"].double(), c.process_credit), G)
         N = int(c.sampling_steps)
         B = len(prompts)
         keep = subsample_timesteps(B, N, c.timestep_fraction, generator=self.gen)  # [B, k]
