@@ -199,3 +199,20 @@ def test_bad_camera_and_background_options_give_clear_errors(tmp_path, orbit):
     with pytest.raises(UserError, match="needs a background model"):
         refine_pose(BackgroundModel(), sc.frames[0], torch.ones(32, 32, dtype=torch.bool), sc.cameras.viewmats[0],
                     sc.cameras.Ks[0], 32, 32)
+
+
+def test_estimate_with_a_depth_model_by_path(tmp_path):
+    """A relative depth model (tiny random Depth-Anything loaded by path): the background is built in its units and
+    scaled by spec 5.3's rho_bg at composition; the run completes and reports finite camera errors."""
+    from methods.dreamscene4d import DreamScene4DConfig, DreamScene4DMethod
+    from studio.runs.skeleton import execute
+    from tests.test_dreamscene4d import make_tiny_depth_anything
+
+    path = make_tiny_depth_anything(tmp_path / "depth")
+    cfg = DreamScene4DConfig(video="trio_orbit", camera="estimate", depth=str(path), background_steps=10, pose_steps=4,
+                             **{**TINY, "frames": 3, "steps_deform": 1, "steps_translate": 1, "steps_joint": 0})
+    m = execute(DreamScene4DMethod(), cfg, out=tmp_path / "out", progress=False)
+    assert m["camera_source"] == "estimated" and m["depth"] == str(path)
+    assert 0.0 < m["rho_background"] < 100.0
+    gt = m["ground_truth"]
+    assert math.isfinite(gt["camera_rot_error_deg"]) and math.isfinite(gt["background_psnr"])
