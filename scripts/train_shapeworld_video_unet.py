@@ -213,6 +213,42 @@ def save_folder(out: Path, net, text_encoder, tokenizer, info: dict, args, sampl
     write_folder_atomically(out, write)
 
 
+def param_groups(net, text_mod, stage: str, spatial_scale: float, xattn_scale: float | None = None):
+    """Optimizer groups ``[{"params", "scale"}]`` (lr = ``--lr * scale``) and the motion-module parameters.
+
+    Motion stage: three rates. The motion modules (temporal self-attention, no text input) can learn a prompt's
+    motion only from what the spatial layers pass them; the image stage never needed the motion words (one
+    frame cannot show them), so the text path to the motion modules -- the spatial cross-attention (``attn2``)
+    and the text encoder -- gets its own rate ``xattn_scale`` (default: ``spatial_scale``). AnimateDiff freezes
+    it; here that leaves the motion modules blind to the motion words (measured, docs/notes/issue16.md). A
+    group at scale 0 is frozen (``requires_grad`` off). Image stage: one group, everything at scale 1.
+    """
+    motion_p, xattn_p, spatial_p = [], [], []
+    for name, p in net.named_parameters():
+        if stage == "motion" and "motion_modules" in name:
+            motion_p.append(p)
+        elif stage == "motion" and ".attn2." in name:
+            xattn_p.append(p)
+        else:
+            spatial_p.append(p)
+    if stage == "motion":
+        xattn_p += list(text_mod.parameters())
+        scale, xscale = spatial_scale, (spatial_scale if xattn_scale is None else xattn_scale)
+    else:
+        spatial_p += list(text_mod.parameters())
+        scale = xscale = 1.0
+    groups = []
+    for group, sc in ((motion_p, 1.0), (xattn_p, xscale), (spatial_p, scale)):
+        if not group:
+            continue
+        if sc > 0:
+            groups.append({"params": group, "scale": sc})
+        else:
+            for p in group:
+                p.requires_grad_(False)
+    return groups, motion_p
+
+
 # ---------------------------------------------------------------------------------------------- training
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -228,6 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--spatial-lr-scale", type=float, default=0.1,
                     help="motion stage: lr of the spatial layers and text encoder relative to --lr (0 = frozen)")
+    ap.add_argument("--xattn-lr-scale", type=float, default=None,
+                    help="motion stage: lr of the spatial cross-attention (attn2) and the text encoder relative to "
+                         "--lr (default: --spatial-lr-scale; 0 = frozen)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--p-empty", type=float, default=0.1)
@@ -281,18 +320,7 @@ def main(argv=None) -> int:
     text_mod = fixed if fixed is not None else text_encoder
     text_fn = (lambda t: fixed(t)) if fixed is not None else (lambda t: encode_text(text_encoder, tokenizer, t))
 
-    motion_p, spatial_p = [], []
-    for name, p in net.named_parameters():
-        (motion_p if (args.stage == "motion" and "motion_modules" in name) else spatial_p).append(p)
-    scale = args.spatial_lr_scale if args.stage == "motion" else 1.0
-    groups = []
-    if motion_p:
-        groups.append({"params": motion_p, "scale": 1.0})
-    if scale > 0:
-        groups.append({"params": spatial_p + list(text_mod.parameters()), "scale": scale})
-    else:
-        for p in spatial_p + list(text_mod.parameters()):
-            p.requires_grad_(False)
+    groups, motion_p = param_groups(net, text_mod, args.stage, args.spatial_lr_scale, args.xattn_lr_scale)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMA([net, text_mod], args.ema)

@@ -72,3 +72,31 @@ def test_two_stages_save_a_loadable_animatediff_teacher(script, tmp_path):
     assert (teacher.num_frames, teacher.native_resolution, teacher.latent_channels) == (4, 16, 3)
     videos = flow_euler_sample(teacher, ["a red ball moving left"], steps=2, guidance_scale=2.0, seed=0)
     assert videos.shape == (1, 4, 3, 16, 16) and torch.isfinite(videos).all()
+
+
+def test_motion_stage_gives_the_text_path_its_own_rate(script):
+    """The motion modules read no text; the cross-attention + text encoder (the only way the motion words reach
+    them) get ``--xattn-lr-scale``, the other spatial layers ``--spatial-lr-scale``; scale 0 freezes a group."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=20, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=8))
+    motion = script.inflate(script.build_unet2d(16, 16, seed=0), frames=4, seed=0)
+    groups, motion_p = script.param_groups(motion, text, "motion", 0.0, 1.0)
+    names = {id(p): n for n, p in motion.named_parameters()}
+    by_scale = {g["scale"]: g["params"] for g in groups}
+    assert set(by_scale) == {1.0} and len(groups) == 2          # motion modules, then cross-attention + text
+    assert all("motion_modules" in names[id(p)] for p in groups[0]["params"]) and groups[0]["params"] == motion_p
+    xattn = [names[id(p)] for p in groups[1]["params"] if id(p) in names]
+    assert xattn and all(".attn2." in n for n in xattn)
+    assert all(p.requires_grad for p in text.parameters())
+    frozen = [n for n, p in motion.named_parameters() if not p.requires_grad]
+    assert frozen and not any(".attn2." in n or "motion_modules" in n for n in frozen)
+    # default: the text path follows --spatial-lr-scale (AnimateDiff's recipe at 0: both frozen)
+    motion2 = script.inflate(script.build_unet2d(16, 16, seed=0), frames=4, seed=0)
+    groups2, _ = script.param_groups(motion2, text, "motion", 0.0)
+    assert len(groups2) == 1 and not any(p.requires_grad for p in text.parameters())
+    # image stage: everything in one group at scale 1
+    text.requires_grad_(True)
+    groups3, m3 = script.param_groups(script.build_unet2d(16, 16, seed=0), text, "image", 0.0, 0.0)
+    assert len(groups3) == 1 and groups3[0]["scale"] == 1.0 and m3 == []
