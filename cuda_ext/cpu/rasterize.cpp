@@ -82,7 +82,8 @@ inline bool tile_rect(scalar_t mx_, scalar_t my_, int32_t rx_, int32_t ry_, int 
 
 template <typename scalar_t>
 void bin_impl(const scalar_t* means, const int32_t* radii, const scalar_t* depths, int64_t C, int64_t N, int W,
-              int H, int ts, int tw, int th, std::vector<int32_t>& flat, int32_t* offsets, int32_t* tiles_per_gauss) {
+              int H, int ts, int tw, int th, std::vector<int32_t>& flat, int32_t* offsets, int32_t* tiles_per_gauss,
+              bool radix = false) {
   const int64_t T = static_cast<int64_t>(tw) * th;
   std::vector<std::vector<int32_t>> order(C);
   std::vector<std::vector<Rect>> rects(C);
@@ -103,7 +104,35 @@ void bin_impl(const scalar_t* means, const int32_t* radii, const scalar_t* depth
       // order as the floats do, and the index breaks ties, so the order is the stable one, found faster.
       bool keyed = std::is_same_v<scalar_t, float>;
       for (size_t i = 0; keyed && i < vis.size(); ++i) keyed = dep[vis[i]] > scalar_t(0) && std::isfinite(dep[vis[i]]);
-      if (keyed) {
+      if (keyed && radix) {
+        // (depth bits, index) order: a stable LSD radix sort of the 32 depth bits (3 passes of 11 bits) of the
+        // visible list, which is in ascending index order, so ties keep ascending index
+        const size_t nv = vis.size();
+        std::vector<uint32_t> kb(nv), kb2(nv);
+        std::vector<int32_t> vis2(nv);
+        for (size_t i = 0; i < nv; ++i) {
+          const float d = static_cast<float>(dep[vis[i]]);
+          std::memcpy(&kb[i], &d, sizeof(uint32_t));
+        }
+        for (int shift = 0; shift < 32; shift += 11) {
+          size_t cnt[2048] = {0};
+          for (size_t i = 0; i < nv; ++i) ++cnt[(kb[i] >> shift) & 2047u];
+          if (nv == 0 || cnt[(kb[0] >> shift) & 2047u] == nv) continue;  // one digit value: order unchanged
+          size_t run = 0;
+          for (size_t& c : cnt) {
+            const size_t n = c;
+            c = run;
+            run += n;
+          }
+          for (size_t i = 0; i < nv; ++i) {
+            const size_t j = cnt[(kb[i] >> shift) & 2047u]++;
+            kb2[j] = kb[i];
+            vis2[j] = vis[i];
+          }
+          kb.swap(kb2);
+          vis.swap(vis2);
+        }
+      } else if (keyed) {  // the same order by a comparison sort of 64-bit (depth bits, index) keys
         std::vector<uint64_t> keys(vis.size());
         for (size_t i = 0; i < vis.size(); ++i) {
           const float d = static_cast<float>(dep[vis[i]]);
@@ -183,10 +212,8 @@ struct Params {
   int64_t C, N, D, n_isect;
   int W, H, ts, tw, th;
   const double* ext = nullptr;  // [C,N,3] gaussian_extent per Gaussian (fused path), or nullptr
-  // fused path, float32 SIMD blend: the forward stores its gathered tile lists here, the backward reads them
-  scalar_t* keep_soa = nullptr;   // [7 n_isect]
-  scalar_t* keep_col = nullptr;   // [n_isect D]
-  int32_t* keep_box = nullptr;    // [4 n_isect]
+  // fused path, float32 SIMD blend: one packed record per (camera, Gaussian), see pack_gaussians
+  const float* packed = nullptr;  // [C*N, kPack]
 };
 
 constexpr int kBox = 4;  // x0, x1, y0, y1: inclusive pixel box inside the tile
@@ -273,20 +300,6 @@ struct TileCache {
     mx = x; my = y; ca = a; cb = bb; cc = c; op = o; thr = th;
     colp = col.data();
     boxp = box.data();
-  }
-
-  // The fused path keeps the forward's gathered tile lists for the backward: store() copies this tile's arrays to
-  // global buffers (SoA [7][len] at 7 s, colours at s D, boxes at 4 s), view() points at them again.
-  void store(scalar_t* G, scalar_t* Cg, int32_t* Bg, int64_t s, int64_t len, int64_t D) const {
-    std::copy(buf.data(), buf.data() + 7 * len, G + 7 * s);
-    std::copy(col.data(), col.data() + len * D, Cg + s * D);
-    std::copy(box.data(), box.data() + kBox * len, Bg + kBox * s);
-  }
-  void view(const scalar_t* G, const scalar_t* Cg, const int32_t* Bg, int64_t s, int64_t len, int64_t D) {
-    const scalar_t* b = G + 7 * s;
-    mx = b; my = b + len; ca = b + 2 * len; cb = b + 3 * len; cc = b + 4 * len; op = b + 5 * len; thr = b + 6 * len;
-    colp = Cg + s * D;
-    boxp = Bg + kBox * s;
   }
 };
 
@@ -545,6 +558,40 @@ void reduce_impl(const int32_t* flat, int64_t n_isect, const scalar_t* partial, 
   }, nt);
 }
 
+// reduce_impl for the fused path: the same sums in the same order (each element from 0, in isect order), gathered
+// into one record per Gaussian (stride kRec + D rounded up to 16 floats: one or two cache lines per scattered
+// update instead of four arrays), then split into the four outputs.
+template <typename scalar_t>
+void reduce_records(const int32_t* flat, int64_t n_isect, const scalar_t* partial, int64_t D, int64_t G,
+                    scalar_t* gmeans, scalar_t* gconics, scalar_t* gopac, scalar_t* gcolors) {
+  const int64_t S = kRec + D, SP = (S + 15) / 16 * 16;
+  std::vector<scalar_t> acc(static_cast<size_t>(G * SP), scalar_t(0));
+  const int nt = static_cast<int>(
+      std::min<int64_t>(studio_parallel::max_threads(), std::max<int64_t>(1, n_isect / 4096)));
+  studio_parallel::run(nt, [&](const Claim& next) {
+    for (int64_t item; next(item);) {
+      const int64_t lo = G * item / nt, hi = G * (item + 1) / nt;
+      for (int64_t k = 0; k < n_isect; ++k) {
+        const int64_t g = flat[k];
+        if (g < lo || g >= hi) continue;
+        const scalar_t* rec = partial + k * S;
+        scalar_t* a = acc.data() + g * SP;
+        for (int64_t j = 0; j < S; ++j) a[j] += rec[j];
+      }
+      for (int64_t g = lo; g < hi; ++g) {
+        const scalar_t* a = acc.data() + g * SP;
+        gmeans[g * 2] = a[0];
+        gmeans[g * 2 + 1] = a[1];
+        gconics[g * 3] = a[2];
+        gconics[g * 3 + 1] = a[3];
+        gconics[g * 3 + 2] = a[4];
+        gopac[g] = a[5];
+        for (int64_t d = 0; d < D; ++d) gcolors[g * D + d] = a[kRec + d];
+      }
+    }
+  }, nt);
+}
+
 // Compile-time channel counts for the common widths, a runtime loop otherwise.
 template <typename F>
 void dispatch_channels(int64_t D, F&& f) {
@@ -558,6 +605,60 @@ void dispatch_channels(int64_t D, F&& f) {
 
 
 // ---------------------------------------------------------------------------------------------
+// Packed Gaussian records of the vectorised blend
+// ---------------------------------------------------------------------------------------------
+//
+// One 64-byte record (a cache line) per (camera, Gaussian), written once after the projection, so that the blend
+// reads one line per tile-list entry instead of gathering six arrays: 0 mean x, 1 mean y, 2-4 conic a, b, c,
+// 5 opacity, 6 the reject threshold ln(255 o) + margin (gaussian_extent), 7-10 the Gaussian's pixel box
+// (int32 bits: x0, x1, y0, y1, inclusive, clipped to the image; x0 > x1: empty), 11.. the features (D <= 4).
+//
+// The box is the bounding box of the ellipse sigma <= thr plus 1e-3 pixel, not gaussian_extent's (which adds a
+// whole pixel each side, as the scalar kernels use it): sigma <= thr is the exact test's own pre-test, and thr
+// exceeds the alpha test's limit ln(255 o) by kRejectMargin (1e-3 in sigma, far above the float rounding of sigma
+// for conics with a c <= 1e6 det), so a pixel outside the tight box cannot reach alpha >= 1/255 and skipping it
+// changes no result. More elongated conics keep gaussian_extent's box; degenerate ones the whole image.
+constexpr int kPack = 16;
+
+void pack_gaussians(const float* m2, const float* cn, const float* oc, const float* ft, const double* ep,
+                    int64_t CN, int64_t D, int W, int H, float* out) {
+  studio_parallel::run((CN + 1023) / 1024, [&](const Claim& next) {
+    for (int64_t ch; next(ch);) {
+      for (int64_t g = ch * 1024; g < std::min(CN, (ch + 1) * 1024); ++g) {
+        float* R = out + g * kPack;
+        const float mx = m2[g * 2], my = m2[g * 2 + 1], a = cn[g * 3], b = cn[g * 3 + 1], c = cn[g * 3 + 2];
+        R[0] = mx; R[1] = my; R[2] = a; R[3] = b; R[4] = c; R[5] = oc[g];
+        const double thr = ep[g * 3];
+        R[6] = static_cast<float>(thr);
+        int32_t box[4] = {0, W - 1, 0, H - 1};
+        if (thr < 0) {
+          box[0] = 1; box[1] = 0;
+        } else if (std::isfinite(ep[g * 3 + 1])) {  // (then det > 0, a > 0, thr and the mean finite)
+          double ex = ep[g * 3 + 1], ey = ep[g * 3 + 2];
+          const double ad = a, bd = b, cd = c, det = ad * cd - bd * bd;
+          if (ad * cd <= 1e6 * det) {
+            ex = std::sqrt(2.0 * thr * cd / det) + 1e-3;
+            ey = std::sqrt(2.0 * thr * ad / det) + 1e-3;
+          }
+          const double jx0 = std::max(std::ceil(mx - ex - 0.5), 0.0);
+          const double jx1 = std::min(std::floor(mx + ex - 0.5), static_cast<double>(W - 1));
+          const double jy0 = std::max(std::ceil(my - ey - 0.5), 0.0);
+          const double jy1 = std::min(std::floor(my + ey - 0.5), static_cast<double>(H - 1));
+          if (jx0 > jx1 || jy0 > jy1) {
+            box[0] = 1; box[1] = 0;
+          } else {
+            box[0] = static_cast<int32_t>(jx0); box[1] = static_cast<int32_t>(jx1);
+            box[2] = static_cast<int32_t>(jy0); box[3] = static_cast<int32_t>(jy1);
+          }
+        }
+        std::memcpy(R + 7, box, sizeof(box));
+        for (int64_t d = 0; d < kPack - 11; ++d) R[11 + d] = d < D ? ft[g * D + d] : 0.0f;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Vectorised blend of the fused path (blend_simd.h): an AVX2+FMA build and a baseline build, chosen at
 // run time (blend_choice below).
 // ---------------------------------------------------------------------------------------------
@@ -565,9 +666,11 @@ void dispatch_channels(int64_t D, F&& f) {
 #define STUDIO_HAVE_AVX2_BUILD 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define STUDIO_BLEND_AVX2 1
 namespace blend_avx2 {
 #include "blend_simd.h"
 }  // namespace blend_avx2
+#undef STUDIO_BLEND_AVX2
 #pragma GCC pop_options
 #endif
 namespace blend_generic {
@@ -786,12 +889,13 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
 // render_forward(means [N,3], quats [N,4], scales [N,3], opacities [N], colors, viewmats [C,4,4], Ks [C,3,3],
 //                backgrounds [C,Dt] or empty, W, H, tile_size, sh_degree (-1: colors are features),
 //                depth_mode (0: none, 1: depth appended as the last channel, 2: depth only), near, far, eps2d,
-//                keep_lists (keep the SIMD blend's gathered tile lists for the backward))
+//                keep_lists (keep the vector blend's packed records for the backward))
 //   colors: features [N,D] / [C,N,D], or SH coefficients [N,K',D] / [C,N,K',D] (the first (deg+1)^2 used).
 //   -> render [C,H,W,Dt], alphas [C,H,W,1], means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N,2],
 //      feats [C,N,Dt], opac [C,N], isect_offsets, flatten_ids, tiles_per_gauss, T_final, last_ids,
 //      ext [C,N,3] (float64: per-Gaussian reject threshold and ellipse half extents, see gaussian_extent),
-//      keep_soa, keep_col, keep_box (the SIMD blend's gathered tile lists, for the backward; empty otherwise)
+//      keep_soa (the vector blend's packed Gaussian records [C*N*kPack], see pack_gaussians, kept for the backward
+//      when keep_lists; empty otherwise), keep_col, keep_box (empty; the slots of an earlier layout)
 // render_backward(the inputs, the saved outputs, grad render, grad alphas, the settings)
 //   -> grads of means, quats, scales, opacities, colors (input shape), viewmats [C,4,4], backgrounds, and
 //      d loss / d means2d [C,N,2] (the screen-space gradient densification reads)
@@ -921,7 +1025,7 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
       }
     });
     bin_impl<S>(m2, rp, dp, C, N, W, H, ts, tw, th, flat, offsets.data_ptr<int32_t>(),
-                tiles_per_gauss.data_ptr<int32_t>());
+                tiles_per_gauss.data_ptr<int32_t>(), /*radix=*/true);
   });
   at::Tensor flatten_ids = at::empty({static_cast<int64_t>(flat.size())}, i32);
   std::copy(flat.begin(), flat.end(), flatten_ids.data_ptr<int32_t>());
@@ -930,15 +1034,14 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
     Params<scalar_t> p = make_params<scalar_t>(means2d, conics, feats, opac, backgrounds, offsets, flatten_ids, width,
                                                height, tile_size);
     p.ext = ext.data_ptr<double>();
-    if (keep_lists && std::is_same_v<scalar_t, float> && (Dt == 1 || Dt == 3 || Dt == 4) &&
-        blend_choice() != Blend::kScalar) {
-      const int64_t M = flatten_ids.numel();
-      keep_soa = at::empty({7 * M}, fopt);
-      keep_col = at::empty({M * Dt}, fopt);
-      keep_box = at::empty({kBox * M}, i32);
-      p.keep_soa = keep_soa.data_ptr<scalar_t>();
-      p.keep_col = keep_col.data_ptr<scalar_t>();
-      p.keep_box = keep_box.data_ptr<int32_t>();
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if ((Dt == 1 || Dt == 3 || Dt == 4) && blend_choice() != Blend::kScalar) {
+        // the vector blend's packed records, kept for the backward (keep_lists) in the first kept slot
+        keep_soa = at::empty({C * N * kPack}, fopt);
+        pack_gaussians(means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(),
+                       feats.data_ptr<float>(), ext.data_ptr<double>(), C * N, Dt, W, H, keep_soa.data_ptr<float>());
+        p.packed = keep_soa.data_ptr<float>();
+      }
     }
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
@@ -962,6 +1065,7 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
                                  tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>());
     });
   });
+  if (!keep_lists) keep_soa = at::empty({0}, fopt);
   return {render, alphas, means2d, conics, depths, radii, feats, opac, offsets, flatten_ids, tiles_per_gauss,
           tfinal, last, ext, keep_soa, keep_col, keep_box};
 }
@@ -1000,13 +1104,17 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
                                                height, tile_size);
     TORCH_CHECK(ext.scalar_type() == at::kDouble && ext.numel() == C * N * 3, "ext must be float64 [C,N,3]");
     p.ext = ext.data_ptr<double>();
-    if (keep_soa.numel() == 7 * n_isect && keep_soa.numel() > 0) {
-      TORCH_CHECK(keep_soa.scalar_type() == means.scalar_type() && keep_col.numel() == n_isect * Dt &&
-                      keep_box.scalar_type() == at::kInt && keep_box.numel() == kBox * n_isect,
-                  "kept tile lists do not match");
-      p.keep_soa = keep_soa.data_ptr<scalar_t>();
-      p.keep_col = keep_col.data_ptr<scalar_t>();
-      p.keep_box = keep_box.data_ptr<int32_t>();
+    at::Tensor packed = keep_soa;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if ((Dt == 1 || Dt == 3 || Dt == 4) && blend_choice() != Blend::kScalar) {
+        if (packed.numel() != C * N * kPack) {  // not kept by the forward (it ran the scalar blend): pack now
+          packed = at::empty({C * N * kPack}, fopt);
+          pack_gaussians(means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(),
+                         feats.data_ptr<float>(), ext.data_ptr<double>(), C * N, Dt, W, H, packed.data_ptr<float>());
+        }
+        TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous(), "kept records do not match");
+        p.packed = packed.data_ptr<float>();
+      }
     }
     dispatch_blend(Dt, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
@@ -1033,7 +1141,7 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
                                   tfinal.data_ptr<scalar_t>(), last.data_ptr<int32_t>(), partial.data_ptr<scalar_t>(),
                                   bgp);
     });
-    reduce_impl<scalar_t>(p.flat, n_isect, partial.data_ptr<scalar_t>(), Dt, C * N, gm2.data_ptr<scalar_t>(),
+    reduce_records<scalar_t>(p.flat, n_isect, partial.data_ptr<scalar_t>(), Dt, C * N, gm2.data_ptr<scalar_t>(),
                           gcn.data_ptr<scalar_t>(), gop.data_ptr<scalar_t>(), gft.data_ptr<scalar_t>());
     if (has_bg) {
       const scalar_t* bp = bg_partial.data_ptr<scalar_t>();
