@@ -212,9 +212,49 @@ def gradcos(args) -> None:
                       **_pairwise_cos(grads), "s": round(time.perf_counter() - t0, 1)}), flush=True)
 
 
+@torch.no_grad()
+def samplers(args) -> None:
+    """The base policy's held-out reward under the evaluation sampler (flow Euler ODE) and the training sampler
+    (the DanceGRPO SDE, no PRM), at several step counts, on the same prompts and seeds."""
+    from methods.euphonium import EuphoniumStage
+    from studio.runs.video_rl import evaluate_policy
+    from studio.teachers.sampling import shifted_sigmas
+
+    cfg, ref, policy, reward, train, held = _video_setup(args)
+    stage = EuphoniumStage(cfg, policy, ref, reward, train)
+    out = {"probe": "samplers", "prompts": "held-out (5 x 2 seeds)"}
+    for n in args.sampler_steps:
+        out[f"ode_{n}"] = evaluate_policy(ref, held, reward, steps=n, guidance_scale=1.0, samples=2,
+                                          seed=10_000)["reward"]
+        stage.sigmas = shifted_sigmas(n, float(ref.schedule.shift))
+        out[f"sde_{n}"] = sde_reward(stage, held, 2)
+    print(json.dumps(out), flush=True)
+
+
+@torch.no_grad()
+def residual_noise(args) -> None:
+    """Does the outcome reward respond to the residual noise the SDE's last step leaves (std eta sqrt(Delta_last))?
+    The base policy's plain-sampler (ODE, 8 steps) latents on the held-out prompts, scored clean and with Gaussian
+    latent noise of the SDE's last-step std added before decoding."""
+    from studio.teachers.sampling import flow_euler_sample
+
+    _, ref, _, reward, _, held = _video_setup(args)
+    plist = [p for p in held for _ in range(2)]
+    lat = torch.cat([flow_euler_sample(ref, [p] * 2, steps=8, guidance_scale=1.0, seed=10_000 + 97 * i,
+                                       output="latents") for i, p in enumerate(held)])
+    out = {"probe": "residual_noise", "prompts": "held-out (5 x 2 seeds), ODE 8 steps"}
+    gen = torch.Generator().manual_seed(7)
+    for std in (0.0, 0.0625, 0.0884, 0.125):
+        noisy = lat + std * torch.randn(lat.shape, generator=gen).to(lat.dtype)
+        out[f"reward_std_{std}"] = round(float(reward(ref.decode(noisy).float(), plist).mean()), 4)
+    print(json.dumps(out), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("probe", choices=["toy", "video", "guidance", "gradcos"])
+    ap.add_argument("probe", choices=["toy", "video", "guidance", "gradcos", "samplers",
+                                          "residual-noise"])
+    ap.add_argument("--sampler-steps", type=int, nargs="*", default=[8, 16, 32])
     ap.add_argument("--toy", action="store_true", help="gradcos on the toy Gaussian policy")
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--steps", type=int, default=None)
@@ -239,6 +279,11 @@ def main() -> None:
     elif args.probe == "video":
         args.steps, args.lr = args.steps or 16, args.lr or 2e-4
         video(args)
+    elif args.probe == "residual-noise":
+        residual_noise(args)
+    elif args.probe == "samplers":
+        args.steps, args.lr = args.steps or 1, args.lr or 2e-4
+        samplers(args)
     elif args.probe == "gradcos":
         args.steps, args.lr = args.steps or 1, args.lr or 2e-4
         gradcos(args)
