@@ -64,7 +64,9 @@ class DreamScene4DConfig(VideoTo4DConfig):
     """motion factorisation (crops + object-to-world translation); false = deformation only (the ablation)"""
     amodal: Literal["auto", "none", "exact", "teacher"] = "auto"
     """amodal completion for lifting: exact (a ShapeWorld scene's unoccluded object renders), teacher (inpaint the
-    occluded parts with --inpaint-teacher, from the visible masks), none; auto = exact when the input has ground truth"""
+    occluded parts with --inpaint-teacher, from the visible masks), none (no completion, the ablation: the static
+    lift and the object-centric deformation see only the visible object pixels, the pixels other objects cover are
+    left out of their losses); auto = exact when the input has ground truth, else none"""
     inpaint_teacher: str = "shapeworld-exact"
     """the inpainting teacher of --amodal teacher: shapeworld-exact (a ShapeWorld scene's exact teacher, conditioned
     on the visible pixels) or an SD-inpainting model (folder or HF id, e.g. stabilityai/stable-diffusion-2-inpainting)"""
@@ -147,6 +149,9 @@ class DreamScene4DMethod(VideoTo4DMethod):
                             "gaussians (or auto), or --camera static / gt")
         if cfg.background_steps < 0 or cfg.background_stride < 1 or cfg.pose_steps < 1:
             raise UserError("--background-steps must be >= 0, --background-stride >= 1 and --pose-steps >= 1")
+        if cfg.amodal not in AMODAL_CHOICES:
+            raise UserError(f"--amodal {cfg.amodal!r} is not an option; choose one of {', '.join(AMODAL_CHOICES)} "
+                            "(none = no amodal completion: lift from the visible pixels only)")
         if cfg.amodal == "teacher" and (cfg.inpaint_steps < 1 or not cfg.inpaint_teacher.strip()):
             raise UserError("--amodal teacher needs --inpaint-steps >= 1 and an --inpaint-teacher (shapeworld-exact, "
                             "or an SD-inpainting folder / HF id)")
@@ -166,6 +171,8 @@ class DreamScene4DMethod(VideoTo4DMethod):
 
             teacher = load_teacher_cached(cfg.teacher)
         amodal = cfg.amodal if cfg.amodal != "auto" else ("exact" if scene is not None else "none")
+        if amodal not in AMODAL_CHOICES:  # reconstruct() may be called without validate()
+            raise UserError(f"--amodal {amodal!r} is not an option; choose one of {', '.join(AMODAL_CHOICES)}")
         flow_src = cfg.flow if cfg.flow != "auto" else ("exact" if scene is not None else "none")
         if scene is None and (amodal == "exact" or flow_src == "exact"):
             raise UserError("--amodal exact / --flow exact need a ShapeWorld scene input (ground truth); use none")
@@ -184,8 +191,9 @@ class DreamScene4DMethod(VideoTo4DMethod):
                            time_resolution=time_resolution_for(T), channels=cfg.kplanes_channels)
         fits, stages = [], []
         for k in range(K):
-            lm = scene.amodal_masks[k] if amodal == "exact" else completed[1][k] if completed else masks[k]
-            lift = 0 if cfg.lift_frame == "first" else least_occluded_frame(lm)
+            lift_rgb, lift_masks = lift_targets(amodal, k, scene, completed)
+            lift = 0 if cfg.lift_frame == "first" else least_occluded_frame(lift_masks if lift_masks is not None
+                                                                           else masks[k])
             info["lift_frames"].append(lift)
             st = FitSettings(crop_size=cfg.crop_size, init_points=cfg.init_points, init=cfg.init, lift_frame=lift,
                              batch_frames=cfg.batch_frames, sds_views=cfg.sds_views,
@@ -193,11 +201,6 @@ class DreamScene4DMethod(VideoTo4DMethod):
                              guidance_scale=cfg.guidance_scale, view_grid_deg=cfg.view_grid_deg, kplanes=kp,
                              factorise=cfg.factorise, seed=cfg.seed, rigid_weight=cfg.rigid_weight,
                              flow_weight=cfg.flow_weight if flow_src != "none" else 0.0)
-            lift_rgb = lift_masks = None
-            if amodal == "exact":
-                lift_rgb, lift_masks = scene.object_rgb[k], scene.amodal_masks[k]
-            elif completed is not None:
-                lift_rgb, lift_masks = completed[0][k], completed[1][k]
             depth0 = None  # a moving camera needs the object at a metric depth (its translation sets the parallax)
             moving = not bool((cams.viewmats == cams.viewmats[:1]).all())
             if moving and metric and bool(masks[k, 0].any()):
@@ -235,6 +238,28 @@ class DreamScene4DMethod(VideoTo4DMethod):
         model = Composed4D(fits, rhos, cams.centers[0], background=background, rho_background=rho_bg)
         model.save(Path(run_dir) / "model_4d.safetensors", cfg)
         return model, info
+
+
+AMODAL_CHOICES = ("auto", "none", "exact", "teacher")
+
+
+def lift_targets(amodal: str, k: int, scene=None, completed: tuple[Tensor, Tensor] | None = None
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """Object ``k``'s lifting targets ``(rgb [T,H,W,3], masks [T,H,W])`` for a resolved ``--amodal`` (not auto):
+    exact -> the scene's unoccluded render and amodal mask; teacher -> the completion ``completed`` (rgb, masks per
+    object, from :func:`_complete`); none -> ``(None, None)``: :class:`ObjectFit` then lifts and deforms from the
+    input frames on the visible mask, with the pixels other objects cover left out of the losses."""
+    if amodal == "exact":
+        if scene is None:
+            raise UserError("--amodal exact needs a ShapeWorld scene input (ground truth); use none or teacher")
+        return scene.object_rgb[k], scene.amodal_masks[k]
+    if amodal == "teacher":
+        if completed is None:
+            raise UserError("--amodal teacher: no completion was computed (internal order error)")
+        return completed[0][k], completed[1][k]
+    if amodal == "none":
+        return None, None
+    raise UserError(f"--amodal {amodal!r} is not an option; choose one of {', '.join(AMODAL_CHOICES)}")
 
 
 def _cameras_and_background(cfg: DreamScene4DConfig, inp: VideoInput, depth: str, info: dict,
