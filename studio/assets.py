@@ -2,7 +2,7 @@
 ``studio`` package of a source checkout or an editable install).
 
 Each tiny trained teacher ships as one folder (``assets/shapeworld-unet``, ``assets/shapeworld-nv-unet``,
-``assets/shapeworld-video-wan``, ``assets/shapeworld-normals``, ``assets/latent-plane``), written by a
+``assets/shapeworld-video-wan``, ``assets/shapeworld-video-unet``, ``assets/shapeworld-normals``, ``assets/latent-plane``), written by a
 training script in ``scripts/``.
 """
 from __future__ import annotations

@@ -100,3 +100,15 @@ def test_motion_stage_gives_the_text_path_its_own_rate(script):
     text.requires_grad_(True)
     groups3, m3 = script.param_groups(script.build_unet2d(16, 16, seed=0), text, "image", 0.0, 0.0)
     assert len(groups3) == 1 and groups3[0]["scale"] == 1.0 and m3 == []
+
+
+def test_shipped_video_unet_loads_by_name_and_samples():
+    """``shapeworld-video-unet`` (assets/, trained by this script) loads through the registry as an AnimateDiff
+    flow teacher at its clip size and samples finite clips; its training record names both stages."""
+    teacher = load_teacher("shapeworld-video-unet")
+    assert isinstance(teacher, AnimateDiffTeacher) and teacher.schedule.is_flow
+    assert (teacher.num_frames, teacher.native_resolution, teacher.latent_channels) == (8, 16, 3)
+    info = json.loads((ROOT / "assets" / "shapeworld-video-unet" / "training.json").read_text())
+    assert [r["stage"] for r in info["rounds"]][:2] == ["image", "motion"]
+    videos = flow_euler_sample(teacher, ["a red ball moving left"], steps=2, guidance_scale=2.0, seed=0)
+    assert videos.shape == (1, 8, 3, 16, 16) and torch.isfinite(videos).all()

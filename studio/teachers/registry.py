@@ -231,6 +231,10 @@ register_teacher("wan2.1-t2v-1.3b",
                  guidance={"sample_video": 5.0})
 
 
+# chosen by the CFG sweep of scripts/shapeworld_video_readouts.py on the shipped weights (docs/notes/issue16.md)
+CFG_UNET = 2.0
+
+
 def _shapeworld_video(maker: str) -> Callable[..., Any]:
     def factory(**kw: Any):
         from . import shapeworld_video
@@ -247,6 +251,10 @@ register_teacher("shapeworld-video-exact", _shapeworld_video("make_shapeworld_vi
 register_teacher("shapeworld-video-wan", _shapeworld_video("make_shapeworld_video_wan"),
                  "ShapeWorld tiny trained text-to-video model (Wan classes), pixel space 8x32x32, rectified flow "
                  "(shipped in assets/)", guidance={"sample_video": 4.0})
+register_teacher("shapeworld-video-unet", _shapeworld_video("make_shapeworld_video_unet"),
+                 "ShapeWorld tiny trained text-to-video model (AnimateDiff classes: UNetMotionModel), pixel space "
+                 "8x16x16, rectified flow (shipped in assets/; partly trained, issue 16)",
+                 guidance={"sample_video": CFG_UNET})
 
 
 def _shapeworld_exact(**kw: Any):

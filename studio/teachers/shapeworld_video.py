@@ -128,3 +128,22 @@ def make_shapeworld_video_wan(**kw):
     teacher = WanTeacher.from_pretrained(shipped_model_path(TRAINED_NAME, "train_shapeworld_video_teacher.py"), **kw)
     teacher.name = TRAINED_NAME
     return teacher
+
+
+#: the tiny two-stage AnimateDiff-class ShapeWorld video teacher (issue 16), shipped in ``assets/``
+UNET_NAME = "shapeworld-video-unet"
+
+
+def make_shapeworld_video_unet(**kw):
+    """``AnimateDiffTeacher.from_pretrained(<assets>/shapeworld-video-unet, **kw)``: a tiny conv
+    ``UNet2DConditionModel`` trained on ShapeWorld frames, inflated into a ``UNetMotionModel`` (+ ``MotionAdapter``)
+    and trained on static-camera clips (``scripts/train_shapeworld_video_unet.py``; pixel space, 8 frames of
+    16x16, rectified flow). Its motion / shape read-outs are in the folder's ``training.json``; it moves its
+    objects as prompted in about half of the clips (issue 16's goal of 0.8 is not met)."""
+    from .diffusers_video import AnimateDiffTeacher
+    from ..assets import shipped_model_path
+
+    teacher = AnimateDiffTeacher.from_pretrained(shipped_model_path(UNET_NAME, "train_shapeworld_video_unet.py"),
+                                                 **kw)
+    teacher.name = UNET_NAME
+    return teacher
