@@ -121,6 +121,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_render_threads(timeout: float = 60.0) -> None:
+    """The viewer renders in daemon threads (nerfstudio's ``RenderStateMachine``), which outlive the test: one still
+    inside a torch op when the interpreter exits aborts the process ("terminate called without an active
+    exception", seen on a loaded CI machine after every test had passed). Stop them and wait for them here."""
+    import threading
+
+    live = [t for t in threading.enumerate() if type(t).__name__ == "RenderStateMachine"]
+    for t in live:
+        t.running = False
+        trigger = getattr(t, "render_trigger", None)
+        if trigger is not None:
+            trigger.set()
+    for t in live:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in live), "a viewer render thread did not stop"
+
+
 def test_viewer_websocket_serves_the_scene(tmp_path):
     """Headless: ns-train's viewer (viser) serves the scene over its websocket (the held-out views as camera
     frustums) and answers a client camera with the studio model's render (a background image)."""
@@ -173,3 +190,4 @@ def test_viewer_websocket_serves_the_scene(tmp_path):
         assert image["media_type"] in ("image/jpeg", "image/png") and len(image["rgb_bytes"]) > 100
     finally:
         trainer.shutdown()
+        _stop_render_threads()
