@@ -232,7 +232,7 @@ register_teacher("wan2.1-t2v-1.3b",
 
 
 # chosen by the CFG sweep of scripts/shapeworld_video_readouts.py on the shipped weights (docs/notes/issue16.md)
-CFG_UNET = 2.0
+CFG_UNET = 4.0
 
 
 def _shapeworld_video(maker: str) -> Callable[..., Any]:
