@@ -51,11 +51,9 @@ def _distributed():
     """(rank, world_size, PartialState or None) under accelerate / torchrun, else (0, 1, None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
-    from accelerate import PartialState
+    from ..train.loop import partial_state
 
-    from ..train.loop import cpu_processes
-
-    state = PartialState(cpu=cpu_processes())  # CPU-only machines join the processes with gloo
+    state = partial_state()  # CPU-only machines join the processes with gloo
     if state.device.type == "cpu":
         # Several processes on one machine: split the cores, or OpenMP threads thrash each other.
         import torch

@@ -245,14 +245,46 @@ def cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+_GROUP_EXIT_HOOK = False
+
+
+def destroy_group_at_exit() -> bool:
+    """Register (once per process) an ``atexit`` hook that destroys the default process group while the
+    interpreter is still alive. A process that exits with a gloo group still up can abort in interpreter
+    finalisation ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489): a rare race
+    that failed a two-process CI run here. Every place the studio joins processes (``process_info``, the batch
+    runner, ``Trainer`` under accelerate) calls this after accelerate has set up the group; returns whether the
+    hook is registered."""
+    global _GROUP_EXIT_HOOK
+    if not _GROUP_EXIT_HOOK and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import atexit
+
+        def _destroy() -> None:
+            if torch.distributed.is_initialized():
+                with contextlib.suppress(Exception):
+                    torch.distributed.destroy_process_group()
+
+        atexit.register(_destroy)
+        _GROUP_EXIT_HOOK = True
+    return _GROUP_EXIT_HOOK
+
+
+def partial_state():
+    """accelerate's ``PartialState`` for this process (CPU-only machines join several processes with gloo), with
+    the group's exit hook registered (``destroy_group_at_exit``)."""
+    from accelerate import PartialState
+
+    s = PartialState(cpu=cpu_processes())
+    destroy_group_at_exit()
+    return s
+
+
 def process_info() -> ProcessInfo:
     """Rank, world size and device as ``accelerate`` sees them (its ``PartialState``: under ``accelerate launch``
     / ``torchrun`` one process per GPU, or several CPU processes joined with gloo on a machine without GPUs;
     in one process ``cuda`` when a GPU exists, else ``cpu``). Stages trained with ``TrainerConfig.accelerate``
     put their data on ``device`` and seed per-rank generators with ``seed(s)``."""
-    from accelerate import PartialState
-
-    s = PartialState(cpu=cpu_processes())
+    s = partial_state()
     return ProcessInfo(int(s.process_index), int(s.num_processes), torch.device(s.device))
 
 
@@ -361,6 +393,7 @@ class _Accelerated(_Plain):
                     AcceleratorState._reset_state()
         self.acc = Accelerator(
             cpu=cpu_processes(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)], **kw)
+        destroy_group_at_exit()
         self.rank, self.world = int(self.acc.process_index), int(self.acc.num_processes)
         self.is_main = bool(self.acc.is_main_process)
         self.device = self.acc.device
