@@ -169,3 +169,26 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(r1, r2) and torch.equal(a1, a2)
     for k in KEYS + ("backgrounds", "means2d"):
         assert torch.equal(g1[k], g2[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["means", "quats", "scales", "opacities", "colors", "viewmats", "Ks", "backgrounds"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fused_path_rejects_non_finite_inputs_as_the_python_check_does(dtype, name, bad):
+    """The fused path checks finiteness inside its projection loop (the Python pass is skipped there); the error
+    names the input exactly as the other backends do, whichever element (here the last: the last chunk, and an
+    SH coefficient beyond what sh_degree 1 reads) and camera holds it."""
+    scene = make_scene(300, 24, 20, C=2, dtype=dtype, sh_degree=None)
+    scene["colors"] = torch.rand(300, 9, 3, dtype=dtype)  # 9 SH coefficients, sh_degree 1 reads the first 4
+    scene["backgrounds"] = torch.rand(2, 3, dtype=dtype)
+    scene[name] = scene[name].clone()
+    scene[name].view(-1)[-1] = bad
+    args = dict(scene)
+    bgs = args.pop("backgrounds")
+    for fused in ("1", "0"):
+        for backend in ("native", "torch"):
+            with env(STUDIO_NATIVE_FUSED=fused), pytest.raises(ValueError, match=f"^{name} contains NaN or Inf values"):
+                rasterize_gaussians(**args, width=24, height=20, sh_degree=1, backgrounds=bgs, backend=backend)
+    clean = make_scene(300, 24, 20, C=2, dtype=dtype)  # and a clean scene still renders
+    r, a, _ = rasterize_gaussians(**clean, width=24, height=20, backend="native")
+    assert torch.isfinite(r).all() and torch.isfinite(a).all()

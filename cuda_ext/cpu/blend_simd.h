@@ -336,12 +336,9 @@ void backward_tiles(const Params<float>& p, const float* g_render, const float* 
             for (int d = 0; d < D; ++d) q[kRec + d] += w * gf[d];
           }
         }
-        for (int i = 0; i < Q; ++i) {
-          float L[kLanes];
-          vstore(L, q[i]);
-          double sum = 0;
-          for (int l = 0; l < kLanes; ++l) sum += L[l];
-          rec[i] = static_cast<float>(sum);
+        for (int i = 0; i < Q; ++i) {  // the lane sum in double, pairwise: halves, then pairs, then the two
+          const vd4 h = lo_d(q[i]) + hi_d(q[i]);
+          rec[i] = static_cast<float>((h[0] + h[2]) + (h[1] + h[3]));
         }
       }
     }

@@ -944,6 +944,46 @@ std::vector<studio_project::Camera<S>> load_cameras(const at::Tensor& viewmats, 
   return cams;
 }
 
+// Whether any of p[0..n) is NaN or +-Inf, read from the exponent bits (so no compiler flag can fold it away);
+// branch-free, so the loop vectorises.
+template <typename S>
+bool any_nonfinite(const S* p, int64_t n) {
+  using U = std::conditional_t<sizeof(S) == 4, uint32_t, uint64_t>;
+  constexpr U kExp = sizeof(S) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, p + i, sizeof(U));
+    bad |= (u & kExp) == kExp;
+  }
+  return bad;
+}
+
+// The fused path's input check: the non-finite inputs as bits in the order of rasterize_gaussians' own check
+// (means, quats, scales, opacities, colors, viewmats, Ks, backgrounds). The per-Gaussian inputs are read chunk by
+// chunk inside the projection loop (while in cache), the small ones here; the Python side skips its own pass.
+constexpr const char* kInputNames[] = {"means", "quats", "scales", "opacities", "colors", "viewmats", "Ks",
+                                       "backgrounds"};
+
+template <typename S>
+unsigned nonfinite_chunk(const S* mp, const S* qp, const S* sp, const S* op, const S* cp, const FusedDims& f,
+                         int64_t lo, int64_t hi) {
+  const int64_t n = hi - lo;
+  unsigned bad = 0;
+  bad |= any_nonfinite(mp + lo * 3, n * 3) ? 1u : 0u;
+  bad |= any_nonfinite(qp + lo * 4, n * 4) ? 2u : 0u;
+  bad |= any_nonfinite(sp + lo * 3, n * 3) ? 4u : 0u;
+  bad |= any_nonfinite(op + lo, n) ? 8u : 0u;
+  for (int64_t c = 0; c < (f.per_cam ? f.C : 1); ++c)
+    bad |= any_nonfinite(cp + c * f.col_cam_stride + lo * f.col_g_stride, n * f.col_g_stride) ? 16u : 0u;
+  return bad;
+}
+
+void raise_nonfinite(unsigned bad) {
+  for (int i = 0; i < 8; ++i)
+    TORCH_CHECK_VALUE(!(bad & (1u << i)), kInputNames[i], " contains NaN or Inf values; check the values you pass");
+}
+
 template <typename F>
 void dispatch_blend(int64_t D, F&& f) {
   dispatch_channels(D, std::forward<F>(f));
@@ -987,11 +1027,13 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
     int32_t* rp = radii.data_ptr<int32_t>();
     double* ep = ext.data_ptr<double>();
     const int64_t nchunks = (N + kChunk - 1) / kChunk;
+    std::vector<unsigned> chunk_bad(nchunks, 0u);
     studio_parallel::run(nchunks, [&](const Claim& next) {
       studio_project::Projected<S> pr;
       studio_project::ShDir<S> dir;
       S basis[16];
       for (int64_t ch; next(ch);) {
+        chunk_bad[ch] = nonfinite_chunk<S>(mp, qp, sp, op, cp, f, ch * kChunk, std::min(N, (ch + 1) * kChunk));
         for (int64_t n = ch * kChunk; n < std::min(N, (ch + 1) * kChunk); ++n) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t g = c * N + n;
@@ -1024,6 +1066,12 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
         }
       }
     });
+    unsigned bad = 0;
+    for (unsigned b : chunk_bad) bad |= b;
+    bad |= any_nonfinite(viewmats.data_ptr<S>(), viewmats.numel()) ? 32u : 0u;
+    bad |= any_nonfinite(Ks.data_ptr<S>(), Ks.numel()) ? 64u : 0u;
+    if (backgrounds.numel() > 0) bad |= any_nonfinite(backgrounds.data_ptr<S>(), backgrounds.numel()) ? 128u : 0u;
+    raise_nonfinite(bad);  // before binning: a NaN centre must not reach the tile counts
     bin_impl<S>(m2, rp, dp, C, N, W, H, ts, tw, th, flat, offsets.data_ptr<int32_t>(),
                 tiles_per_gauss.data_ptr<int32_t>(), /*radix=*/true);
   });

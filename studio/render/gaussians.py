@@ -89,8 +89,15 @@ def _validate(means, quats, scales, opacities, colors, viewmats, Ks, width, heig
     for name, t in tensors.items():
         _check(t.device == means.device, f"{name} is on {t.device} but means is on {means.device}; move all inputs to one device")
         _check(t.dtype == means.dtype, f"{name} has dtype {t.dtype} but means has {means.dtype}; use one float dtype")
-        _check(bool(torch.isfinite(t).all()), f"{name} contains NaN or Inf values; check the values you pass")
     return N, C, D
+
+
+def _check_finite(**tensors) -> None:
+    """The input check for NaN / Inf (the fused native path makes the same check, with the same message, inside its
+    projection loop: ``render_forward`` in ``cuda_ext/cpu/rasterize.cpp``, one pass less over the inputs)."""
+    for name, t in tensors.items():
+        if t is not None:
+            _check(bool(torch.isfinite(t).all()), f"{name} contains NaN or Inf values; check the values you pass")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -168,6 +175,14 @@ def rasterize_gaussians(
     N, C, D = _validate(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
                         backgrounds, render_mode, backend, near_plane, far_plane, eps2d)
     backend = resolve_backend(backend, means.device)
+    from ._gaussians_ext import native_fused_enabled, native_render
+
+    fused = backend == "native" and N > 0 and native_fused_enabled()
+    if not fused:  # the fused native path checks inside its projection loop
+        _check_finite(means=means, quats=quats, scales=scales, opacities=opacities, colors=colors, viewmats=viewmats,
+                      Ks=Ks, backgrounds=backgrounds)
+    elif render_mode in ("D", "ED"):  # depth only: the fused call does not take the backgrounds
+        _check_finite(backgrounds=backgrounds)
     if backend == "gsplat":
         import gsplat
 
@@ -177,17 +192,14 @@ def rasterize_gaussians(
             eps2d=eps2d, tile_size=tile_size,
         )
 
-    if backend == "native" and N > 0:
-        from ._gaussians_ext import native_fused_enabled, native_render
-
-        if native_fused_enabled():
-            render, alphas, proj, extra = native_render(
-                means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
-                backgrounds=backgrounds, render_mode=render_mode, near_plane=near_plane, far_plane=far_plane,
-                eps2d=eps2d, tile_size=tile_size)
-            if render_mode in ("ED", "RGB+ED"):
-                render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)
-            return render, alphas, _meta(proj, proj["opacities"], width, height, tile_size, C, "native", extra)
+    if fused:
+        render, alphas, proj, extra = native_render(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
+            backgrounds=backgrounds, render_mode=render_mode, near_plane=near_plane, far_plane=far_plane,
+            eps2d=eps2d, tile_size=tile_size)
+        if render_mode in ("ED", "RGB+ED"):
+            render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)
+        return render, alphas, _meta(proj, proj["opacities"], width, height, tile_size, C, "native", extra)
 
     covars = covariance_3d(quats, scales)
     opac_c = opacities[None].expand(C, N)
