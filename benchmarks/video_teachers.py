@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=None)
     ap.add_argument("--per-prompt", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None,
-                    help="CFG scale for every teacher (default: each teacher's registered "sample_video" guidance)")
+                    help="CFG scale for every teacher (default: each teacher's registered 'sample_video' guidance)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of teachers: exact unet")
     ap.add_argument("--trained", default=None, metavar="PATH",
                     help="evaluate this saved model folder as the trained teacher (e.g. a new run of "
