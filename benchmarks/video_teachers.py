@@ -1,10 +1,12 @@
 """The ShapeWorld video teachers at 4 / 8 / 25 / 50 sampling steps: the baseline every video method is compared
 against. Prints one JSON object.
 
-Teachers (both rectified flow, 8 frames of 32x32, sampled with flow Euler and CFG, fixed seeds):
-  * ``exact``: ``shapeworld-video-exact``, the optimal denoiser of the reference clips (no network);
-  * ``unet``: ``shapeworld-video-wan``, the tiny trained Wan-class model shipped in ``assets/`` (the "unet
-    teacher" of the issue; it is a transformer, named for its role).
+Teachers (all rectified flow, 8 frames, sampled with flow Euler and CFG at each one's registered guidance, fixed
+seeds):
+  * ``exact``: ``shapeworld-video-exact``, the optimal denoiser of the reference clips (no network; 32x32);
+  * ``unet``: ``shapeworld-video-unet``, the tiny trained AnimateDiff-class model (``UNetMotionModel``, 16x16,
+    issue 16: the trained teacher whose objects move);
+  * ``wan``: ``shapeworld-video-wan``, the earlier tiny trained Wan-class model (32x32; its objects do not move).
 Per (teacher, steps): frame error (nearest clean reference frame, lower is better), motion accuracy (in [0, 1],
 higher is better), flicker, text alignment, diversity, and seconds per clip -- all from
 :func:`studio.world.video_metrics.evaluate_videos` against ground truth, measured side by side in one run.
@@ -24,7 +26,7 @@ import time
 
 import torch
 
-TEACHERS = {"exact": "shapeworld-video-exact", "unet": "shapeworld-video-wan"}
+TEACHERS = {"exact": "shapeworld-video-exact", "unet": "shapeworld-video-unet", "wan": "shapeworld-video-wan"}
 
 
 def run(model, prompts: list[str], steps: int, guidance: float, seed: int, chunk: int) -> dict:
@@ -49,10 +51,10 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None,
                     help="CFG scale for every teacher (default: each teacher's registered 'sample_video' guidance)")
-    ap.add_argument("--only", nargs="*", default=None, help="subset of teachers: exact unet")
+    ap.add_argument("--only", nargs="*", default=None, help="subset of teachers: exact unet wan")
     ap.add_argument("--trained", default=None, metavar="PATH",
                     help="evaluate this saved model folder as the trained teacher (e.g. a new run of "
-                         "scripts/train_shapeworld_video_teacher.py; default: the shipped shapeworld-video-wan)")
+                         "scripts/train_shapeworld_video_unet.py; default: the shipped shapeworld-video-unet)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -93,13 +95,16 @@ def main() -> None:
         rows = result["teachers"].get(key, {}).get("rows", {})
         for steps in ("4", "50"):
             if steps in rows:
-                label = "unet_teacher" if key == "unet" else "exact_teacher"
+                label = f"{key}_teacher"
                 head[f"{label}_{steps}_frame_error"] = rows[steps]["frame_error"]
                 head[f"{label}_{steps}_motion_accuracy"] = rows[steps]["motion_accuracy"]
                 head[f"{label}_{steps}_shape_accuracy"] = rows[steps]["shape_accuracy"]
                 head[f"{label}_{steps}_seconds_per_clip"] = rows[steps]["seconds_per_clip"]
     if "unet_teacher_50_motion_accuracy" in head and "unet_teacher_4_motion_accuracy" in head:
-        head["goal_unet_50_motion_accuracy_ge_0.8"] = head["unet_teacher_50_motion_accuracy"] >= 0.8
+        # issue 16's goal: >= 0.8 on the static-camera prompts (--quick), >= 0.6 on all prompts, shape >= 0.8
+        head["goal_unet_50_motion_accuracy"] = 0.8 if args.quick else 0.6
+        head["goal_unet_50_motion_accuracy_met"] = head["unet_teacher_50_motion_accuracy"] >= head["goal_unet_50_motion_accuracy"]
+        head["goal_unet_50_shape_accuracy_ge_0.8"] = head["unet_teacher_50_shape_accuracy"] >= 0.8
         head["goal_4_steps_measurably_worse"] = (head["unet_teacher_4_frame_error"] > head["unet_teacher_50_frame_error"]
                                                  or head["unet_teacher_4_motion_accuracy"]
                                                  < head["unet_teacher_50_motion_accuracy"])
