@@ -989,6 +989,58 @@ void dispatch_blend(int64_t D, F&& f) {
   dispatch_channels(D, std::forward<F>(f));
 }
 
+// Vectorised projection + SH of the fused path (project_simd.h: project_math.h over 8 float lanes), in the same two
+// builds as the blend; render_forward / render_backward use it for float32 whenever they use the vector blend
+// (blend_choice), the scalar loops otherwise (float64, STUDIO_NATIVE_SIMD=scalar).
+#ifdef STUDIO_HAVE_AVX2_BUILD
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define STUDIO_BLEND_AVX2 1
+namespace blend_avx2 {
+#include "project_simd.h"
+}  // namespace blend_avx2
+#undef STUDIO_BLEND_AVX2
+#pragma GCC pop_options
+#endif
+namespace blend_generic {
+#include "project_simd.h"
+}  // namespace blend_generic
+
+// The chunk's projection in the vector build that `choice` names, for float32; false (nothing done: the caller runs
+// the scalar loop) for float64 or the scalar choice.
+template <typename S, typename... A>
+bool project_forward_vec(Blend choice, const std::vector<studio_project::Camera<S>>& cams, A... args) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (choice == Blend::kScalar) return false;
+#ifdef STUDIO_HAVE_AVX2_BUILD
+    if (choice == Blend::kAvx2) {
+      blend_avx2::project_forward_chunk(cams.data(), args...);
+      return true;
+    }
+#endif
+    blend_generic::project_forward_chunk(cams.data(), args...);
+    return true;
+  } else {
+    return false;
+  }
+}
+template <typename S, typename... A>
+bool project_backward_vec(Blend choice, const std::vector<studio_project::Camera<S>>& cams, A... args) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (choice == Blend::kScalar) return false;
+#ifdef STUDIO_HAVE_AVX2_BUILD
+    if (choice == Blend::kAvx2) {
+      blend_avx2::project_backward_chunk(cams.data(), args...);
+      return true;
+    }
+#endif
+    blend_generic::project_backward_chunk(cams.data(), args...);
+    return true;
+  } else {
+    return false;
+  }
+}
+
 std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
                                        at::Tensor colors, at::Tensor viewmats, at::Tensor Ks, at::Tensor backgrounds,
                                        int64_t width, int64_t height, int64_t tile_size, int64_t sh_degree,
@@ -1028,12 +1080,16 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
     double* ep = ext.data_ptr<double>();
     const int64_t nchunks = (N + kChunk - 1) / kChunk;
     std::vector<unsigned> chunk_bad(nchunks, 0u);
+    const Blend proj_choice = blend_choice();
     studio_parallel::run(nchunks, [&](const Claim& next) {
       studio_project::Projected<S> pr;
       studio_project::ShDir<S> dir;
       S basis[16];
       for (int64_t ch; next(ch);) {
         chunk_bad[ch] = nonfinite_chunk<S>(mp, qp, sp, op, cp, f, ch * kChunk, std::min(N, (ch + 1) * kChunk));
+        if (project_forward_vec(proj_choice, cams, f, ch * kChunk, std::min(N, (ch + 1) * kChunk), mp, qp, sp, op, cp,
+                                S(eps2d), S(near_plane), S(far_plane), W, H, m2, cn, dp, fp, oc, rp, ep))
+          continue;  // 8 Gaussians at a time (project_simd.h), the same outputs
         for (int64_t n = ch * kChunk; n < std::min(N, (ch + 1) * kChunk); ++n) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t g = c * N + n;
@@ -1043,7 +1099,8 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
             for (int j = 0; j < 3; ++j) cn[g * 3 + j] = pr.conic[j];
             dp[g] = pr.p[2];
             oc[g] = op[n];
-            pr.radii(op[n], W, H, rp + g * 2);
+            studio_project::radii_of<S>(pr.in_depth, pr.ok_det, pr.a, pr.c, pr.mean2d[0], pr.mean2d[1], op[n], W, H,
+                                        rp + g * 2);
             gaussian_extent<S>(op[n], pr.conic[0], pr.conic[1], pr.conic[2], pr.mean2d[0], pr.mean2d[1], ep + g * 3);
             S* fo = fp + g * Dt;
             if (f.depth_mode != 2) {
@@ -1214,12 +1271,16 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
     const S *g2 = gm2.data_ptr<S>(), *gq = gcn.data_ptr<S>(), *gf = gft.data_ptr<S>(), *go = gop.data_ptr<S>();
     S *gM = gmeans.data_ptr<S>(), *gQ = gquats.data_ptr<S>(), *gS = gscales.data_ptr<S>();
     S *gO = gopac.data_ptr<S>(), *gC = gcolors.data_ptr<S>();
+    const Blend proj_choice = blend_choice();
     studio_parallel::run(nchunks, [&](const Claim& next) {
       studio_project::Projected<S> pr;
       studio_project::ShDir<S> dir;
       S basis[16], dbasis[48];
       for (int64_t ch; next(ch);) {
         double* part = cam_part.data() + ch * C * 12;
+        if (project_backward_vec(proj_choice, cams, f, ch * kChunk, std::min(N, (ch + 1) * kChunk), mp, qp, sp, cp, rp,
+                                 g2, gq, gf, go, S(eps2d), S(near_plane), S(far_plane), gM, gQ, gS, gO, gC, part))
+          continue;  // 8 Gaussians at a time (project_simd.h), the same sums in the same order
         for (int64_t n = ch * kChunk; n < std::min(N, (ch + 1) * kChunk); ++n) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t g = c * N + n;
