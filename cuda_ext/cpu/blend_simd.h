@@ -5,7 +5,7 @@
 // register; the baseline build splits them, which is slow, so it only runs when asked for).
 //
 // Per tile, with the same lists, order and blend rules as forward_impl / backward_impl:
-//   * each list entry's parameters come from its packed 64-byte record (pack_gaussians in rasterize.cpp: mean,
+//   * each list entry's parameters come from its packed 64-byte record (pack_gaussians at the end of this file: mean,
 //     conic, opacity, reject threshold, pixel box, features), one cache line per entry, prefetched ahead;
 //   * the tile's pixels form groups of kLanes consecutive pixels of a row, each group's per-pixel state in small
 //     per-tile arrays (a few KB, in L1);
@@ -340,6 +340,45 @@ void backward_tiles(const Params<float>& p, const float* g_render, const float* 
           const vd4 h = lo_d(q[i]) + hi_d(q[i]);
           rec[i] = static_cast<float>((h[0] + h[2]) + (h[1] + h[3]));
         }
+      }
+    }
+  });
+}
+
+// The packed records (see kPack in rasterize.cpp), one per (camera, Gaussian), from the projection's outputs.
+void pack_gaussians(const float* m2, const float* cn, const float* oc, const float* ft, const double* ep,
+                    int64_t CN, int64_t D, int W, int H, float* out) {
+  studio_parallel::run((CN + 1023) / 1024, [&](const Claim& next) {
+    for (int64_t ch; next(ch);) {
+      for (int64_t g = ch * 1024; g < std::min(CN, (ch + 1) * 1024); ++g) {
+        float* R = out + g * kPack;
+        const float mx = m2[g * 2], my = m2[g * 2 + 1], a = cn[g * 3], b = cn[g * 3 + 1], c = cn[g * 3 + 2];
+        R[0] = mx; R[1] = my; R[2] = a; R[3] = b; R[4] = c; R[5] = oc[g];
+        const double thr = ep[g * 3];
+        R[6] = static_cast<float>(thr);
+        int32_t box[4] = {0, W - 1, 0, H - 1};
+        if (thr < 0) {
+          box[0] = 1; box[1] = 0;
+        } else if (std::isfinite(ep[g * 3 + 1])) {  // (then det > 0, a > 0, thr and the mean finite)
+          double ex = ep[g * 3 + 1], ey = ep[g * 3 + 2];
+          const double ad = a, bd = b, cd = c, det = ad * cd - bd * bd;
+          if (ad * cd <= 1e6 * det) {
+            ex = std::sqrt(2.0 * thr * cd / det) + 1e-3;
+            ey = std::sqrt(2.0 * thr * ad / det) + 1e-3;
+          }
+          const double jx0 = std::max(std::ceil(mx - ex - 0.5), 0.0);
+          const double jx1 = std::min(std::floor(mx + ex - 0.5), static_cast<double>(W - 1));
+          const double jy0 = std::max(std::ceil(my - ey - 0.5), 0.0);
+          const double jy1 = std::min(std::floor(my + ey - 0.5), static_cast<double>(H - 1));
+          if (jx0 > jx1 || jy0 > jy1) {
+            box[0] = 1; box[1] = 0;
+          } else {
+            box[0] = static_cast<int32_t>(jx0); box[1] = static_cast<int32_t>(jx1);
+            box[2] = static_cast<int32_t>(jy0); box[3] = static_cast<int32_t>(jy1);
+          }
+        }
+        std::memcpy(R + 7, box, sizeof(box));
+        for (int64_t d = 0; d < kPack - 11; ++d) R[11 + d] = d < D ? ft[g * D + d] : 0.0f;
       }
     }
   });

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 namespace studio_project {
@@ -65,23 +66,28 @@ inline S lmax(S a, S b) {
 }
 inline float lsqrt(float x) { return std::sqrt(x); }
 inline double lsqrt(double x) { return std::sqrt(x); }
+inline float lceil(float x) { return std::ceil(x); }
+inline double lceil(double x) { return std::ceil(x); }
+inline bool lfinite(float x) { return std::isfinite(x); }
+inline bool lfinite(double x) { return std::isfinite(x); }
 
 #include "project_math.h"
 
+// The opacity term of the radii, 2 ln(max(o / (1/255), 1)) (radii_lanes' k): one log per Gaussian.
+template <typename S>
+inline S radius_log_term(S o) {
+  return S(2) * std::log(std::max(o / S(1.0 / 255.0), S(1)));
+}
+
 // Opacity-aware integer radii (0 = culled), as project_gaussians computes them under no_grad, from one lane of
-// a projection: the depth and determinant tests, the 2D covariance diagonal (a, c) and the projected centre.
+// a projection (radii_lanes): the depth and determinant tests, the 2D covariance diagonal (a, c) and the projected
+// centre.
 template <typename S>
 inline void radii_of(bool in_depth, bool ok_det, S a, S c, S mx, S my, S o, int W, int H, int32_t* out) {
-  out[0] = out[1] = 0;
-  const bool visible = o >= S(1.0 / 255.0);
-  const S k = S(2) * std::log(std::max(o / S(1.0 / 255.0), S(1)));
-  const S rx = std::ceil(std::sqrt(k * std::max(a, S(0))) + S(1));
-  const S ry = std::ceil(std::sqrt(k * std::max(c, S(0))) + S(1));
-  const bool on = (mx + rx > S(0)) && (mx - rx < S(W)) && (my + ry > S(0)) && (my - ry < S(H));
-  if (!(in_depth && ok_det && visible && on && std::isfinite(rx) && std::isfinite(ry))) return;
-  const S big = S(4 * std::max(W, H) + 16);
-  out[0] = static_cast<int32_t>(std::min(rx, big));
-  out[1] = static_cast<int32_t>(std::min(ry, big));
+  S rx, ry;
+  const bool keep = radii_lanes<S>(in_depth, ok_det, a, c, mx, my, o, radius_log_term(o), W, H, rx, ry);
+  out[0] = keep ? static_cast<int32_t>(rx) : 0;
+  out[1] = keep ? static_cast<int32_t>(ry) : 0;
 }
 
 }  // namespace studio_project

@@ -8,6 +8,8 @@
 //   select(M m, L a, L b)   m ? a : b per lane,
 //   lmin(a, b), lmax(a, b)  std::min / std::max per lane ((b < a) ? b : a and (a < b) ? b : a),
 //   lsqrt(a)                IEEE square root per lane,
+//   lfinite(a)              std::isfinite per lane (a mask),
+//   lceil(a)                std::ceil per lane,
 // and the masks combine with &, | and !. L(x) broadcasts a constant. Branches of the scalar code are selects here:
 // both sides are computed and each lane keeps the side its condition picks, so a lane gets exactly the value the
 // branch would have given it (same operations, same order).
@@ -277,3 +279,35 @@ struct ShDir {
     for (int i = 0; i < 3; ++i) gv[i] = select(clamped, gd[i] * inv, (gd[i] - d[i] * dot) * inv);
   }
 };
+
+// Half extents of the pixel box of the ellipse sigma <= thr of the conic (a, b, c) centred at (mx, my), in the
+// precision of L (float64 in the fused path, see gaussian_extent in rasterize.cpp): sqrt(2 thr Sigma_xx) + 1 and
+// sqrt(2 thr Sigma_yy) + 1 with Sigma = conic^-1; NaN where anything is degenerate (thr < 0 or not finite,
+// det <= 0, a <= 0, a non-finite extent or centre).
+template <typename L>
+inline void ellipse_extent(L thr, L a, L b, L c, L mx, L my, L& ex, L& ey) {
+  const L det = a * c - b * b;
+  const L x = lsqrt(L(2) * thr * c / det) + L(1), y = lsqrt(L(2) * thr * a / det) + L(1);
+  const auto ok = !(thr < L(0)) & (det > L(0)) & (a > L(0)) & lfinite(thr) & lfinite(x) & lfinite(y) & lfinite(mx) &
+                  lfinite(my);
+  const L nan = L(std::numeric_limits<double>::quiet_NaN());
+  ex = select(ok, x, nan);
+  ey = select(ok, y, nan);
+}
+
+// Opacity-aware radii as project_gaussians computes them under no_grad, per lane: returns the lanes that keep them
+// (the others are culled: radii 0) and (rx, ry) = ceil(sqrt(k max(a, 0)) + 1), ceil(sqrt(k max(c, 0)) + 1) clamped to
+// 4 max(W, H) + 16, from the depth and determinant tests, the 2D covariance diagonal (a, c), the projected centre,
+// the opacity o and its term k = radius_log_term(o) (project.h).
+template <typename L>
+inline lane_mask_t<L> radii_lanes(lane_mask_t<L> in_depth, lane_mask_t<L> ok_det, L a, L c, L mx, L my, L o, L k,
+                                  int W, int H, L& rx_out, L& ry_out) {
+  const auto visible = o >= L(1.0 / 255.0);
+  const L rx = lceil(lsqrt(k * lmax(a, L(0))) + L(1));
+  const L ry = lceil(lsqrt(k * lmax(c, L(0))) + L(1));
+  const auto on = (mx + rx > L(0)) & (mx - rx < L(W)) & (my + ry > L(0)) & (my - ry < L(H));
+  const L big = L(4 * std::max(W, H) + 16);
+  rx_out = lmin(rx, big);
+  ry_out = lmin(ry, big);
+  return in_depth & ok_det & visible & on & lfinite(rx) & lfinite(ry);
+}

@@ -6,8 +6,9 @@
 // project_forward_chunk / project_backward_chunk do, for the Gaussians [lo, hi) of one chunk, what the scalar
 // loops of render_forward / render_backward do, with the same per-(camera, Gaussian) formulas (see
 // project_math.h): the 8 Gaussians' inputs are gathered into lanes (transposed loads; the lanes past the chunk's
-// end repeat its last Gaussian and are never stored), computed, and scattered back. The integer radii, the
-// per-Gaussian extent (float64 log) and the copies run per lane with the scalar code. In the backward, the
+// end repeat its last Gaussian and are never stored), computed, and scattered back. gaussian_extent's half
+// extents run in float64 lanes (ellipse_extent over D4); the two logs of the opacity (the radii's and the
+// extent's threshold, once per Gaussian) and the copies run per lane with the scalar code. In the backward, the
 // lanes of Gaussians that were not binned keep their accumulators unchanged (as the scalar `continue`), and the
 // camera gradients are added to the chunk's double partial sums lane by lane, in Gaussian order: the same sums
 // in the same order as the scalar loop, so the result does not depend on the thread count.
@@ -64,6 +65,50 @@ inline V8 lsqrt(V8 a) {
 #endif
 }
 
+// 4 float64 lanes (ellipse_extent, in float64 as gaussian_extent), the same operators.
+struct MD4;
+struct D4 {
+  vd4 v;
+  D4() = default;
+  D4(double x) : v(vd4{x, x, x, x}) {}
+  D4(int x) : D4(static_cast<double>(x)) {}
+  explicit D4(vd4 x) : v(x) {}
+  friend D4 operator+(D4 a, D4 b) { return D4(a.v + b.v); }
+  friend D4 operator-(D4 a, D4 b) { return D4(a.v - b.v); }
+  friend D4 operator*(D4 a, D4 b) { return D4(a.v * b.v); }
+  friend D4 operator/(D4 a, D4 b) { return D4(a.v / b.v); }
+  friend MD4 operator<(D4 a, D4 b);
+  friend MD4 operator>(D4 a, D4 b);
+};
+struct MD4 {
+  vl4 m;
+  friend MD4 operator&(MD4 a, MD4 b) { return MD4{a.m & b.m}; }
+  friend MD4 operator!(MD4 a) { return MD4{~a.m}; }
+};
+inline MD4 operator<(D4 a, D4 b) { return MD4{a.v < b.v}; }
+inline MD4 operator>(D4 a, D4 b) { return MD4{a.v > b.v}; }
+inline D4 select(MD4 m, D4 a, D4 b) { return D4(m.m ? a.v : b.v); }
+inline MD4 lfinite(D4 a) { return MD4{(a.v - a.v) == vd4{0, 0, 0, 0}}; }  // NaN and +-Inf give NaN
+inline D4 lsqrt(D4 a) {
+#if defined(STUDIO_BLEND_AVX2)
+  return D4(__builtin_ia32_sqrtpd256(a.v));
+#else
+  vd4 r;
+  for (int j = 0; j < 4; ++j) r[j] = std::sqrt(a.v[j]);
+  return D4(r);
+#endif
+}
+inline M8 lfinite(V8 a) { return M8{(a.v - a.v) == vsplat(0.0f)}; }  // NaN and +-Inf give NaN
+inline V8 lceil(V8 a) {
+#if defined(STUDIO_BLEND_AVX2)
+  return V8(__builtin_ia32_roundps256(a.v, 0x0A));  // _MM_FROUND_CEIL | _MM_FROUND_NO_EXC
+#else
+  vf8 r;
+  for (int j = 0; j < kLanes; ++j) r[j] = std::ceil(a.v[j]);
+  return V8(r);
+#endif
+}
+
 #include "project_math.h"
 
 // Transposed load: out[k] lane j = base[j * stride + k * step] for k < cnt, j < nv; lanes j >= nv repeat lane nv-1.
@@ -91,23 +136,45 @@ inline void project_forward_chunk(const studio_project::Camera<float>* cams, con
     gather_lanes(mp + n0 * 3, 3, 1, 3, nv, mean);
     gather_lanes(qp + n0 * 4, 4, 1, 4, nv, quat);
     gather_lanes(sp + n0 * 3, 3, 1, 3, nv, scale);
+    alignas(32) double thr[kLanes];  // gaussian_extent's reject threshold (per Gaussian)
+    alignas(32) float rk[kLanes];    // the radii's opacity term (per Gaussian)
+    V8 ov;
+    gather_lanes(op + n0, 1, 1, 1, nv, &ov);
+    for (int j = 0; j < kLanes; ++j) {
+      const float o = op[n0 + (j < nv ? j : nv - 1)];
+      thr[j] = extent_threshold(o);
+      rk[j] = studio_project::radius_log_term(o);
+    }
+    const V8 kv(vload<vf8>(rk));
     for (int64_t c = 0; c < C; ++c) {
       const auto& cam = cams[c];
       Projected<V8> pr;
       pr.compute(cam, mean, quat, scale, eps2d, near, far);
-      alignas(32) float mx[kLanes], my[kLanes], c0[kLanes], c1[kLanes], c2[kLanes], pz[kLanes], ca[kLanes],
-          cc[kLanes];
-      alignas(32) int32_t ind[kLanes], okd[kLanes];
+      alignas(32) float mx[kLanes], my[kLanes], c0[kLanes], c1[kLanes], c2[kLanes], pz[kLanes];
+      alignas(32) int32_t rx[kLanes], ry[kLanes];
       lanes_of(pr.mean2d[0], mx);
       lanes_of(pr.mean2d[1], my);
       lanes_of(pr.conic[0], c0);
       lanes_of(pr.conic[1], c1);
       lanes_of(pr.conic[2], c2);
       lanes_of(pr.p[2], pz);
-      lanes_of(pr.a, ca);
-      lanes_of(pr.c, cc);
-      lanes_of(pr.in_depth, ind);
-      lanes_of(pr.ok_det, okd);
+      {
+        V8 rxv, ryv;
+        const M8 keep = radii_lanes<V8>(pr.in_depth, pr.ok_det, pr.a, pr.c, pr.mean2d[0], pr.mean2d[1], ov, kv, W, H,
+                                        rxv, ryv);
+        // kept radii are finite and in [1, 4 max(W, H) + 16]: the truncation is static_cast<int32_t>'s
+        vstore(rx, __builtin_convertvector(select(keep, rxv, V8(0)).v, vi8));
+        vstore(ry, __builtin_convertvector(select(keep, ryv, V8(0)).v, vi8));
+      }
+      alignas(32) double ex[kLanes], ey[kLanes];  // gaussian_extent's half extents, in float64, 4 lanes at a time
+      for (int h = 0; h < 2; ++h) {
+        const auto half = [h](const V8& x) { return D4(h == 0 ? lo_d(x.v) : hi_d(x.v)); };
+        D4 hx, hy;
+        ellipse_extent<D4>(D4(vload<vd4>(thr + 4 * h)), half(pr.conic[0]), half(pr.conic[1]), half(pr.conic[2]),
+                           half(pr.mean2d[0]), half(pr.mean2d[1]), hx, hy);
+        vstore(ex + 4 * h, hx.v);
+        vstore(ey + 4 * h, hy.v);
+      }
       for (int j = 0; j < nv; ++j) {
         const int64_t n = n0 + j, g = c * N + n;
         m2[g * 2] = mx[j];
@@ -117,9 +184,11 @@ inline void project_forward_chunk(const studio_project::Camera<float>* cams, con
         cn[g * 3 + 2] = c2[j];
         dp[g] = pz[j];
         oc[g] = op[n];
-        studio_project::radii_of<float>(ind[j] != 0, okd[j] != 0, ca[j], cc[j], mx[j], my[j], op[n], W, H,
-                                        rp + g * 2);
-        gaussian_extent<float>(op[n], c0[j], c1[j], c2[j], mx[j], my[j], ep + g * 3);
+        rp[g * 2] = rx[j];
+        rp[g * 2 + 1] = ry[j];
+        ep[g * 3] = thr[j];
+        ep[g * 3 + 1] = ex[j];
+        ep[g * 3 + 2] = ey[j];
         if (f.depth_mode != 0) fp[g * Dt + Dt - 1] = pz[j];
       }
       if (f.depth_mode == 2) continue;
@@ -251,9 +320,12 @@ inline void project_backward_chunk(const studio_project::Camera<float>* cams, co
       for (int k = 0; k < 9; ++k) lanes_of(gR[k], cg[k]);
       for (int k = 0; k < 3; ++k) lanes_of(gt[k], cg[9 + k]);
       double* pc = part + c * 12;
+      double acc[12];
+      std::copy(pc, pc + 12, acc);
       for (int j = 0; j < nv; ++j)
         if (act[j])
-          for (int k = 0; k < 12; ++k) pc[k] += cg[k][j];
+          for (int k = 0; k < 12; ++k) acc[k] += cg[k][j];
+      std::copy(acc, acc + 12, pc);
     }
     alignas(32) float buf[4][kLanes];
     for (int k = 0; k < 3; ++k) lanes_of(am[k], buf[k]);

@@ -223,21 +223,15 @@ constexpr int kBox = 4;  // x0, x1, y0, y1: inclusive pixel box inside the tile
 // sqrt(2 thr Sigma_xx) + 1 and sqrt(2 thr Sigma_yy) + 1 with Sigma = conic^-1 (NaN where anything is degenerate:
 // the box falls back to the whole tile). out = {thr, ex, ey}.
 template <typename scalar_t>
+inline double extent_threshold(scalar_t ok) {
+  return ok > scalar_t(0) ? std::log(static_cast<double>(ok) / kAlphaMin) + kRejectMargin
+                          : (ok <= scalar_t(0) ? -std::numeric_limits<double>::infinity() : static_cast<double>(ok));
+}
+template <typename scalar_t>
 inline void gaussian_extent(scalar_t ok, scalar_t a, scalar_t b, scalar_t c, scalar_t mx, scalar_t my, double* out) {
-  const double thr_d = ok > scalar_t(0) ? std::log(static_cast<double>(ok) / kAlphaMin) + kRejectMargin
-                       : (ok <= scalar_t(0) ? -std::numeric_limits<double>::infinity() : static_cast<double>(ok));
+  const double thr_d = extent_threshold(ok);
   out[0] = thr_d;
-  out[1] = out[2] = std::numeric_limits<double>::quiet_NaN();
-  if (thr_d < 0) return;
-  const double ad = a, bd = b, cd = c, det = ad * cd - bd * bd;
-  if (det > 0 && ad > 0 && std::isfinite(thr_d)) {
-    const double ex = std::sqrt(2.0 * thr_d * cd / det) + 1.0, ey = std::sqrt(2.0 * thr_d * ad / det) + 1.0;
-    if (std::isfinite(ex) && std::isfinite(ey) && std::isfinite(static_cast<double>(mx)) &&
-        std::isfinite(static_cast<double>(my))) {
-      out[1] = ex;
-      out[2] = ey;
-    }
-  }
+  studio_project::ellipse_extent<double>(thr_d, a, b, c, mx, my, out[1], out[2]);
 }
 
 // Structure-of-arrays copy of one tile's list: mx, my, a, b, c, o, reject threshold, colours
@@ -620,43 +614,7 @@ void dispatch_channels(int64_t D, F&& f) {
 // changes no result. More elongated conics keep gaussian_extent's box; degenerate ones the whole image.
 constexpr int kPack = 16;
 
-void pack_gaussians(const float* m2, const float* cn, const float* oc, const float* ft, const double* ep,
-                    int64_t CN, int64_t D, int W, int H, float* out) {
-  studio_parallel::run((CN + 1023) / 1024, [&](const Claim& next) {
-    for (int64_t ch; next(ch);) {
-      for (int64_t g = ch * 1024; g < std::min(CN, (ch + 1) * 1024); ++g) {
-        float* R = out + g * kPack;
-        const float mx = m2[g * 2], my = m2[g * 2 + 1], a = cn[g * 3], b = cn[g * 3 + 1], c = cn[g * 3 + 2];
-        R[0] = mx; R[1] = my; R[2] = a; R[3] = b; R[4] = c; R[5] = oc[g];
-        const double thr = ep[g * 3];
-        R[6] = static_cast<float>(thr);
-        int32_t box[4] = {0, W - 1, 0, H - 1};
-        if (thr < 0) {
-          box[0] = 1; box[1] = 0;
-        } else if (std::isfinite(ep[g * 3 + 1])) {  // (then det > 0, a > 0, thr and the mean finite)
-          double ex = ep[g * 3 + 1], ey = ep[g * 3 + 2];
-          const double ad = a, bd = b, cd = c, det = ad * cd - bd * bd;
-          if (ad * cd <= 1e6 * det) {
-            ex = std::sqrt(2.0 * thr * cd / det) + 1e-3;
-            ey = std::sqrt(2.0 * thr * ad / det) + 1e-3;
-          }
-          const double jx0 = std::max(std::ceil(mx - ex - 0.5), 0.0);
-          const double jx1 = std::min(std::floor(mx + ex - 0.5), static_cast<double>(W - 1));
-          const double jy0 = std::max(std::ceil(my - ey - 0.5), 0.0);
-          const double jy1 = std::min(std::floor(my + ey - 0.5), static_cast<double>(H - 1));
-          if (jx0 > jx1 || jy0 > jy1) {
-            box[0] = 1; box[1] = 0;
-          } else {
-            box[0] = static_cast<int32_t>(jx0); box[1] = static_cast<int32_t>(jx1);
-            box[2] = static_cast<int32_t>(jy0); box[3] = static_cast<int32_t>(jy1);
-          }
-        }
-        std::memcpy(R + 7, box, sizeof(box));
-        for (int64_t d = 0; d < kPack - 11; ++d) R[11 + d] = d < D ? ft[g * D + d] : 0.0f;
-      }
-    }
-  });
-}
+// pack_gaussians (blend_simd.h, in both builds; pack_records below picks one) writes the records.
 
 // ---------------------------------------------------------------------------------------------
 // Vectorised blend of the fused path (blend_simd.h): an AVX2+FMA build and a baseline build, chosen at
@@ -699,6 +657,19 @@ Blend blend_choice() {
   if (env != nullptr && (std::strcmp(env, "scalar") == 0 || std::strcmp(env, "0") == 0)) return Blend::kScalar;
   if (env != nullptr && std::strcmp(env, "generic") == 0) return Blend::kGeneric;
   return cpu_has_avx2() ? Blend::kAvx2 : Blend::kScalar;
+}
+
+// The packed records in the build of the blend that reads them (the AVX2 build's ceil / floor are single
+// instructions); both builds compute the same records.
+void pack_records(Blend choice, const float* m2, const float* cn, const float* oc, const float* ft, const double* ep,
+                  int64_t CN, int64_t D, int W, int H, float* out) {
+#ifdef STUDIO_HAVE_AVX2_BUILD
+  if (choice == Blend::kAvx2) {
+    blend_avx2::pack_gaussians(m2, cn, oc, ft, ep, CN, D, W, H, out);
+    return;
+  }
+#endif
+  blend_generic::pack_gaussians(m2, cn, oc, ft, ep, CN, D, W, H, out);
 }
 
 std::string simd_isa() {
@@ -1143,7 +1114,7 @@ std::vector<at::Tensor> render_forward(at::Tensor means, at::Tensor quats, at::T
       if ((Dt == 1 || Dt == 3 || Dt == 4) && blend_choice() != Blend::kScalar) {
         // the vector blend's packed records, kept for the backward (keep_lists) in the first kept slot
         keep_soa = at::empty({C * N * kPack}, fopt);
-        pack_gaussians(means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(),
+        pack_records(blend_choice(), means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(),
                        feats.data_ptr<float>(), ext.data_ptr<double>(), C * N, Dt, W, H, keep_soa.data_ptr<float>());
         p.packed = keep_soa.data_ptr<float>();
       }
@@ -1214,7 +1185,7 @@ std::vector<at::Tensor> render_backward(at::Tensor means, at::Tensor quats, at::
       if ((Dt == 1 || Dt == 3 || Dt == 4) && blend_choice() != Blend::kScalar) {
         if (packed.numel() != C * N * kPack) {  // not kept by the forward (it ran the scalar blend): pack now
           packed = at::empty({C * N * kPack}, fopt);
-          pack_gaussians(means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(),
+          pack_records(blend_choice(), means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(),
                          feats.data_ptr<float>(), ext.data_ptr<double>(), C * N, Dt, W, H, packed.data_ptr<float>());
         }
         TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous(), "kept records do not match");
