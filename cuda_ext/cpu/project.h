@@ -18,14 +18,32 @@
 #include <limits>
 #include <utility>
 
+// Device use (cuda_ext/cuda/project_kernels.cuh): under nvcc every function here and in project_math.h is
+// __host__ __device__ (STUDIO_HD) and the scalar lanes call the CUDA maths functions; for plain C++ STUDIO_HD is
+// empty and the scalar lanes are the std:: functions, so the CPU builds are unchanged.
+#ifndef STUDIO_HD
+#if defined(__CUDACC__)
+#define STUDIO_HD __host__ __device__
+#else
+#define STUDIO_HD
+#endif
+#endif
+
 namespace studio_project {
 
 constexpr double kShC0 = 0.28209479177387814;
 constexpr double kShC1 = 0.4886025119029199;
-constexpr double kShC2[5] = {1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792,
-                             0.5462742152960396};
-constexpr double kShC3[7] = {-0.5900435899266435, 2.890611442640554,  -0.4570457994644658, 0.3731763325901154,
-                             -0.4570457994644658, 1.445305721320277, -0.5900435899266435};
+// The degree-2 and -3 coefficients as functions (a namespace-scope array is not usable in device code).
+STUDIO_HD constexpr double kShC2(int i) {
+  constexpr double c[5] = {1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792,
+                           0.5462742152960396};
+  return c[i];
+}
+STUDIO_HD constexpr double kShC3(int i) {
+  constexpr double c[7] = {-0.5900435899266435, 2.890611442640554,  -0.4570457994644658, 0.3731763325901154,
+                           -0.4570457994644658, 1.445305721320277, -0.5900435899266435};
+  return c[i];
+}
 
 // One camera: world-to-camera rotation R (row-major) and translation t, pinhole intrinsics, the Jacobian clamp
 // limits of project_gaussians and the camera centre -R^T t.
@@ -33,7 +51,7 @@ template <typename S>
 struct Camera {
   S R[9], t[3], fx, fy, cx, cy, limxp, limxn, limyp, limyn, centre[3];
 
-  void load(const S* viewmat, const S* K, int W, int H) {
+  STUDIO_HD void load(const S* viewmat, const S* K, int W, int H) {
     for (int i = 0; i < 3; ++i) {
       for (int j = 0; j < 3; ++j) R[i * 3 + j] = viewmat[i * 4 + j];
       t[i] = viewmat[i * 4 + 3];
@@ -51,39 +69,53 @@ struct Camera {
   }
 };
 
-// Scalar lanes for project_math.h: one (camera, Gaussian) at a time.
+// Scalar lanes for project_math.h: one (camera, Gaussian) at a time. lmin / lmax are std::min / std::max
+// written out ((b < a) ? b : a, (a < b) ? b : a: the same results, usable in device code).
 template <typename S>
-inline S select(bool m, S a, S b) {
+STUDIO_HD inline S select(bool m, S a, S b) {
   return m ? a : b;
 }
 template <typename S>
-inline S lmin(S a, S b) {
-  return std::min(a, b);
+STUDIO_HD inline S lmin(S a, S b) {
+  return (b < a) ? b : a;
 }
 template <typename S>
-inline S lmax(S a, S b) {
-  return std::max(a, b);
+STUDIO_HD inline S lmax(S a, S b) {
+  return (a < b) ? b : a;
 }
+#if defined(__CUDA_ARCH__)
+__device__ inline float lsqrt(float x) { return ::sqrtf(x); }
+__device__ inline double lsqrt(double x) { return ::sqrt(x); }
+__device__ inline float lceil(float x) { return ::ceilf(x); }
+__device__ inline double lceil(double x) { return ::ceil(x); }
+__device__ inline bool lfinite(float x) { return ::isfinite(x); }
+__device__ inline bool lfinite(double x) { return ::isfinite(x); }
+__device__ inline float llog(float x) { return ::logf(x); }
+__device__ inline double llog(double x) { return ::log(x); }
+#else
 inline float lsqrt(float x) { return std::sqrt(x); }
 inline double lsqrt(double x) { return std::sqrt(x); }
 inline float lceil(float x) { return std::ceil(x); }
 inline double lceil(double x) { return std::ceil(x); }
 inline bool lfinite(float x) { return std::isfinite(x); }
 inline bool lfinite(double x) { return std::isfinite(x); }
+inline float llog(float x) { return std::log(x); }
+inline double llog(double x) { return std::log(x); }
+#endif
 
 #include "project_math.h"
 
 // The opacity term of the radii, 2 ln(max(o / (1/255), 1)) (radii_lanes' k): one log per Gaussian.
 template <typename S>
-inline S radius_log_term(S o) {
-  return S(2) * std::log(std::max(o / S(1.0 / 255.0), S(1)));
+STUDIO_HD inline S radius_log_term(S o) {
+  return S(2) * llog(lmax(o / S(1.0 / 255.0), S(1)));
 }
 
 // Opacity-aware integer radii (0 = culled), as project_gaussians computes them under no_grad, from one lane of
 // a projection (radii_lanes): the depth and determinant tests, the 2D covariance diagonal (a, c) and the projected
 // centre.
 template <typename S>
-inline void radii_of(bool in_depth, bool ok_det, S a, S c, S mx, S my, S o, int W, int H, int32_t* out) {
+STUDIO_HD inline void radii_of(bool in_depth, bool ok_det, S a, S c, S mx, S my, S o, int W, int H, int32_t* out) {
   S rx, ry;
   const bool keep = radii_lanes<S>(in_depth, ok_det, a, c, mx, my, o, radius_log_term(o), W, H, rx, ry);
   out[0] = keep ? static_cast<int32_t>(rx) : 0;

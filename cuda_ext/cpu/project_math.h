@@ -14,6 +14,11 @@
 // both sides are computed and each lane keeps the side its condition picks, so a lane gets exactly the value the
 // branch would have given it (same operations, same order).
 
+// STUDIO_HD (project.h): __host__ __device__ under nvcc, empty for plain C++ (the vector builds).
+#ifndef STUDIO_HD
+#define STUDIO_HD
+#endif
+
 template <typename L>
 using lane_mask_t = decltype(std::declval<L>() > std::declval<L>());
 
@@ -23,7 +28,7 @@ struct Rot {
   using M = lane_mask_t<L>;
   L q[4], inv_norm, Rq[9];
   M clamped;
-  void compute(const L* quat) {
+  STUDIO_HD void compute(const L* quat) {
     const L n = lsqrt(quat[0] * quat[0] + quat[1] * quat[1] + quat[2] * quat[2] + quat[3] * quat[3]);
     clamped = !(n > L(1e-12));
     inv_norm = L(1) / select(clamped, L(1e-12), n);
@@ -34,7 +39,7 @@ struct Rot {
     Rq[6] = 2 * (x * z - w * y);     Rq[7] = 2 * (y * z + w * x);     Rq[8] = 1 - 2 * (x * x + y * y);
   }
   // d loss / d quat (raw) from d loss / d Rq.
-  void backward(const L* gR, L* gquat) const {
+  STUDIO_HD void backward(const L* gR, L* gquat) const {
     const L w = q[0], x = q[1], y = q[2], z = q[3];
     L g[4];
     g[0] = 2 * (-z * gR[1] + y * gR[2] + z * gR[3] - x * gR[5] - y * gR[6] + x * gR[7]);
@@ -66,7 +71,7 @@ struct Projected {
   L conic[3], mean2d[2];
 
   template <typename S>
-  void compute(const studio_project::Camera<S>& cam, const L* mean, const L* quat, const L* scale, S eps2d, S near,
+  STUDIO_HD void compute(const studio_project::Camera<S>& cam, const L* mean, const L* quat, const L* scale, S eps2d, S near,
                S far) {
     rot.compute(quat);
     for (int i = 0; i < 3; ++i)
@@ -118,7 +123,7 @@ struct Projected {
 
   // Gradients of (mean2d, conic, depth) into mean, quat, scale (accumulated) and the camera's R, t (accumulated).
   template <typename S>
-  void backward(const studio_project::Camera<S>& cam, const L* mean, const L* scale, const L* gm2d, const L* gconic,
+  STUDIO_HD void backward(const studio_project::Camera<S>& cam, const L* mean, const L* scale, const L* gm2d, const L* gconic,
                 L gdepth, L* gmean, L* gquat, L* gscale, L* gR, L* gt) const {
     const S* R = cam.R;
     L gp[3] = {L(0), L(0), gdepth};
@@ -207,7 +212,7 @@ struct Projected {
 // Real SH basis of degree deg at the unit direction (x, y, z): out[K], and when grad != nullptr the
 // derivatives d basis_k / d(x, y, z) in grad[3 * k ..].
 template <typename L>
-inline void sh_basis(int deg, L x, L y, L z, L* out, L* grad) {
+STUDIO_HD inline void sh_basis(int deg, L x, L y, L z, L* out, L* grad) {
   out[0] = L(studio_project::kShC0);
   if (grad) grad[0] = grad[1] = grad[2] = L(0);
   if (deg < 1) return;
@@ -224,7 +229,7 @@ inline void sh_basis(int deg, L x, L y, L z, L* out, L* grad) {
   if (deg < 2) return;
   const L xx = x * x, yy = y * y, zz = z * z, xy = x * y, yz = y * z, xz = x * z;
   L c2[5];
-  for (int i = 0; i < 5; ++i) c2[i] = L(studio_project::kShC2[i]);
+  for (int i = 0; i < 5; ++i) c2[i] = L(studio_project::kShC2(i));
   out[4] = c2[0] * xy;
   out[5] = c2[1] * yz;
   out[6] = c2[2] * (2 * zz - xx - yy);
@@ -240,7 +245,7 @@ inline void sh_basis(int deg, L x, L y, L z, L* out, L* grad) {
   }
   if (deg < 3) return;
   L c3[7];
-  for (int i = 0; i < 7; ++i) c3[i] = L(studio_project::kShC3[i]);
+  for (int i = 0; i < 7; ++i) c3[i] = L(studio_project::kShC3(i));
   out[9] = c3[0] * y * (3 * xx - yy);
   out[10] = c3[1] * xy * z;
   out[11] = c3[2] * y * (4 * zz - xx - yy);
@@ -267,14 +272,14 @@ struct ShDir {
   L v[3], d[3], inv;
   M clamped;
   template <typename S>
-  void compute(const L* mean, const S* centre) {
+  STUDIO_HD void compute(const L* mean, const S* centre) {
     for (int i = 0; i < 3; ++i) v[i] = mean[i] - centre[i];
     const L n = lsqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
     clamped = !(n > L(1e-12));
     inv = L(1) / select(clamped, L(1e-12), n);
     for (int i = 0; i < 3; ++i) d[i] = v[i] * inv;
   }
-  void backward(const L* gd, L* gv) const {
+  STUDIO_HD void backward(const L* gd, L* gv) const {
     const L dot = d[0] * gd[0] + d[1] * gd[1] + d[2] * gd[2];
     for (int i = 0; i < 3; ++i) gv[i] = select(clamped, gd[i] * inv, (gd[i] - d[i] * dot) * inv);
   }
@@ -300,13 +305,13 @@ inline void ellipse_extent(L thr, L a, L b, L c, L mx, L my, L& ex, L& ey) {
 // 4 max(W, H) + 16, from the depth and determinant tests, the 2D covariance diagonal (a, c), the projected centre,
 // the opacity o and its term k = radius_log_term(o) (project.h).
 template <typename L>
-inline lane_mask_t<L> radii_lanes(lane_mask_t<L> in_depth, lane_mask_t<L> ok_det, L a, L c, L mx, L my, L o, L k,
+STUDIO_HD inline lane_mask_t<L> radii_lanes(lane_mask_t<L> in_depth, lane_mask_t<L> ok_det, L a, L c, L mx, L my, L o, L k,
                                   int W, int H, L& rx_out, L& ry_out) {
   const auto visible = o >= L(1.0 / 255.0);
   const L rx = lceil(lsqrt(k * lmax(a, L(0))) + L(1));
   const L ry = lceil(lsqrt(k * lmax(c, L(0))) + L(1));
   const auto on = (mx + rx > L(0)) & (mx - rx < L(W)) & (my + ry > L(0)) & (my - ry < L(H));
-  const L big = L(4 * std::max(W, H) + 16);
+  const L big = L(4 * (W < H ? H : W) + 16);  // std::max(W, H)
   rx_out = lmin(rx, big);
   ry_out = lmin(ry, big);
   return in_depth & ok_det & visible & on & lfinite(rx) & lfinite(ry);
