@@ -53,6 +53,8 @@ FRAME_RATE = 8
 def prompt_set(name: str) -> list[str]:
     if name == "one":
         return ["a red ball moving left"]
+    if name == "signs":  # probe: one object, the two directions of each axis (what the teacher confuses)
+        return ["a red ball moving left", "a red ball moving right", "a red ball moving up", "a red ball moving down"]
     if name == "static":
         return video_prompts(cameras=["static"])
     if name == "static-full":
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--p-empty", type=float, default=0.1)
     ap.add_argument("--s-mean", type=float, default=0.0, help="mean of the logit-normal noise-level density")
-    ap.add_argument("--prompts", choices=("one", "static", "static-full", "default", "full"), default="static")
+    ap.add_argument("--prompts", choices=("one", "signs", "static", "static-full", "default", "full"), default="static")
     ap.add_argument("--background", choices=("stripes", "plain"), default="stripes")
     ap.add_argument("--radius-scale", type=float, default=1.0)
     ap.add_argument("--text", choices=("clip", "fixed"), default="clip")
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
         p = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
-    eval_base = prompts if args.prompts == "one" else prompt_set("static")  # read-outs: the 21 static prompts
+    eval_base = prompts if args.prompts in ("one", "signs") else prompt_set("static")  # read-outs: the 21 static prompts
     eval_prompts = [p for p in eval_base for _ in range(args.eval_prompts)]
     if len(eval_prompts) < 8:
         eval_prompts = [p for p in prompts for _ in range(8)]
