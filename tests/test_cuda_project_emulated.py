@@ -13,7 +13,8 @@ rounding along a chain of a few dozen operations (the longest: the viewmat gradi
 backward, ~60), amplified a little by cancellation (det = ac - b^2 with eps2d = 0.3 keeps it mild). We allow
 128 units in the last place of the kernel's float type, relative to each output's largest entry:
 2^-16 (1.5e-5) for float32, 2^-45 (2.8e-14) for float64. Upstream gradients are zero where the reference culls
-(radii 0), as the blend gives them; the kernel skips those (camera, Gaussian) pairs.
+(radii 0), as the blend gives them, except the depths output's (any pair); the kernel skips culled pairs but for
+their depth gradient.
 """
 from __future__ import annotations
 
@@ -143,11 +144,14 @@ def test_emulated_projection_matches_torch(project_emulator, tmp_path, case, dt)
     assert N // 3 < int(kept.sum()) < C * N  # most visible, some culled
     g = torch.Generator().manual_seed(11)
     ups = {}
-    for name, out in (("v_means2d", "means2d"), ("v_conics", "conics"), ("v_feats", "feats"), ("v_opac", "opac")):
+    for name, out in (("v_means2d", "means2d"), ("v_conics", "conics"), ("v_feats", "feats"), ("v_opac", "opac"),
+                      ("v_depths", "depths")):
         u = torch.randn(ref[out].shape, generator=g, dtype=torch.float64).to(torch.float32).to(torch.float64)
-        ups[name] = u * (kept[..., None] if u.dim() == 3 else kept)  # the blend gives culled pairs nothing
+        # the blend gives culled pairs nothing; the depths output (sorting, meta) may carry a gradient anywhere
+        ups[name] = u if name == "v_depths" else u * (kept[..., None] if u.dim() == 3 else kept)
     loss = sum((ref[o] * ups[u]).sum() for u, o in (("v_means2d", "means2d"), ("v_conics", "conics"),
-                                                    ("v_feats", "feats"), ("v_opac", "opac")))
+                                                    ("v_feats", "feats"), ("v_opac", "opac"),
+                                                    ("v_depths", "depths")))
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
     if depth_mode == 2:  # depth only: the colours are not used
         assert grads.pop("colors") is None
@@ -184,6 +188,81 @@ def test_project_sources_compile_standalone_text():
         for bad in ("torch/", "ATen/", "pybind11", "c10/"):
             assert bad not in text, f"{name} mentions {bad}"
     assert '#include "../cpu/project.h"' in (CUDA_DIR / "project_kernels.cuh").read_text()
+
+
+# --------------------------------------------------------------------------------------- with a GPU
+
+GPU_CASES = {
+    # name: N, D, C, W, H, dtype, sh_degree, per_cam, background, render_mode
+    "rgb_bg": (300, 3, 2, 64, 48, torch.float32, None, False, True, "RGB"),
+    "sh3": (300, 3, 2, 50, 40, torch.float32, 3, False, False, "RGB"),
+    "sh2_percam_rgbd": (250, 3, 2, 48, 40, torch.float32, 2, True, True, "RGB+D"),
+    "depth_only": (200, 3, 1, 40, 32, torch.float32, None, False, False, "ED"),
+    "float64_sh1": (200, 3, 2, 40, 32, torch.float64, 1, False, True, "RGB"),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_cuda_fused_projection_matches_torch_projection(case, monkeypatch):
+    """backend="cuda" with $STUDIO_CUDA_FUSED_PROJECTION=1 (CUDA projection + SH) against =0 (torch projection),
+    same CUDA blend: forward and every gradient, viewmats included."""
+    from studio.render import rasterize_gaussians
+    from studio.render._gaussians_ext import cuda as _cuda
+
+    assert _cuda.available(), f"CUDA extension failed to build/load: {_cuda.load_error()}"
+    N, D, C, W, H, dtype, sh, per_cam, has_bg, mode = GPU_CASES[case]
+    from studio.cameras import orbit_cameras
+
+    g = torch.Generator().manual_seed(5)
+    s = dict(means=torch.randn(N, 3, generator=g) * 0.4, quats=torch.randn(N, 4, generator=g),
+             scales=torch.rand(N, 3, generator=g) * 0.12 + 0.02, opacities=torch.rand(N, generator=g) * 0.9 + 0.05)
+    lead = [C] if per_cam else []
+    s["colors"] = (torch.randn(*lead, N, (sh + 1) ** 2, D, generator=g) * 0.3 if sh is not None
+                   else torch.rand(*lead, N, D, generator=g))
+    s = {k: v.to("cuda", dtype) for k, v in s.items()}
+    cams = orbit_cameras(torch.linspace(0, 30, C), torch.linspace(0, 120, C), 2.5, 50.0, W, H)
+    V, K = cams.viewmats.to("cuda", dtype), cams.Ks.to("cuda", dtype)
+    bg = torch.rand(C, D, device="cuda", dtype=dtype) if has_bg else None
+
+    def run(flag):
+        monkeypatch.setenv("STUDIO_CUDA_FUSED_PROJECTION", flag)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in s.items()}
+        vm = V.clone().requires_grad_(True)
+        r, a, meta = rasterize_gaussians(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"],
+                                         leaves["colors"], vm, K, W, H, sh_degree=sh, backgrounds=bg,
+                                         render_mode=mode, backend="cuda")
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        loss = (r * torch.randn(r.shape, generator=gen, device="cuda", dtype=dtype)).sum()
+        loss = loss + (a * torch.randn(a.shape, generator=gen, device="cuda", dtype=dtype)).sum()
+        loss.backward()
+        grads = {k: v.grad for k, v in leaves.items()}
+        grads["viewmats"] = vm.grad
+        return r.detach(), a.detach(), grads, meta
+
+    r_f, a_f, g_f, meta_f = run("1")
+    r_t, a_t, g_t, meta_t = run("0")
+    assert meta_f["backend"] == "cuda" and meta_f["n_isects"] > 0
+    assert int((meta_f["radii"] != meta_t["radii"]).any(-1).sum()) <= 2  # ceil() at an integer: rare, +-1
+    f32 = dtype == torch.float32
+    atol = 1e-4 if f32 else 1e-10
+    torch.testing.assert_close(r_f, r_t, atol=atol, rtol=0)
+    torch.testing.assert_close(a_f, a_t, atol=atol, rtol=0)
+    tol = 2e-3 if f32 else 1e-8  # the blend's atomics reorder sums; as in test_cuda_compile's GPU test
+    for k, ref in g_t.items():
+        assert g_f[k] is not None, k
+        rel = ((g_f[k] - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        assert rel < tol, f"{case}: grad {k} rel err {rel:.3g}"
+
+
+def test_cuda_fused_projection_flag_off_by_default(monkeypatch):
+    from studio.render._gaussians_ext import CUDA_SOURCES, cuda_fused_projection_enabled
+
+    monkeypatch.delenv("STUDIO_CUDA_FUSED_PROJECTION", raising=False)
+    assert cuda_fused_projection_enabled() is False
+    monkeypatch.setenv("STUDIO_CUDA_FUSED_PROJECTION", "1")
+    assert cuda_fused_projection_enabled() is True
+    assert "cuda/project.cu" in CUDA_SOURCES
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,5 +1,6 @@
 // Torch extension "studio_cuda_raster": allocates tensors, picks the current CUDA stream and calls the
-// plain launchers declared in raster.h (implemented in binning.cu, raster_fwd.cu, raster_bwd.cu).
+// plain launchers declared in raster.h (implemented in binning.cu, raster_fwd.cu, raster_bwd.cu) and
+// project_args.h (project.cu: projection + SH, forward and backward).
 // Built only where torch has CUDA (studio.render._cuda, via studio.ext.load).
 #include <torch/extension.h>
 
@@ -9,7 +10,9 @@
 #include <climits>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
+#include "project_args.h"
 #include "raster.h"
 
 namespace {
@@ -289,6 +292,168 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rasterize_backward(
     return {v_means2d, v_conics, v_colors, v_opacities};
 }
 
+// ------------------------------------------------------------------------ projection + SH (project.cu)
+
+// Shapes of the projection's inputs (see project_kernels.cuh), checked; fills the sizes of a.
+template <typename S>
+studio_cuda::ProjectArgs<S> project_args(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                         const Tensor& opacities, const Tensor& colors, const Tensor& viewmats,
+                                         const Tensor& Ks, int64_t width, int64_t height, int64_t sh_degree,
+                                         int64_t depth_mode, double near_plane, double far_plane, double eps2d) {
+    check_input(means, "means", 2);
+    check_input(quats, "quats", 2);
+    check_input(scales, "scales", 2);
+    check_input(opacities, "opacities", 1);
+    check_input(viewmats, "viewmats", 3);
+    check_input(Ks, "Ks", 3);
+    TORCH_CHECK(colors.is_cuda() && colors.is_contiguous(), "colors must be a contiguous CUDA tensor");
+    const int64_t N = means.size(0), C = viewmats.size(0);
+    TORCH_CHECK(means.size(1) == 3 && scales.size(1) == 3 && scales.size(0) == N, "means and scales must be [N,3]");
+    TORCH_CHECK(quats.size(0) == N && quats.size(1) == 4, "quats must be [N,4]");
+    TORCH_CHECK(opacities.size(0) == N, "opacities must be [N]");
+    TORCH_CHECK(viewmats.size(1) == 4 && viewmats.size(2) == 4, "viewmats must be [C,4,4]");
+    TORCH_CHECK(Ks.size(0) == C && Ks.size(1) == 3 && Ks.size(2) == 3, "Ks must be [C,3,3]");
+    TORCH_CHECK(sh_degree >= -1 && sh_degree <= 3, "sh_degree must be -1 (features) or 0..3, got ", sh_degree);
+    TORCH_CHECK(depth_mode >= 0 && depth_mode <= 2, "depth_mode must be 0, 1 or 2, got ", depth_mode);
+    TORCH_CHECK(width > 0 && height > 0, "width and height must be positive");
+    TORCH_CHECK(C * N < INT_MAX, "too many Gaussians x cameras for int32 ids");
+    for (const Tensor* t : {&quats, &scales, &opacities, &colors, &viewmats, &Ks}) check_float(*t, "input", means);
+    const int64_t base = sh_degree < 0 ? 2 : 3;
+    TORCH_CHECK(colors.dim() == base || colors.dim() == base + 1, "colors must be ",
+                sh_degree < 0 ? "[N,D] or [C,N,D]" : "[N,K,D] or [C,N,K,D]", ", got ", colors.dim(), " dims");
+    const bool per_cam = colors.dim() == base + 1;
+    TORCH_CHECK(!per_cam || colors.size(0) == C, "per-camera colors must have C rows");
+    TORCH_CHECK(colors.size(per_cam ? 1 : 0) == N, "colors must have N Gaussians");
+    const int64_t Kp = sh_degree < 0 ? 1 : colors.size(-2);
+    TORCH_CHECK(sh_degree < 0 || Kp >= (sh_degree + 1) * (sh_degree + 1),
+                "colors has fewer SH coefficients than sh_degree needs");
+    studio_cuda::ProjectArgs<S> a;
+    a.means = means.data_ptr<S>();
+    a.quats = quats.data_ptr<S>();
+    a.scales = scales.data_ptr<S>();
+    a.opacities = opacities.data_ptr<S>();
+    a.colors = colors.data_ptr<S>();
+    a.viewmats = viewmats.data_ptr<S>();
+    a.Ks = Ks.data_ptr<S>();
+    a.C = int(C);
+    a.N = int(N);
+    a.D = int(colors.size(-1));
+    a.Kp = int(Kp);
+    a.sh = int(sh_degree);
+    a.depth_mode = int(depth_mode);
+    a.per_cam = per_cam ? 1 : 0;
+    a.width = int(width);
+    a.height = int(height);
+    a.eps2d = S(eps2d);
+    a.near_plane = S(near_plane);
+    a.far_plane = S(far_plane);
+    return a;
+}
+
+// -> (means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N,2] int32, feats [C,N,Dt], opac [C,N])
+template <typename S>
+std::vector<Tensor> project_forward_typed(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                          const Tensor& opacities, const Tensor& colors, const Tensor& viewmats,
+                                          const Tensor& Ks, int64_t width, int64_t height, int64_t sh_degree,
+                                          int64_t depth_mode, double near_plane, double far_plane, double eps2d) {
+    auto a = project_args<S>(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
+                             depth_mode, near_plane, far_plane, eps2d);
+    const int64_t C = a.C, N = a.N, Dt = studio_cuda::project_out_dim(a.D, a.depth_mode);
+    auto fo = means.options();
+    Tensor means2d = torch::empty({C, N, 2}, fo), conics = torch::empty({C, N, 3}, fo);
+    Tensor depths = torch::empty({C, N}, fo), feats = torch::empty({C, N, Dt}, fo), opac = torch::empty({C, N}, fo);
+    Tensor radii = torch::empty({C, N, 2}, fo.dtype(torch::kInt32));
+    a.means2d = means2d.data_ptr<S>();
+    a.conics = conics.data_ptr<S>();
+    a.depths = depths.data_ptr<S>();
+    a.radii = radii.data_ptr<int32_t>();
+    a.feats = feats.data_ptr<S>();
+    a.opac = opac.data_ptr<S>();
+    STUDIO_CUDA_OK(studio_cuda::project_forward(a, c10::cuda::getCurrentCUDAStream().stream()));
+    return {means2d, conics, depths, radii, feats, opac};
+}
+
+std::vector<Tensor> project_forward(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                    const Tensor& opacities, const Tensor& colors, const Tensor& viewmats,
+                                    const Tensor& Ks, int64_t width, int64_t height, int64_t sh_degree,
+                                    int64_t depth_mode, double near_plane, double far_plane, double eps2d) {
+    const c10::cuda::CUDAGuard guard(means.device());
+    TORCH_CHECK(means.scalar_type() == torch::kFloat32 || means.scalar_type() == torch::kFloat64,
+                "means must be float32 or float64");
+    if (means.scalar_type() == torch::kFloat64)
+        return project_forward_typed<double>(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                             sh_degree, depth_mode, near_plane, far_plane, eps2d);
+    return project_forward_typed<float>(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                        sh_degree, depth_mode, near_plane, far_plane, eps2d);
+}
+
+// v_depths: [C,N] or empty (no gradient on the depths output).
+// -> (v_means [N,3], v_quats [N,4], v_scales [N,3], v_opacities [N], v_colors (colors' shape), v_viewmats [C,4,4])
+template <typename S>
+std::vector<Tensor> project_backward_typed(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                           const Tensor& opacities, const Tensor& colors, const Tensor& viewmats,
+                                           const Tensor& Ks, const Tensor& radii, const Tensor& v_means2d,
+                                           const Tensor& v_conics, const Tensor& v_feats, const Tensor& v_opac,
+                                           const Tensor& v_depths, int64_t width, int64_t height, int64_t sh_degree,
+                                           int64_t depth_mode,
+                                           double near_plane, double far_plane, double eps2d) {
+    auto a = project_args<S>(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
+                             depth_mode, near_plane, far_plane, eps2d);
+    const int64_t C = a.C, N = a.N, Dt = studio_cuda::project_out_dim(a.D, a.depth_mode);
+    check_input(radii, "radii", 3);
+    check_input(v_means2d, "v_means2d", 3);
+    check_input(v_conics, "v_conics", 3);
+    check_input(v_feats, "v_feats", 3);
+    check_input(v_opac, "v_opac", 2);
+    TORCH_CHECK(radii.scalar_type() == torch::kInt32 && radii.numel() == C * N * 2, "radii must be int32 [C,N,2]");
+    TORCH_CHECK(v_means2d.numel() == C * N * 2 && v_conics.numel() == C * N * 3 && v_feats.numel() == C * N * Dt &&
+                    v_opac.numel() == C * N,
+                "projection gradients must be [C,N,2], [C,N,3], [C,N,Dt], [C,N]");
+    for (const Tensor* t : {&v_means2d, &v_conics, &v_feats, &v_opac}) check_float(*t, "gradient", means);
+    TORCH_CHECK(v_depths.numel() == 0 || (v_depths.is_cuda() && v_depths.is_contiguous() && v_depths.numel() == C * N),
+                "v_depths must be empty or a contiguous CUDA [C,N]");
+    if (v_depths.numel() > 0) check_float(v_depths, "v_depths", means);
+    auto fo = means.options();
+    Tensor v_means = torch::zeros({N, 3}, fo), v_quats = torch::zeros({N, 4}, fo), v_scales = torch::zeros({N, 3}, fo);
+    Tensor v_opacities = torch::zeros({N}, fo), v_colors = torch::zeros(colors.sizes(), fo);
+    Tensor v_viewmats = torch::zeros({C, 4, 4}, fo), cam_partial = torch::empty({C, N, 12}, fo);
+    a.radii = radii.data_ptr<int32_t>();
+    a.v_means2d = v_means2d.data_ptr<S>();
+    a.v_conics = v_conics.data_ptr<S>();
+    a.v_feats = v_feats.data_ptr<S>();
+    a.v_opac = v_opac.data_ptr<S>();
+    a.v_depths = v_depths.numel() > 0 ? v_depths.data_ptr<S>() : nullptr;
+    a.v_means = v_means.data_ptr<S>();
+    a.v_quats = v_quats.data_ptr<S>();
+    a.v_scales = v_scales.data_ptr<S>();
+    a.v_opacities = v_opacities.data_ptr<S>();
+    a.v_colors = v_colors.data_ptr<S>();
+    a.cam_partial = cam_partial.data_ptr<S>();
+    STUDIO_CUDA_OK(studio_cuda::project_backward(a, v_viewmats.data_ptr<S>(),
+                                                 c10::cuda::getCurrentCUDAStream().stream()));
+    return {v_means, v_quats, v_scales, v_opacities, v_colors, v_viewmats};
+}
+
+std::vector<Tensor> project_backward(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                     const Tensor& opacities, const Tensor& colors, const Tensor& viewmats,
+                                     const Tensor& Ks, const Tensor& radii, const Tensor& v_means2d,
+                                     const Tensor& v_conics, const Tensor& v_feats, const Tensor& v_opac,
+                                     const Tensor& v_depths, int64_t width, int64_t height, int64_t sh_degree,
+                                     int64_t depth_mode,
+                                     double near_plane, double far_plane, double eps2d) {
+    const c10::cuda::CUDAGuard guard(means.device());
+    TORCH_CHECK(means.scalar_type() == torch::kFloat32 || means.scalar_type() == torch::kFloat64,
+                "means must be float32 or float64");
+    if (means.scalar_type() == torch::kFloat64)
+        return project_backward_typed<double>(means, quats, scales, opacities, colors, viewmats, Ks, radii, v_means2d,
+                                              v_conics, v_feats, v_opac, v_depths, width, height, sh_degree, depth_mode,
+                                              near_plane, far_plane, eps2d);
+    return project_backward_typed<float>(means, quats, scales, opacities, colors, viewmats, Ks, radii, v_means2d,
+                                         v_conics, v_feats, v_opac, v_depths, width, height, sh_degree, depth_mode,
+                                         near_plane,
+                                         far_plane, eps2d);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -304,4 +469,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("colors"), py::arg("opacities"), py::arg("backgrounds"), py::arg("tile_ranges"),
           py::arg("gauss_ids"), py::arg("final_T"), py::arg("last_idx"), py::arg("v_render"), py::arg("v_alphas"),
           py::arg("width"), py::arg("height"), py::arg("tile_size"));
+    m.def("project_forward", &project_forward,
+          "projection + SH: (means2d, conics, depths, radii, feats, opac)", py::arg("means"), py::arg("quats"),
+          py::arg("scales"), py::arg("opacities"), py::arg("colors"), py::arg("viewmats"), py::arg("Ks"),
+          py::arg("width"), py::arg("height"), py::arg("sh_degree"), py::arg("depth_mode"), py::arg("near_plane"),
+          py::arg("far_plane"), py::arg("eps2d"));
+    m.def("project_backward", &project_backward,
+          "projection + SH backward: (v_means, v_quats, v_scales, v_opacities, v_colors, v_viewmats)",
+          py::arg("means"), py::arg("quats"), py::arg("scales"), py::arg("opacities"), py::arg("colors"),
+          py::arg("viewmats"), py::arg("Ks"), py::arg("radii"), py::arg("v_means2d"), py::arg("v_conics"),
+          py::arg("v_feats"), py::arg("v_opac"), py::arg("v_depths"), py::arg("width"), py::arg("height"),
+          py::arg("sh_degree"),
+          py::arg("depth_mode"), py::arg("near_plane"), py::arg("far_plane"), py::arg("eps2d"));
 }

@@ -37,6 +37,7 @@ struct ProjectArgs {
     const S* v_conics = nullptr;
     const S* v_feats = nullptr;
     const S* v_opac = nullptr;
+    const S* v_depths = nullptr;  // [C,N] gradient of the depths output, or nullptr (none)
     S* v_means = nullptr;      // [N,3]  atomicAdd: zero first
     S* v_quats = nullptr;      // [N,4]  atomicAdd
     S* v_scales = nullptr;     // [N,3]  atomicAdd

@@ -12,7 +12,7 @@
 namespace studio_cuda_emu {
 
 // dir/meta.txt: "C N D Kp sh depth_mode per_cam W H bytes_per_float eps2d near far"; inputs means quats scales
-// opacities colors viewmats Ks v_means2d v_conics v_feats v_opac as raw .bin. Runs the forward, then the
+// opacities colors viewmats Ks v_means2d v_conics v_feats v_opac v_depths as raw .bin. Runs the forward, then the
 // backward on the forward's radii; writes means2d conics depths radii(int32) feats opac v_means v_quats v_scales
 // v_opacities v_colors v_viewmats .bin.
 template <typename S>
@@ -33,6 +33,7 @@ int run_project(const std::string& dir, int C, int N, int D, int Kp, int sh, int
     auto v_conics = read_file<S>(dir + "/v_conics.bin", size_t(CN) * 3);
     auto v_feats = read_file<S>(dir + "/v_feats.bin", size_t(CN) * Dt);
     auto v_opac = read_file<S>(dir + "/v_opac.bin", size_t(CN));
+    auto v_depths = read_file<S>(dir + "/v_depths.bin", size_t(CN));
 
     std::vector<S> means2d(CN * 2), conics(CN * 3), depths(CN), feats(CN * Dt), opac(CN);
     std::vector<int32_t> radii(CN * 2);
@@ -70,6 +71,7 @@ int run_project(const std::string& dir, int C, int N, int D, int Kp, int sh, int
     a.v_conics = v_conics.data();
     a.v_feats = v_feats.data();
     a.v_opac = v_opac.data();
+    a.v_depths = v_depths.data();
     a.v_means = v_means.data();
     a.v_quats = v_quats.data();
     a.v_scales = v_scales.data();

@@ -10,8 +10,9 @@
 // Forward outputs: means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N,2] int32 (0 = culled),
 // feats [C,N,Dt] (Dt = D, D + 1 with the depth appended (depth_mode 1), or 1: the depth only (depth_mode 2);
 // colours are clamp_min(SH + 0.5, 0)), opac [C,N] (the opacity per camera).
-// Backward: from v_means2d, v_conics, v_feats, v_opac (all [C,N,.]) and the forward's radii (a (camera,
-// Gaussian) with zero radii was not binned: every incoming gradient is zero and it is skipped, as on the CPU).
+// Backward: from v_means2d, v_conics, v_feats, v_opac, optionally v_depths (all [C,N,.]) and the forward's radii
+// (a (camera, Gaussian) with zero radii was not binned: the blend's gradients are zero and it is skipped, as on
+// the CPU, except for v_depths, which the torch path's differentiable depths output can carry for any pair).
 // Per-Gaussian gradients (v_means, v_quats, v_scales, v_opacities, shared v_colors) are summed over the cameras
 // with atomicAdd (zero them first; the order of the C adds is not fixed on a GPU); per-camera colours' gradients
 // are written directly. Camera gradients are written per (camera, Gaussian) into cam_partial [C,N,12]
@@ -83,8 +84,19 @@ __global__ void project_bwd_kernel(ProjectArgs<S> a) {
     const int c = int(idx / a.N);
     const int64_t n = idx - int64_t(c) * a.N;
     S* part = a.cam_partial + idx * 12;
-    if (a.radii[idx * 2] <= 0 || a.radii[idx * 2 + 1] <= 0) {  // not binned: every incoming gradient is zero
+    if (a.radii[idx * 2] <= 0 || a.radii[idx * 2 + 1] <= 0) {  // not binned: the blend gives it no gradient
         for (int j = 0; j < 12; ++j) part[j] = S(0);
+        // the depths output (differentiable in the torch path) may still carry one: depth = (R mean + t)_z
+        const S vd = a.v_depths ? a.v_depths[idx] : S(0);
+        if (vd != S(0)) {
+            const S* mean = a.means + n * 3;
+            const S* row = a.viewmats + int64_t(c) * 16 + 8;
+            for (int j = 0; j < 3; ++j) {
+                add_to(a.v_means + n * 3 + j, row[j] * vd);
+                part[6 + j] = vd * mean[j];
+            }
+            part[11] = vd;
+        }
         return;
     }
     studio_project::Camera<S> cam;
@@ -134,7 +146,8 @@ __global__ void project_bwd_kernel(ProjectArgs<S> a) {
             }
         }
     }
-    const S gdepth = a.depth_mode != 0 ? gfo[Dt - 1] : S(0);
+    S gdepth = a.depth_mode != 0 ? gfo[Dt - 1] : S(0);
+    if (a.v_depths) gdepth += a.v_depths[idx];  // the depths output (sorting, meta) when it carries a gradient
     studio_project::Projected<S> pr;
     pr.compute(cam, mean, a.quats + n * 4, scale, a.eps2d, a.near_plane, a.far_plane);
     pr.backward(cam, mean, scale, a.v_means2d + idx * 2, a.v_conics + idx * 3, gdepth, gmean, gquat, gscale, gR, gt);

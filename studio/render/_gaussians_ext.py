@@ -70,7 +70,7 @@ NATIVE_CFLAGS = ["-O3", "-fopenmp"]
 NATIVE_LDFLAGS = ["-fopenmp"]
 
 CUDA_NAME = "studio_cuda_raster"
-CUDA_SOURCES = ["cuda/binning.cu", "cuda/raster_fwd.cu", "cuda/raster_bwd.cu", "cuda/binding.cpp"]
+CUDA_SOURCES = ["cuda/binning.cu", "cuda/raster_fwd.cu", "cuda/raster_bwd.cu", "cuda/project.cu", "cuda/binding.cpp"]
 CUDA_CFLAGS = ["-O3"]  # torch adds -std and the -gencode of the visible GPUs
 
 
@@ -378,6 +378,64 @@ def _cuda_rasterize_to_pixels(
         means2d_c, prep(conics), prep(colors), prep(opacities), bg, tile_ranges, gauss_ids, width, height, tile_size
     )
     return render, alphas, {"n_isects": int(n_isects)}
+
+
+# ----------------------------------------------------------------------- cuda: projection + SH (project.cu)
+
+
+def cuda_fused_projection_enabled() -> bool:
+    """Backend ``cuda`` projects and evaluates SH with the CUDA kernels (cuda_ext/cuda/project_kernels.cuh, the
+    maths of the CPU fused path) instead of torch only when ``$STUDIO_CUDA_FUSED_PROJECTION`` is ``1`` (read on
+    every call). Off by default: the kernels are tested under CPU emulation but have not yet run on a GPU."""
+    return os.environ.get("STUDIO_CUDA_FUSED_PROJECTION", "0") == "1"
+
+
+class _CudaProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, colors, viewmats, Ks, settings):
+        lib = _cuda_load()
+        means2d, conics, depths, radii, feats, opac = lib.project_forward(means, quats, scales, opacities, colors,
+                                                                          viewmats, Ks, *settings)
+        ctx.save_for_backward(means, quats, scales, opacities, colors, viewmats, Ks, radii)
+        ctx.settings = settings
+        ctx.mark_non_differentiable(radii)
+        return means2d, conics, depths, radii, feats, opac
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v_means2d, v_conics, v_depths, _v_radii, v_feats, v_opac):
+        means, quats, scales, opacities, colors, viewmats, Ks, radii = ctx.saved_tensors
+        C, N = radii.shape[0], radii.shape[1]
+        dm = ctx.settings[3]
+        Dt = 1 if dm == 2 else colors.shape[-1] + int(dm == 1)
+
+        def grad(t, shape):
+            return means.new_zeros(shape) if t is None else t.to(means.dtype).contiguous()
+
+        v_depths = means.new_empty((0,)) if v_depths is None else v_depths.to(means.dtype).contiguous()
+        v = _cuda_load().project_backward(means, quats, scales, opacities, colors, viewmats, Ks, radii,
+                                          grad(v_means2d, (C, N, 2)), grad(v_conics, (C, N, 3)),
+                                          grad(v_feats, (C, N, Dt)), grad(v_opac, (C, N)), v_depths,
+                                          *ctx.settings)
+        return (*v, None, None)
+
+
+def cuda_project(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmats: Tensor,
+                 Ks: Tensor, width: int, height: int, *, sh_degree: int | None, depth_mode: int, near_plane: float,
+                 far_plane: float, eps2d: float) -> tuple[dict[str, Tensor], Tensor]:
+    """Projection + SH on the GPU (differentiable; Ks get no gradient): ``({means2d, conics, depths, radii,
+    opacities [C,N]}, feats [C,N,Dt])`` with the depth channel per ``depth_mode`` (0 none, 1 appended, 2 only),
+    the same values as ``project_gaussians`` + ``eval_sh`` (gaussians.py's torch path)."""
+    if means.device.type != "cuda":
+        raise ValueError(f"cuda projection needs CUDA tensors, got {means.device}")
+    dtype = means.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"cuda projection supports float32 and float64, got {dtype}")
+    prep = [t.to(dtype).contiguous() for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
+    settings = (int(width), int(height), -1 if sh_degree is None else int(sh_degree), int(depth_mode),
+                float(near_plane), float(far_plane), float(eps2d))
+    means2d, conics, depths, radii, feats, opac = _CudaProject.apply(*prep, settings)
+    return dict(means2d=means2d, conics=conics, depths=depths, radii=radii, opacities=opac), feats
 
 
 native = Backend("native", NATIVE_SOURCES, _NATIVE.available, _NATIVE.load_error, _native_rasterize_to_pixels)

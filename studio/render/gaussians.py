@@ -201,6 +201,13 @@ def rasterize_gaussians(
             render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)
         return render, alphas, _meta(proj, proj["opacities"], width, height, tile_size, C, "native", extra)
 
+    from ._gaussians_ext import cuda_fused_projection_enabled
+
+    if backend == "cuda" and N > 0 and cuda_fused_projection_enabled():
+        return _render_cuda_fused_projection(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                             sh_degree, backgrounds, near_plane, far_plane, render_mode, eps2d,
+                                             tile_size, C)
+
     covars = covariance_3d(quats, scales)
     opac_c = opacities[None].expand(C, N)
     proj = project_gaussians(means, covars, opac_c, viewmats, Ks, width, height,
@@ -245,6 +252,29 @@ def rasterize_gaussians(
         render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)
 
     return render, alphas, _meta(proj, opac_c, width, height, tile_size, C, backend, extra)
+
+
+def _render_cuda_fused_projection(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
+                                  backgrounds, near_plane, far_plane, render_mode, eps2d, tile_size, C):
+    """Backend "cuda" with ``$STUDIO_CUDA_FUSED_PROJECTION=1``: projection + SH in CUDA kernels (cuda_project),
+    then the CUDA blend; the same outputs as the torch projection path below it."""
+    from ._gaussians_ext import cuda, cuda_project
+
+    depth_mode = 2 if render_mode in ("D", "ED") else 1 if render_mode in ("RGB+D", "RGB+ED") else 0
+    proj, feats = cuda_project(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                               sh_degree=sh_degree, depth_mode=depth_mode, near_plane=near_plane,
+                               far_plane=far_plane, eps2d=eps2d)
+    bgs = backgrounds
+    if depth_mode == 1 and bgs is not None:
+        bgs = torch.cat([bgs, torch.zeros_like(bgs[:, :1])], dim=-1)
+    elif depth_mode == 2:
+        bgs = None
+    render, alphas, extra = cuda.rasterize_to_pixels(proj["means2d"], proj["conics"], feats, proj["opacities"],
+                                                     proj["radii"], proj["depths"], width, height, bgs,
+                                                     tile_size=tile_size)
+    if render_mode in ("ED", "RGB+ED"):
+        render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp_min(1e-10)], dim=-1)
+    return render, alphas, _meta(proj, proj["opacities"], width, height, tile_size, C, "cuda", extra)
 
 
 def _meta(proj: dict[str, Any], opac_c: Tensor, width: int, height: int, tile_size: int, C: int, backend: str,
