@@ -46,6 +46,9 @@ from studio.train.tiny_teacher import save_grid, write_folder_atomically
 from studio.world.clips import background, render_clips, sample_clip_specs, video_prompts
 
 MAX_TOKENS = 16
+#: parameter-name parts of the temporal layers (AnimateDiff's motion modules; ModelScope's temporal convolutions,
+#: temporal transformers and the input temporal transformer)
+TEMPORAL = ("motion_modules", "temp_convs", "temp_attentions", "transformer_in")
 FRAME_RATE = 8
 
 
@@ -126,11 +129,103 @@ def inflate(unet2d, frames: int, seed: int):
     return unet
 
 
+def inflate_3d(spatial, seed: int):
+    """A ModelScope-class ``UNet3DConditionModel`` carrying ``spatial``'s 2-D weights (a ``UNet2DConditionModel``
+    image stage, or the spatial layers of a ``UNetMotionModel`` / ``UNet3DConditionModel``); the temporal layers
+    (``transformer_in``, ``temp_convs``, ``temp_attentions``) fresh, their outputs zeroed (the temporal convolutions
+    zero their last layer by construction; the temporal transformers' ``proj_out`` is zeroed here), so the model
+    starts as the image model applied frame by frame.
+
+    Why this class (issue 16): the temporal convolutions (kernel 3 over frames, zero-padded) are order-aware in the
+    *values* they pass on, so a text-derived feature can be turned into a direction of motion by a convolution;
+    AnimateDiff's motion modules see frame order only through positions added to the attention input.
+    The spatial names are the same in the three classes (``down_blocks.i.resnets / attentions / downsamplers``,
+    ``mid_block``, ``up_blocks``, ``conv_in / conv_out``, ``time_embedding``), so the weights map by name; a
+    missing or unexpected spatial key raises.
+    """
+    from diffusers import UNet3DConditionModel
+
+    c = spatial.config
+    n = len(c.block_out_channels)
+    attn_ch = set(c.block_out_channels[1:])  # the cross-attention blocks (the first block has none)
+    if spatial.__class__.__name__ == "UNet3DConditionModel":
+        head_dim = c.attention_head_dim
+    else:
+        # UNet3DConditionModel builds its attention as (channels // attention_head_dim) heads of attention_head_dim
+        # (the positional order of Transformer2DModel's arguments), the 2-D classes as attention_head_dim heads
+        heads = c.get("num_attention_heads") or c.get("attention_head_dim")
+        if len(attn_ch) != 1 or next(iter(attn_ch)) % heads:
+            raise ValueError(f"inflate_3d: the attention blocks' channels {sorted(attn_ch)} must be one number "
+                             f"divisible by the {heads} heads to keep the same heads in a UNet3DConditionModel")
+        head_dim = next(iter(attn_ch)) // heads
+    torch.manual_seed(seed)
+    net = UNet3DConditionModel(
+        sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
+        layers_per_block=c.layers_per_block, block_out_channels=tuple(c.block_out_channels),
+        down_block_types=("DownBlock3D",) + ("CrossAttnDownBlock3D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock3D",) * (n - 1) + ("UpBlock3D",),
+        cross_attention_dim=c.cross_attention_dim, attention_head_dim=head_dim, norm_num_groups=c.norm_num_groups)
+    temporal = ("temp_convs", "temp_attentions", "transformer_in")
+    sd = {k: v for k, v in spatial.state_dict().items()
+          if "motion_modules" not in k and not any(t in k for t in temporal)}
+    res = net.load_state_dict(sd, strict=False)
+    missing = [k for k in res.missing_keys if not any(t in k for t in temporal)]
+    if missing or res.unexpected_keys:
+        raise ValueError(f"inflate_3d: spatial weights do not map: missing {missing[:5]}, "
+                         f"unexpected {res.unexpected_keys[:5]}")
+    for name, mod in net.named_modules():
+        if (name.endswith("proj_out") and ("temp_attentions" in name or name.startswith("transformer_in"))
+                and isinstance(mod, torch.nn.Linear)):
+            torch.nn.init.zeros_(mod.weight)
+            torch.nn.init.zeros_(mod.bias)
+    return net
+
+
+def folds_frames(net) -> bool:
+    """``UNetMotionModel`` takes one text context per frame; ``UNet3DConditionModel`` repeats it itself."""
+    return type(net).__name__ == "UNetMotionModel"
+
+
 def encode_text(text_encoder, tokenizer, texts: list[str]):
     """The AnimateDiff teacher's rule (``DiffusersTeacher._embed_texts``): ids padded to ``model_max_length``."""
     ids = tokenizer(texts, padding="max_length", max_length=int(tokenizer.model_max_length), truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids)[0]
+
+
+class TextAttributeHeads(torch.nn.Module):
+    """``--text-aux``: cosine heads reading a prompt's shape, colour, motion and camera words back from the text
+    context the UNet sees (the encoder's last hidden state, averaged over tokens and normalised; logits = 10 x
+    cosine, so a word is read back only if its contexts differ in *direction*, not by a tiny offset a large head
+    weight could amplify), trained with the diffusion loss (cross-entropy on prompts drawn from the full set).
+
+    Why (issue 16, measured): trained by the diffusion loss alone, the tiny text encoder collapses the words a
+    single frame cannot show -- after the image stage "moving up" and "moving down" are 1.1 apart in its output
+    (a random encoder: 8.6; shape / colour words: 18-27), and the motion stage does not separate them again (the
+    video model ignores a difference it cannot see, so no gradient grows it). Real video models sit on text
+    encoders pretrained on text (CLIP, T5) that keep every word distinct; these heads are the tiny stand-in for
+    that pretraining (a reconstructed choice, not from a paper). Training-only: the heads are not saved.
+    """
+
+    def __init__(self, dim: int = 64):
+        from studio.world.clips import CAMERAS, COLORS, MOTIONS, SHAPES
+
+        super().__init__()
+        self.vocab = {"shape": list(SHAPES), "color": list(COLORS), "motion": list(MOTIONS), "camera": list(CAMERAS)}
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v), bias=False) for k, v in self.vocab.items()})
+        self.scale = 10.0
+
+    def loss(self, text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+        from studio.world.clips import parse_video_prompt
+
+        pooled = torch.nn.functional.normalize(encode_text(text_encoder, tokenizer, prompts).mean(1), dim=-1)
+        words = [parse_video_prompt(p) for p in prompts]
+        total = pooled.new_zeros(())
+        for j, (k, vocab) in enumerate(self.vocab.items()):
+            target = torch.tensor([vocab.index(w[j]) for w in words])
+            w = torch.nn.functional.normalize(self.heads[k].weight, dim=-1)
+            total = total + torch.nn.functional.cross_entropy(self.scale * pooled @ w.T, target)
+        return total
 
 
 class FixedText(torch.nn.Module):
@@ -154,7 +249,7 @@ def sample(net, text_fn, prompts: list[str], shape: tuple, steps: int, cfg: floa
     x = torch.randn((B, *shape), generator=gen)
     cond, unc = text_fn(prompts), text_fn([""] * B)
     ctx = torch.cat([cond, unc])
-    if video:
+    if video and folds_frames(net):
         ctx = ctx.repeat_interleave(shape[1], dim=0)
     sig = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
@@ -198,15 +293,19 @@ def save_folder(out: Path, net, text_encoder, tokenizer, info: dict, args, sampl
         text_encoder.save_pretrained(tmp / "text_encoder")
         tokenizer.save_pretrained(tmp / "tokenizer")
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
+        pipeline = "AnimateDiffPipeline" if folds_frames(net) or net.__class__.__name__ == "UNet2DConditionModel" \
+            else "TextToVideoSDPipeline"
         index = {
-            "_class_name": "AnimateDiffPipeline", "_diffusers_version": diffusers.__version__,
+            "_class_name": pipeline, "_diffusers_version": diffusers.__version__,
             "_studio": {"num_frames": args.frames, "resolution": args.res, "frame_rate": FRAME_RATE,
                         "note": "pixel-space (no vae): the UNet denoises video*2-1; rectified flow, velocity output"},
-            "unet": ["diffusers", type(net).__name__], "motion_adapter": [None, None],
+            "unet": ["diffusers", type(net).__name__],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "vae": [None, None], "feature_extractor": [None, None],
+            "vae": [None, None],
         }
+        if pipeline == "AnimateDiffPipeline":
+            index.update({"motion_adapter": [None, None], "feature_extractor": [None, None]})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / "training.json").write_text(json.dumps(info, indent=2))
         if samples is not None:
@@ -227,7 +326,7 @@ def param_groups(net, text_mod, stage: str, spatial_scale: float, xattn_scale: f
     """
     motion_p, xattn_p, spatial_p = [], [], []
     for name, p in net.named_parameters():
-        if stage == "motion" and "motion_modules" in name:
+        if stage == "motion" and any(t in name for t in TEMPORAL):
             motion_p.append(p)
         elif stage == "motion" and ".attn2." in name:
             xattn_p.append(p)
@@ -256,6 +355,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", choices=("image", "motion"), required=True)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--arch", choices=("animatediff", "modelscope"), default="animatediff",
+                    help="motion stage: the video class the image stage is inflated into: AnimateDiff's "
+                         "UNetMotionModel (+ MotionAdapter) or ModelScope's UNet3DConditionModel (temporal "
+                         "convolutions + temporal attention); an AnimateDiff folder's spatial layers can seed a "
+                         "ModelScope run")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="image stage: continue; motion stage: an image-stage folder (inflated) or a motion folder")
     ap.add_argument("--res", type=int, default=16)
@@ -277,6 +381,9 @@ def main(argv=None) -> int:
     ap.add_argument("--background", choices=("stripes", "plain"), default="stripes")
     ap.add_argument("--radius-scale", type=float, default=1.0)
     ap.add_argument("--text", choices=("clip", "fixed"), default="clip")
+    ap.add_argument("--text-aux", type=float, default=0.0,
+                    help="weight of the text encoder's word read-back loss (TextAttributeHeads; 0 = off): keeps the "
+                         "motion words distinct in the text encoder's output")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=0)
@@ -303,15 +410,23 @@ def main(argv=None) -> int:
         else:
             net = build_unet2d(args.res, args.width, args.seed)
     else:
-        from diffusers import UNet2DConditionModel, UNetMotionModel
+        from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
 
         if init is None:
             raise SystemExit("--stage motion needs --init-from (an image-stage folder, or a motion folder)")
         kind = json.loads((init / "unet" / "config.json").read_text())["_class_name"]
-        if kind == "UNetMotionModel":
-            net = UNetMotionModel.from_pretrained(str(init / "unet"))
+        cls = {"UNetMotionModel": UNetMotionModel, "UNet3DConditionModel": UNet3DConditionModel}.get(
+            kind, UNet2DConditionModel)
+        src_net = cls.from_pretrained(str(init / "unet"))
+        want = {"animatediff": "UNetMotionModel", "modelscope": "UNet3DConditionModel"}[args.arch]
+        if kind == want:
+            net = src_net  # continue
+        elif args.arch == "modelscope":
+            net = inflate_3d(src_net, args.seed)  # an image stage, or an AnimateDiff run's spatial layers
+        elif kind == "UNet2DConditionModel":
+            net = inflate(src_net, args.frames, args.seed)
         else:
-            net = inflate(UNet2DConditionModel.from_pretrained(str(init / "unet")), args.frames, args.seed)
+            raise SystemExit(f"--arch animatediff needs an image-stage or UNetMotionModel folder, got a {kind}")
     if init is not None:
         text_encoder = CLIPTextModel.from_pretrained(str(init / "text_encoder"))
         tokenizer = CLIPTokenizer.from_pretrained(str(init / "tokenizer"))
@@ -323,6 +438,13 @@ def main(argv=None) -> int:
     text_fn = (lambda t: fixed(t)) if fixed is not None else (lambda t: encode_text(text_encoder, tokenizer, t))
 
     groups, motion_p = param_groups(net, text_mod, args.stage, args.spatial_lr_scale, args.xattn_lr_scale)
+    aux = None
+    if args.text_aux > 0:
+        if fixed is not None or not any(p.requires_grad for p in text_encoder.parameters()):
+            raise SystemExit("--text-aux needs a trainable CLIP text encoder (--text clip, text path not frozen)")
+        aux = TextAttributeHeads(text_encoder.config.hidden_size)
+        groups.append({"params": list(aux.parameters()), "scale": 1.0})
+        aux_prompts = video_prompts(full=True)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMA([net, text_mod], args.ema)
@@ -341,7 +463,7 @@ def main(argv=None) -> int:
     if len(eval_prompts) < 8:
         eval_prompts = [p for p in prompts for _ in range(8)]
     gen = torch.Generator().manual_seed(args.seed + 17)
-    readouts, losses, t0 = [], [], time.time()
+    readouts, losses, aux_losses, t0 = [], [], [], time.time()
 
     def do_readout(step: int) -> dict:
         te = time.time()
@@ -384,19 +506,26 @@ def main(argv=None) -> int:
         sv = s.view(-1, *([1] * (x0.dim() - 1)))
         x_s = (1 - sv) * x0 + sv * eps
         ctx = text_fn(captions)
-        if args.stage == "motion":
+        if args.stage == "motion" and folds_frames(net):
             ctx = ctx.repeat_interleave(frames, dim=0)
         v = net(x_s, s * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
         loss = (v - (eps - x0)).square().mean()
+        total = loss
+        if aux is not None:
+            pick_aux = torch.randint(len(aux_prompts), (64,), generator=gen).tolist()
+            aux_loss = aux.loss(text_encoder, tokenizer, [aux_prompts[i] for i in pick_aux])
+            total = loss + args.text_aux * aux_loss
+            aux_losses.append(aux_loss.item())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
         losses.append(loss.item())
         if (step + 1) % 25 == 0:
             el = time.time() - t0 - t_eval[0]
-            print(f"[{args.tag}] step {step + 1}/{args.steps} loss {sum(losses[-25:]) / 25:.4f} "
+            aux_txt = f" text-aux {sum(aux_losses[-25:]) / 25:.3f}" if aux_losses else ""
+            print(f"[{args.tag}] step {step + 1}/{args.steps} loss {sum(losses[-25:]) / 25:.4f}{aux_txt} "
                   f"{el / (step + 1):.2f}s/step", file=sys.stderr, flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             clips_last = do_readout(step + 1)

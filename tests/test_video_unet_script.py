@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from studio.teachers import load_teacher
-from studio.teachers.diffusers_video import AnimateDiffTeacher
+from studio.teachers.diffusers_video import AnimateDiffTeacher, ModelScopeTeacher
 from studio.teachers.sampling import flow_euler_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +112,66 @@ def test_shipped_video_unet_loads_by_name_and_samples():
     assert [r["stage"] for r in info["rounds"]][:2] == ["image", "motion"]
     videos = flow_euler_sample(teacher, ["a red ball moving left"], steps=2, guidance_scale=2.0, seed=0)
     assert videos.shape == (1, 8, 3, 16, 16) and torch.isfinite(videos).all()
+
+
+def test_modelscope_inflation_starts_as_the_spatial_model(script):
+    """``--arch modelscope``: the spatial weights of an AnimateDiff-class model map by name onto a
+    ``UNet3DConditionModel`` whose temporal layers start at zero output, so it equals the spatial model applied
+    frame by frame; the temporal convolutions act once non-zero, and they are order-aware (reversing the frames
+    of the input does not just reverse the output)."""
+    unet2d = script.build_unet2d(16, 32, seed=0).eval()  # attention blocks of 64 channels, 8 heads
+    for p in unet2d.parameters():  # non-trivial spatial weights (fresh diffusers UNets zero some outputs)
+        p.data.add_(0.05 * torch.randn_like(p))
+    motion = script.inflate(unet2d, frames=4, seed=0)
+    net = script.inflate_3d(motion, seed=1).eval()
+    assert type(net).__name__ == "UNet3DConditionModel" and not script.folds_frames(net)
+    x = torch.randn(2, 3, 4, 16, 16)
+    ctx = torch.randn(2, 5, 64)
+    t = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        out = net(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+        frames = x.permute(0, 2, 1, 3, 4).reshape(8, 3, 16, 16)
+        ref = unet2d(frames, t.repeat_interleave(4), encoder_hidden_states=ctx.repeat_interleave(4, 0),
+                     return_dict=False)[0].reshape(2, 4, 3, 16, 16).permute(0, 2, 1, 3, 4)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    from diffusers import UNet2DConditionModel
+
+    uneven = UNet2DConditionModel(  # attention blocks of 32 and 48 channels: no one head size keeps 8 heads in both
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32, 48),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=16, use_linear_projection=True)
+    with pytest.raises(ValueError, match="heads"):
+        script.inflate_3d(uneven, seed=1)
+    for name, mod in net.named_modules():
+        if "temp_convs" in name and name.endswith("conv4.3"):
+            torch.nn.init.normal_(mod.weight, std=0.1)
+    with torch.no_grad():
+        out2 = net(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+        rev = net(x.flip(2), t, encoder_hidden_states=ctx, return_dict=False)[0].flip(2)
+    assert (out2 - ref).abs().max() > 1e-3
+    assert (rev - out2).abs().max() > 1e-3
+    groups, temporal = script.param_groups(net, torch.nn.Linear(1, 1), "motion", 0.1, 1.0)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert temporal and all(any(k in names[id(p)] for k in script.TEMPORAL) for p in temporal)
+    assert {n.split(".")[0] for n in (names[id(p)] for p in temporal)} >= {"transformer_in", "down_blocks"}
+
+
+def test_modelscope_motion_stage_saves_a_loadable_modelscope_teacher(script, tmp_path):
+    img = tmp_path / "img"
+    assert script.main(["--stage", "image", "--out", str(img), *TOY]) == 0
+    mot = tmp_path / "mot"
+    assert script.main(["--stage", "motion", "--arch", "modelscope", "--init-from", str(img), "--out", str(mot),
+                        *TOY]) == 0
+    index = json.loads((mot / "model_index.json").read_text())
+    assert index["_class_name"] == "TextToVideoSDPipeline" and index["unet"][1] == "UNet3DConditionModel"
+    teacher = load_teacher(str(mot))
+    assert isinstance(teacher, ModelScopeTeacher) and teacher.schedule.is_flow
+    assert (teacher.num_frames, teacher.native_resolution, teacher.latent_channels) == (4, 16, 3)
+    videos = flow_euler_sample(teacher, ["a red ball moving left"], steps=2, guidance_scale=2.0, seed=0)
+    assert videos.shape == (1, 4, 3, 16, 16) and torch.isfinite(videos).all()
+    # and it continues as the same class
+    mot2 = tmp_path / "mot2"
+    assert script.main(["--stage", "motion", "--arch", "modelscope", "--init-from", str(mot), "--out", str(mot2),
+                        *TOY]) == 0
+    assert json.loads((mot2 / "training.json").read_text())["rounds"][-1]["stage"] == "motion"
