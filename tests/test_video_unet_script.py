@@ -175,3 +175,32 @@ def test_modelscope_motion_stage_saves_a_loadable_modelscope_teacher(script, tmp
     assert script.main(["--stage", "motion", "--arch", "modelscope", "--init-from", str(mot), "--out", str(mot2),
                         *TOY]) == 0
     assert json.loads((mot2 / "training.json").read_text())["rounds"][-1]["stage"] == "motion"
+
+
+def test_svd_class_probe_inflation_and_direction_gap(script):
+    """``--arch svd``: the spatial weights land under SVD's names (resnets -> ``spatial_res_block``), the
+    temporal parts start at zero output and SVD's added time ids are zeroed and frozen; ``denoise`` runs the three
+    classes on ``[B,C,F,H,W]``; ``direction_gap`` swaps only the direction word and reports one gap per level."""
+    motion = script.inflate(script.build_unet2d(16, 32, seed=0), frames=4, seed=0)
+    svd = script.inflate_svd(motion, frames=4, seed=0)
+    sd_m, sd_s = motion.state_dict(), svd.state_dict()
+    k = "down_blocks.1.resnets.0.conv1.weight"
+    assert torch.equal(sd_m[k], sd_s[k.replace("resnets.0.", "resnets.0.spatial_res_block.")])
+    assert torch.equal(sd_m["down_blocks.1.attentions.0.proj_in.weight"], sd_s["down_blocks.1.attentions.0.proj_in.weight"])
+    assert not any(p.requires_grad for p in svd.add_embedding.parameters())
+    assert float(svd.add_embedding.linear_2.weight.abs().sum()) == 0.0
+    for name, mod in svd.named_modules():
+        if name.endswith("temporal_res_block.conv2") or name.endswith("time_pos_embed.linear_2"):
+            assert float(mod.weight.abs().sum()) == 0.0
+    x, ctx, t = torch.randn(2, 3, 4, 16, 16), torch.randn(2, 5, 64), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        for net in (motion, svd, script.inflate_3d(motion, seed=0)):
+            assert script.denoise(net.eval(), x, t, ctx).shape == x.shape
+    assert script.swap_direction("a red ball moving left") == "a red ball moving right"
+    assert script.swap_direction("a blue cube moving up, camera panning left") == "a blue cube moving down, camera panning left"
+    assert script.swap_direction("a red ball bouncing") == "a red ball bouncing"
+    text = torch.nn.Embedding(1000, 64)
+    text_fn = lambda ps: text(torch.tensor([[hash(w) % 1000 for w in p.split()[:5]] for p in ps]))  # noqa: E731
+    gap = script.direction_gap(motion.eval(), text_fn, ["a red ball moving left", "a red ball bouncing"], 4, 16, n=4)
+    assert set(gap) == {"0.85", "0.9"} and all(isinstance(v, float) for v in gap.values())
+    assert script.direction_gap(motion, text_fn, ["a red ball bouncing"], 4, 16, n=4) == {}
