@@ -138,9 +138,10 @@ def make_shapeworld_video_unet(**kw):
     """``AnimateDiffTeacher.from_pretrained(<assets>/shapeworld-video-unet, **kw)``: a tiny conv
     ``UNet2DConditionModel`` trained on ShapeWorld frames, inflated into a ``UNetMotionModel`` (+ ``MotionAdapter``)
     and trained on static-camera clips (``scripts/train_shapeworld_video_unet.py``; pixel space, 8 frames of
-    16x16, rectified flow), trained on the 21 static-camera prompts. Measured at 50 flow-Euler steps, CFG 4 (42
-    clips): motion accuracy 0.36, motion class 0.55, shape 0.71, colour 1.00 (issue 16's goal of 0.8 / 0.8 is not
-    met; docs/notes/issue16.md)."""
+    16x16, rectified flow), trained on the 21 static-camera prompts; the motion modules retrained from scratch on the
+    kept spatial layers with the text encoder's word read-back heads (``--text-aux``). Measured at 50 flow-Euler
+    steps, CFG 4 (42 clips): motion accuracy 0.55, motion class 0.81, shape 0.69, colour 1.00 (issue 16's goal of
+    0.8 / 0.8 is not met; docs/notes/issue16.md)."""
     from .diffusers_video import AnimateDiffTeacher
     from ..assets import shipped_model_path
 
